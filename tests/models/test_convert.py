@@ -1,0 +1,125 @@
+"""convert() and QuantLinear: exactly the block projections, parameter reuse, idempotence, equal numerics."""
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.quantizers import quantized_linear
+from kernels.recipe import Recipe, load_recipe
+from models.convert import convert, quantized_layers
+from models.llama import LlamaConfig, LlamaModel
+from models.quant_linear import QuantLinear
+
+PROJECTIONS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def _tiny(n_layer=2, d_model=256, n_head=2, vocab=128):
+    torch.manual_seed(0)
+    return LlamaModel(LlamaConfig(vocab_size=vocab, n_layer=n_layer, d_model=d_model, n_head=n_head, max_seq_len=32))
+
+
+def test_convert_touches_exactly_the_block_projections():
+    model = _tiny(n_layer=3)
+    params_before = {name: p for name, p in model.named_parameters()}
+    convert(model, load_recipe("quest_w4a4"))
+    converted = set(quantized_layers(model))
+    expected = {f"layers.{i}.{p}" for i in range(3) for p in PROJECTIONS}
+    assert converted == expected
+    assert type(model.lm_head) is nn.Linear and type(model.embed_tokens) is nn.Embedding
+    # Same parameter objects under the same names: optimizers and checkpoints are unaffected.
+    params_after = dict(model.named_parameters())
+    assert params_after.keys() == params_before.keys()
+    assert all(params_after[k] is params_before[k] for k in params_before)
+
+
+def test_convert_is_idempotent_and_reversible():
+    model = _tiny()
+    recipe = load_recipe("quest_w4a4")
+    convert(model, recipe)
+    layers = quantized_layers(model)
+    convert(model, recipe)
+    assert all(quantized_layers(model)[k] is v for k, v in layers.items())
+    weight = model.layers[0].mlp.up_proj.weight
+    convert(model, load_recipe("quest_w2a2"))
+    assert model.layers[0].mlp.up_proj.recipe.name == "quest_w2a2"
+    convert(model, load_recipe("bf16"))
+    assert not quantized_layers(model)
+    assert type(model.layers[0].mlp.up_proj) is nn.Linear and model.layers[0].mlp.up_proj.weight is weight
+
+
+def test_convert_on_meta_then_materialise():
+    cfg = LlamaConfig(vocab_size=128, n_layer=2, d_model=256, n_head=2, max_seq_len=32)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    convert(model, load_recipe("quest_w4a4"))
+    model.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(0))
+    logits = model(torch.randint(0, 128, (2, 16)))
+    assert torch.isfinite(logits).all()
+
+
+def test_quantlinear_equals_the_reference_function_and_bf16_equals_linear():
+    model = _tiny()
+    plain = model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, 256)
+    expected_plain = plain(x)
+    recipe = load_recipe("quest_w4a4")
+    convert(model, recipe)
+    layer = model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer(x), quantized_linear(x, layer.weight, recipe), rtol=0, atol=0)
+    convert(model, Recipe())
+    torch.testing.assert_close(model.layers[0].self_attn.q_proj(x), expected_plain, rtol=0, atol=0)
+
+
+def test_quantized_model_trains_and_reports_masked_fraction():
+    model = _tiny()
+    convert(model, load_recipe("quest_w4a4"))
+    for layer in quantized_layers(model).values():
+        layer.track_stats = True
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(8):
+        _, loss = model(batch, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    stats = model.layers[0].mlp.down_proj.stats
+    assert 0 < stats["weight_masked_fraction"] < 0.05 and 0 <= stats["input_masked_fraction"] < 0.2
+
+
+def test_lsq_layer_learns_its_scale():
+    model = _tiny()
+    convert(model, load_recipe("lsq_w4a4"))
+    layer = model.layers[0].mlp.up_proj
+    assert {n for n, _ in layer.named_parameters()} == {"weight", "weight_lsq_scale", "input_lsq_scale"}
+    x = torch.randn(8, 256)
+    layer(x).square().mean().backward()
+    assert layer.lsq_initialized
+    assert layer.weight_lsq_scale.item() == pytest.approx(2.514 * layer.weight.detach().square().mean().sqrt().item(),
+                                                          rel=1e-3)
+    assert layer.weight_lsq_scale.grad is not None and layer.weight_lsq_scale.grad.abs() > 0
+    assert layer.input_lsq_scale.grad.abs() > 0
+
+
+def test_convert_rejects_a_width_the_block_does_not_divide_before_swapping():
+    model = _tiny(d_model=192, n_head=3, vocab=64)  # head_dim 64: a valid model, but 192 % 128 != 0
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj \(recipe 'quest_w4a4', weight\): block=128 "
+                                         r"does not divide in_features=192"):
+        convert(model, load_recipe("quest_w4a4"))
+    assert not quantized_layers(model)
+    convert(model, load_recipe("noht_w4a4"))
+    assert len(quantized_layers(model)) == 14
+
+
+def test_filters():
+    model = _tiny()
+    convert(model, load_recipe("quest_w4a4"), r"layers\.\d+\.mlp\..*")
+    assert {n.split(".", 2)[2] for n in quantized_layers(model)} == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    convert(model, load_recipe("quest_w4a4"), lambda name, m: name == "lm_head")
+    assert isinstance(model.lm_head, QuantLinear)
+    with pytest.raises(ValueError, match="selects no nn.Linear"):
+        convert(model, load_recipe("quest_w4a4"), r"nothing")
