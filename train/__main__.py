@@ -1,0 +1,5 @@
+"""``python -m train``: the same as ``bitlaw-train``."""
+
+from train.cli import main
+
+main()

@@ -1,0 +1,156 @@
+"""The LightningModule: next-token loss, AdamW with decay on linear weights, warmup-cosine schedule, metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from kernels.recipe import Recipe
+from models.convert import convert, quantized_layers
+from models.llama import LlamaConfig, LlamaModel
+from train.config import OptimConfig
+
+# Dense bf16 tensor-core peak FLOP/s by device name fragment, for MFU when peak_flops is not given.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of ``total_steps`` (REFERENCE §4).
+
+    Warmup over ``warmup_fraction`` of the steps, cosine-shaped from ``start_ratio·lr`` up to ``lr``; then cosine
+    decay to ``end_ratio·lr`` at the last step.
+    """
+    peak = optim.lr
+    warmup = max(1, round(optim.warmup_fraction * total_steps)) if optim.warmup_fraction > 0 else 0
+    if step < warmup:
+        start = optim.start_ratio * peak
+        return start + (peak - start) * (1 - math.cos(math.pi * step / warmup)) / 2
+    end = optim.end_ratio * peak
+    decay_steps = max(1, total_steps - 1 - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return end + (peak - end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(decay, no_decay)``: weight decay only on the weights of linear layers inside the blocks.
+
+    Norms, embeddings, lm_head, biases and learned quantizer scales are not decayed (REFERENCE §4).
+    """
+    decay_ids = {id(m.weight) for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and name.startswith("layers.")}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if id(param) in decay_ids else no_decay).append(param)
+    return decay, no_decay
+
+
+class LitLlama(L.LightningModule):
+    """Trains a (possibly quantized) :class:`LlamaModel`.
+
+    Batches are ``(x, y)`` int64 ``[micro_batch, seq_len]``. ``run`` holds the batch geometry that a resumed run
+    must share: ``seed`` (model init and data order), ``seq_len``, ``global_batch`` (sequences per step, all ranks).
+    """
+
+    def __init__(self, model_config: dict[str, Any], recipe: dict[str, Any], optim: dict[str, Any],
+                 total_steps: int, run: dict[str, Any], mask_stats_every: int = 50, compile: bool = False,
+                 peak_flops: float | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = LlamaConfig.from_dict(model_config)
+        self.recipe = Recipe.from_dict(recipe)
+        self.optim = OptimConfig(**optim)
+        self.total_steps = total_steps
+        self.seq_len = run["seq_len"]
+        self.tokens_per_step = run["global_batch"] * run["seq_len"]
+        self.mask_stats_every = mask_stats_every
+        self.peak_flops = peak_flops
+        # The model is built here, seeded, so every rank and every resumed run starts from the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run["seed"])
+            self.model = LlamaModel(self.model_config)
+        if self.recipe.quantized:
+            convert(self.model, self.recipe)
+        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self._step_started: float | None = None
+        self._val_sum = self._val_count = 0.0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_fn(x, y)
+
+    def _track_masks(self, on: bool) -> dict[str, nn.Module]:
+        layers = quantized_layers(self.model)
+        for layer in layers.values():
+            layer.track_stats = on
+        return layers
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        step = self.global_step
+        sample_masks = self.mask_stats_every > 0 and step % self.mask_stats_every == 0
+        layers = self._track_masks(sample_masks) if sample_masks else {}
+        _, loss = self(x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step}")
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("tokens_seen", float((step + 1) * self.tokens_per_step))
+        for name, layer in layers.items():
+            for key, value in layer.stats.items():
+                self.log(f"mask/{name}.{key.removesuffix('_masked_fraction')}", value)
+            layer.track_stats = False
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        elapsed = time.perf_counter() - self._step_started
+        self._step_started = None
+        tokens_per_s = self.tokens_per_step / elapsed
+        self.log("tokens_per_s", tokens_per_s, prog_bar=True)
+        peak = self.peak_flops or self._known_peak()
+        if peak:
+            flops = self.model_config.flops_per_token(self.seq_len) * tokens_per_s
+            self.log("mfu", flops / (peak * self.trainer.world_size))
+
+    def _known_peak(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = self._val_count = 0.0
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self(x, y)
+        self._val_sum += loss.item() * y.numel()
+        self._val_count += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        # Every rank evaluates the same validation batches, so the mean needs no reduction across ranks.
+        if self._val_count:
+            self.log("val/loss", self._val_sum / self._val_count, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = decay_groups(self.model)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_at(step, self.total_steps, self.optim) / self.optim.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bitlaw"] = {"model": self.model_config.to_dict(), "recipe": self.recipe.to_dict()}
