@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from kernels.recipe import CONF_DIR, Recipe
@@ -24,6 +24,7 @@ from models.convert import convert
 from models.llama import LlamaConfig, LlamaModel
 from train.checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
 from train.config import max_steps, register_schema
+from train.csvlog import ResumableCSVLogger
 from train.data import DataConfig, prepare_data
 from train.datamodule import TokenDataModule
 from train.module import LitLlama
@@ -87,7 +88,7 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [ResumableCSVLogger(str(run_dir))]
     if cfg.logger.kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
