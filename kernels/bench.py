@@ -31,23 +31,26 @@ def _fwd_bwd(fn, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor):
     return run
 
 
-def measure(shape: tuple[int, int, int], recipe_name: str, device: torch.device, dtype: torch.dtype,
-            min_run_time: float) -> tuple[float, float]:
-    """Median seconds of (nn.Linear-equivalent, quantized linear) forward+backward at ``shape``."""
+def _median_seconds(fn, min_run_time: float) -> float:
+    fn()  # warm-up
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.device, dtype: torch.dtype,
+            min_run_time: float) -> tuple[float, dict[str, float]]:
+    """Median seconds of forward+backward at ``shape``: ``(nn.Linear, {recipe: quantized linear})``."""
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen, requires_grad=True)
     w = (torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k**-0.5).requires_grad_(True)
     grad = torch.randn(m, n, device=device, dtype=dtype, generator=gen)
-    recipe = load_recipe(recipe_name)
-    plain = _fwd_bwd(torch.nn.functional.linear, x, w, grad)
-    quant = _fwd_bwd(lambda a, b: quantized_linear(a, b, recipe), x, w, grad)
-    times = []
-    for fn in (plain, quant):
-        fn()  # warm-up
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-        times.append(timer.blocked_autorange(min_run_time=min_run_time).median)
-    return times[0], times[1]
+    plain = _median_seconds(_fwd_bwd(torch.nn.functional.linear, x, w, grad), min_run_time)
+    quant = {}
+    for name in recipe_names:
+        recipe = load_recipe(name)
+        quant[name] = _median_seconds(_fwd_bwd(lambda a, b, r=recipe: quantized_linear(a, b, r), x, w, grad),
+                                      min_run_time)
+    return plain, quant
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for shape in shapes:
-        for recipe_name in args.recipes:
-            base, quant = measure(shape, recipe_name, device, dtype, args.min_run_time)
-            dims = "x".join(map(str, shape))
-            print(f"{dims:>20} {recipe_name:>12} {base * 1e3:>13.2f} {quant * 1e3:>13.2f} {quant / base:>6.2f}x")
+        base, quant = measure(shape, args.recipes, device, dtype, args.min_run_time)
+        dims = "x".join(map(str, shape))
+        for recipe_name, seconds in quant.items():
+            print(f"{dims:>20} {recipe_name:>12} {base * 1e3:>13.2f} {seconds * 1e3:>13.2f} {seconds / base:>6.2f}x")
 
 
 if __name__ == "__main__":
