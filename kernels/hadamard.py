@@ -58,7 +58,9 @@ def block_hadamard(x: torch.Tensor, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     dtype = _compute_dtype(x.dtype)
     h = hadamard_matrix(block, dtype=dtype, device=x.device)
     blocks = x.to(dtype).reshape(*x.shape[:-1], k // block, block)
-    return (blocks @ h).reshape(x.shape)
+    # Under bf16 autocast the matmul would silently run in bf16; the rotation must stay in fp32.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return (blocks @ h).reshape(x.shape)
 
 
 def inverse_block_hadamard(x: torch.Tensor, block: int = DEFAULT_BLOCK) -> torch.Tensor:

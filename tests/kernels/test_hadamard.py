@@ -50,6 +50,14 @@ def test_low_precision_input_is_rotated_in_fp32():
     torch.testing.assert_close(out, x.float() @ hadamard_matrix(128), rtol=0, atol=1e-6)
 
 
+def test_rotation_stays_fp32_under_bf16_autocast():
+    x = torch.randn(4, 256)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = block_hadamard(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(inverse_block_hadamard(out), x, rtol=0, atol=1e-5)
+
+
 def test_gradcheck():
     x = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: block_hadamard(t, 16), (x,))

@@ -34,11 +34,12 @@ def test_every_config_group_composes_and_instantiates(tmp_path, corpus):
     groups = {"model": sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml")),
               "trainer": sorted(p.stem for p in (ROOT / "conf/trainer").glob("*.yaml")),
               "logger": ["csv", "wandb"], "data": ["embedded", "files", "c4", "fineweb_edu"],
-              "quant": recipe_names()}
+              "quant": recipe_names(),
+              "experiment": sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))}
     for group, options in groups.items():
         for option in options:
             cfg = compose_train([f"{group}={option}", f"run_dir={tmp_path}"])
-            assert cfg[group] is not None
+            assert group == "experiment" or cfg[group] is not None
             if group == "trainer":
                 kwargs = dict(cfg.trainer)
                 if kwargs["accelerator"] == "gpu":
