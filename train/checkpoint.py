@@ -41,9 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_resumable(path: str | os.PathLike[str], model: dict[str, Any], recipe: dict[str, Any],
-                    run: dict[str, Any]) -> None:
+                    run: dict[str, Any]) -> int:
     """Raise ValueError unless the checkpoint at ``path`` was written by a run with the same model shape,
-    recipe and batch geometry (``run``: seq_len, global_batch, seed). Reads only its metadata (mmap)."""
+    recipe and batch geometry (``run``: seq_len, global_batch, seed); return its ``global_step``.
+
+    The checkpoint is memory-mapped, so only what is read is loaded."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
@@ -55,3 +57,4 @@ def check_resumable(path: str | os.PathLike[str], model: dict[str, Any], recipe:
         if old != new:
             raise ValueError(f"checkpoint {path} does not fit this run: {key} was {old!r} there, is {new!r} now; "
                              "use another run directory, resume=never, or the original settings")
+    return int(ckpt["global_step"])

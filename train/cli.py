@@ -111,8 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = LlamaConfig.from_dict(model_dict)
     steps = max_steps(cfg, model_cfg.params_non_embedding)
     run = {"seed": cfg.seed, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch}
-    if ckpt_path is not None:
-        check_resumable(ckpt_path, model_dict, recipe.to_dict(), run)
+    start_step = 0 if ckpt_path is None else check_resumable(ckpt_path, model_dict, recipe.to_dict(), run)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
@@ -133,9 +132,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         val_check_interval=cfg.val_every * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         use_distributed_sampler=False, max_epochs=-1)
     started = time.perf_counter()
-    start_step = 0
-    if ckpt_path is not None:
-        start_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except FloatingPointError as err:

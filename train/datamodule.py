@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.data import PreparedData, WindowSampler, val_batches
+from train.data import PreparedData
+from train.windows import WindowSampler, val_batches
 
 
 class StepBatches(Dataset):

@@ -76,12 +76,13 @@ class LitLlama(L.LightningModule):
             self.model = LlamaModel(self.model_config)
         if self.recipe.quantized:
             convert(self.model, self.recipe)
-        self.forward_fn = torch.compile(self.model) if compile else self.model
+        if compile:
+            self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self._step_started: float | None = None
         self._val_sum = self._val_count = 0.0
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_fn(x, y)
+        return self.model(x, y)
 
     def _track_masks(self, on: bool) -> dict[str, nn.Module]:
         layers = quantized_layers(self.model)

@@ -19,15 +19,13 @@ import train.data as data
 from train.corpus import EmbeddedCorpus, build_embedded_corpus, documents_sha256
 from train.data import (
     DataConfig,
-    TokenStream,
-    WindowSampler,
     dataset_dir,
     is_validation_document,
     load_prepared,
     prepare_data,
     train_bpe,
-    val_batches,
 )
+from train.windows import TokenStream, WindowSampler, val_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Words without q, v, x, z so that a held-out word made of those letters is unseen by the BPE trainer.
