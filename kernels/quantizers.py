@@ -167,10 +167,25 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     different domain than the other (e.g. weight-only recipes: rotated weight, plain input) is rotated back
     first. ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction``.
     """
+    w_stats = {} if stats is not None and recipe.weight.quantized else None
+    wq = fake_quantize(weight, recipe.weight, weight_lsq_scale, w_stats)
+    y = linear_from_quantized_weight(x, wq, recipe, bias, input_lsq_scale, stats)
+    if w_stats:
+        stats["weight_masked_fraction"] = w_stats["masked_fraction"]
+    return y
+
+
+def linear_from_quantized_weight(x: torch.Tensor, weight_values: torch.Tensor, recipe: Recipe,
+                                 bias: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
+                                 stats: dict | None = None) -> torch.Tensor:
+    """The rest of :func:`quantized_linear` given the weight already quantized: ``weight_values`` is ``ŵ``
+    ``[N, K]`` as :func:`fake_quantize` returns it (rotated domain when ``recipe.weight.rotated``).
+
+    Shared by training and the inference layers of exported models, so both compute bitwise the same thing.
+    """
     w_spec, x_spec = recipe.weight, recipe.input
-    w_stats = {} if stats is not None and w_spec.quantized else None
     x_stats = {} if stats is not None and x_spec.quantized else None
-    wq = fake_quantize(weight, w_spec, weight_lsq_scale, w_stats)
+    wq = weight_values
     xq = fake_quantize(x, x_spec, input_lsq_scale, x_stats)
     same_domain = w_spec.rotated == x_spec.rotated and (not w_spec.rotated or w_spec.block == x_spec.block)
     if not same_domain:
@@ -180,8 +195,19 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     y = torch.matmul(xq.to(dtype), wq.to(dtype).t())
     if bias is not None:
         y = y + bias
-    if stats is not None:
-        for role, role_stats in (("weight", w_stats), ("input", x_stats)):
-            if role_stats:
-                stats[f"{role}_masked_fraction"] = role_stats["masked_fraction"]
+    if x_stats:
+        stats["input_masked_fraction"] = x_stats["masked_fraction"]
     return y.to(x.dtype)
+
+
+def dequantize(codes: torch.Tensor, step_or_scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Values of :func:`quantize`'s result from its codes, with the same arithmetic (so bitwise equal).
+
+    ``int{b}``: ``codes`` are the odd integers ``2q+1`` and ``step_or_scale`` the per-row ``step``
+    (``[..., 1]``); other grids: level indices and the per-row ``scale``. Returns the dtype of ``step_or_scale``.
+    """
+    if fmt.kind == "int":
+        q = torch.div(codes.to(torch.int32) - 1, 2, rounding_mode="floor").to(step_or_scale.dtype)
+        return (q + 0.5) * step_or_scale
+    levels = torch.tensor(fmt.levels, dtype=step_or_scale.dtype, device=codes.device)
+    return levels[codes.long()] * step_or_scale

@@ -119,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LitLlama(model_dict, recipe.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), steps, run,
                       mask_stats_every=cfg.mask_stats_every, compile=cfg.compile, peak_flops=cfg.peak_flops)
+    module.tokenizer_path = str(data.tokenizer_path)
     datamodule = TokenDataModule(data, cfg.seq_len, cfg.global_batch, cfg.seed, steps, cfg.val_batches)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["max_steps"] = steps

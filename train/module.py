@@ -78,6 +78,7 @@ class LitLlama(L.LightningModule):
             convert(self.model, self.recipe)
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
+        self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation
         self._step_started: float | None = None
         self._val_sum = self._val_count = 0.0
 
@@ -154,4 +155,5 @@ class LitLlama(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bitlaw"] = {"model": self.model_config.to_dict(), "recipe": self.recipe.to_dict()}
+        checkpoint["bitlaw"] = {"model": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
+                                "tokenizer": self.tokenizer_path}

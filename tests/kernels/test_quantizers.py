@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 
 from kernels.formats import gaussian_scale, get_format
-from kernels.quantizers import fake_quantize, quantize, quantized_linear
+from kernels.quantizers import dequantize, fake_quantize, quantize, quantized_linear
 from kernels.recipe import Recipe, TensorSpec, load_recipe
 
 C_B = {1: 0.7978845587, 2: 1.4935346, 3: 2.0510684, 4: 2.5139306}
@@ -209,3 +209,11 @@ def test_bf16_and_fp32_inputs_compute_in_fp32():
     y16 = quantized_linear(x.bfloat16(), w, recipe)
     assert y16.dtype == torch.bfloat16
     assert (y16.float() - y32).abs().max() < 0.05 * y32.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["int1", "int3", "int4", "int8", "ternary", "fp4_e2m1", "fp8_e4m3"])
+def test_dequantize_reproduces_values_bitwise(fmt):
+    spec = TensorSpec(format=fmt)
+    res = quantize(_randn(16, 256, seed=80, dtype=torch.float32), spec)
+    step_or_scale = res.step if res.step is not None else res.scale
+    assert torch.equal(dequantize(res.codes, step_or_scale, spec.fmt), res.values)

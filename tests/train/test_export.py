@@ -1,0 +1,132 @@
+"""Export: native round trip is bitwise, Hugging Face parity, sizes, and clear errors that overwrite nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.recipe import Recipe, load_recipe
+from models.convert import convert
+from train.export import (
+    code_bits,
+    export_hf,
+    export_native,
+    load_checkpoint,
+    load_model,
+    main,
+    pack_codes,
+    unpack_codes,
+)
+from train.module import LitLlama
+
+MODEL = {"n_layer": 2, "d_model": 128, "n_head": 1, "vocab_size": 96, "max_seq_len": 64}
+
+
+def _checkpoint(tmp_path: Path, recipe_name: str, seed: int = 0) -> Path:
+    """A checkpoint in bitlaw-train's layout, with trained-looking (random, LSQ-initialised) weights."""
+    recipe = load_recipe(recipe_name)
+    module = LitLlama(MODEL, recipe.to_dict(), {}, 10, {"seed": seed, "seq_len": 32, "global_batch": 2})
+    module.model(torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(seed)))  # LSQ init
+    path = tmp_path / f"{recipe_name}.ckpt"
+    ckpt = {"state_dict": module.state_dict(), "global_step": 1, "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def _tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_pack_round_trip(bits):
+    index = torch.randint(0, 2**bits, (5, 37))
+    packed = pack_codes(index, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-37 * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, 37), index)
+    assert code_bits(2) == 1 and code_bits(3) == 4 and code_bits(16) == 4 and code_bits(17) == 8
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "quest_w4a4", "quest_w1a1", "quest_w4", "lsq_w4a4", "quest_fp4",
+                                    "quest_w8a8"])
+def test_native_round_trip_is_bitwise(tmp_path, recipe):
+    trained = load_checkpoint(_checkpoint(tmp_path, recipe))
+    sizes = export_native(trained, tmp_path / "export")
+    loaded = load_model(tmp_path / "export")
+    assert loaded.kind == "native" and loaded.recipe == trained.recipe
+    with torch.no_grad():
+        assert torch.equal(loaded.model(_tokens()), trained.model(_tokens()))
+    if recipe == "quest_w4a4":
+        assert sizes["block_weight_bytes"] <= 0.30 * sizes["block_weight_bytes_bf16"]
+    if recipe == "quest_w1a1":
+        assert sizes["block_weight_bytes"] <= 0.10 * sizes["block_weight_bytes_bf16"]
+
+
+def test_four_bit_file_is_small(tmp_path):
+    bf16 = export_native(load_checkpoint(_checkpoint(tmp_path, "bf16")), tmp_path / "bf16")
+    w4 = export_native(load_checkpoint(_checkpoint(tmp_path, "quest_w4a4")), tmp_path / "w4")
+    # The bf16 run stores fp32 master weights; its bf16 size is what a bf16 export of the block weights takes.
+    assert w4["block_weight_bytes"] <= 0.30 * bf16["block_weight_bytes_bf16"]
+    assert w4["file_bytes"] < bf16["file_bytes"]
+
+
+@pytest.mark.parametrize("recipe", ["quest_w4a4", "quest_w2"])
+def test_hf_export_matches_weight_only_forward(tmp_path, recipe):
+    transformers = pytest.importorskip("transformers")
+    trained = load_checkpoint(_checkpoint(tmp_path, recipe))
+    notes = export_hf(trained, tmp_path / "hf")
+    assert any("weight-only" in n for n in notes) == (recipe == "quest_w4a4")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True,
+                                                       dtype=torch.float32).eval()
+    weight_only = Recipe(name="w-only", weight=trained.recipe.weight, input=Recipe().input)
+    convert(trained.model, weight_only)
+    with torch.no_grad():
+        ours = trained.model(_tokens())
+        theirs = hf(input_ids=_tokens()).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["intermediate_size"] == 512 and config["tie_word_embeddings"] is False
+    assert config["rms_norm_eps"] == 1e-5 and config["num_key_value_heads"] == 1
+    via_loader = load_model(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(via_loader.model(_tokens()), theirs)
+
+
+def test_tampered_truncated_and_unknown_version_are_refused(tmp_path):
+    export_native(load_checkpoint(_checkpoint(tmp_path, "quest_w4a4")), tmp_path / "e")
+    tensors = tmp_path / "e" / "model.safetensors"
+    original = tensors.read_bytes()
+    tampered = bytearray(original)
+    tampered[-10] ^= 0xFF
+    tensors.write_bytes(bytes(tampered))
+    with pytest.raises(ValueError, match="truncated or modified: sha256"):
+        load_model(tmp_path / "e")
+    tensors.write_bytes(original[: len(original) // 2])
+    with pytest.raises(ValueError, match="truncated or modified"):
+        load_model(tmp_path / "e")
+    tensors.write_bytes(original)
+    meta_path = tmp_path / "e" / "bitlaw.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 99 is not supported; this loader reads 'bitlaw-native' version 1"):
+        load_model(tmp_path / "e")
+
+
+def test_cli_refuses_to_overwrite_and_reports_sizes(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path, "quest_w4a4")
+    out = tmp_path / "out"
+    assert main([str(ckpt), "--format", "native", "--out", str(out)]) == 0
+    assert "x of bf16" in capsys.readouterr().out
+    stamp = (out / "model.safetensors").read_bytes()
+    assert main([str(ckpt), "--format", "hf", "--out", str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == stamp
+    assert main([str(ckpt), "--format", "hf", "--out", str(out), "--force"]) == 0
+    assert "activations run in high precision" in capsys.readouterr().out
+    assert (out / "config.json").is_file() and not (out / "bitlaw.json").exists()
+    assert main([str(tmp_path / "missing.ckpt"), "--format", "native", "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
