@@ -211,3 +211,16 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
     ra, rb = (json.loads((d / "run.json").read_text()) for d in (single, ddp))
     assert rb["world_size"] == 2 and rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
+
+
+def test_wandb_logger_is_offline_without_an_api_key(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from train.cli import _loggers
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loggers = _loggers(compose_train(["logger=wandb", f"run_dir={tmp_path}"]), tmp_path)
+    assert isinstance(loggers[1], WandbLogger) and loggers[1]._offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert _loggers(compose_train(["logger=wandb", f"run_dir={tmp_path}"]), tmp_path)[1]._offline is False
