@@ -2,9 +2,9 @@
 
 Native export (``--format native``), a directory with:
 - ``model.safetensors``: high-precision tensors as trained (embeddings, norms, lm_head, unquantized layers) and,
-  per quantized layer, ``<layer>.weight.codes`` (uint8, level indices packed 8 per byte for 2-level grids, 2 per
-  byte for ≤ 16 levels, else 1 per byte), ``<layer>.weight.step`` (int formats, fp32 ``[out, 1]``) or
-  ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale`` when the input scale is learned;
+  per quantized layer, ``<layer>.weight.codes`` (uint8, level indices packed 8 per byte for 2-level grids,
+  4 per byte for ≤ 4 levels, 2 per byte for ≤ 16, else 1 per byte), ``<layer>.weight.step`` (int formats,
+  fp32 ``[out, 1]``) or ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale`` when the input scale is learned;
 - ``bitlaw.json``: format name and version, model config, recipe, per-layer code layout, sha256 of the tensor
   file (checked before loading), and the tokenizer file name;
 - ``tokenizer.json`` when the run recorded one.
@@ -56,8 +56,8 @@ class LoadedModel:
 
 
 def code_bits(n_levels: int) -> int:
-    """Storage bits per code: 1 for 2 levels, 4 for ≤ 16, else 8."""
-    return 1 if n_levels <= 2 else 4 if n_levels <= 16 else 8
+    """Storage bits per code (a divisor of 8): 1 for 2 levels, 2 for ≤ 4, 4 for ≤ 16, else 8."""
+    return next(bits for bits in (1, 2, 4, 8) if n_levels <= 2**bits)
 
 
 def pack_codes(index: torch.Tensor, bits: int) -> torch.Tensor:

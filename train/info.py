@@ -14,18 +14,15 @@ from omegaconf import OmegaConf
 from kernels.recipe import CONF_DIR, Recipe, TensorSpec
 from models.convert import BLOCK_PROJECTIONS, convert
 from models.llama import LlamaConfig, LlamaModel
-
-
-def spec_bits(spec: TensorSpec) -> int:
-    """Storage bits per element of a tensor stored in ``spec``'s format (bf16: 16)."""
-    return spec.fmt.bits
+from train.export import code_bits
 
 
 def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int]:
     """``(elements, bytes)`` of the block projection weights stored as ``recipe.weight`` says.
 
-    Quantized weights take ``bits/8`` bytes per element (packed) plus one fp32 scale per output row
-    (``gaussian_rms``/``absmax``) or per tensor (``lsq``); unquantized ones take 2 bytes (bf16).
+    Quantized weights take the bytes of the native export (``train.export``): codes packed at 1, 2, 4 or 8 bits
+    plus one fp32 scale per output row (``gaussian_rms``/``absmax``) or per tensor (``lsq``); unquantized ones
+    take 2 bytes (bf16).
     """
     elements = total = 0
     spec = recipe.weight
@@ -36,7 +33,7 @@ def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int
         elements += rows * cols
         if spec.quantized:
             scales = 1 if spec.scale == "lsq" else rows
-            total += -(-rows * cols * spec_bits(spec) // 8) + 4 * scales
+            total += rows * -(-cols * code_bits(len(spec.fmt.levels)) // 8) + 4 * scales
         else:
             total += 2 * rows * cols
     return elements, total

@@ -41,13 +41,13 @@ def _tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("bits", [1, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_pack_round_trip(bits):
     index = torch.randint(0, 2**bits, (5, 37))
     packed = pack_codes(index, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, -(-37 * bits // 8))
     assert torch.equal(unpack_codes(packed, bits, 37), index)
-    assert code_bits(2) == 1 and code_bits(3) == 4 and code_bits(16) == 4 and code_bits(17) == 8
+    assert code_bits(2) == 1 and code_bits(3) == 2 and code_bits(8) == 4 and code_bits(16) == 4 and code_bits(17) == 8
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "quest_w4a4", "quest_w1a1", "quest_w4", "lsq_w4a4", "quest_fp4",
