@@ -3,7 +3,8 @@
 Parameter names follow Hugging Face ``LlamaForCausalLM`` (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm``, ``lm_head``, ...), so an export is a plain prefix mapping. Every projection is a
 plain ``nn.Linear`` reached by attribute, so a converter can swap it by module name for a quantized subclass;
-nothing here knows about quantization. See REFERENCE.md §3-§4.
+nothing here knows about quantization. See REFERENCE.md §3-§4. ``KVCache`` holds past keys and values so that
+generation feeds one new token per step instead of the whole sequence.
 """
 
 from __future__ import annotations
@@ -158,6 +159,58 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the positions a model has already seen, for incremental decoding.
+
+    Per layer, keys and values are preallocated as ``[B, n_head, max_len, head_dim]`` on the first write (with
+    the batch size, dtype and device of that write, so a cache follows autocast and the model's device); the
+    first ``length`` positions are filled. Pass the same cache to successive ``LlamaModel.forward`` calls: a
+    call with ``T`` new tokens reads positions ``[0, length)``, writes ``[length, length + T)`` and then advances
+    ``length`` by ``T``. Build one with ``LlamaModel.make_cache``; ``reset()`` empties it for reuse.
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        for name, value in (("n_layer", n_layer), ("max_len", max_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"KVCache.{name} must be a positive int, got {value!r}")
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    def reset(self) -> None:
+        """Forget every cached position (the buffers are kept and overwritten by the next calls)."""
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v [B, H, T, head_dim]`` of layer ``layer`` at positions ``[length, length + T)``.
+
+        Returns views of all keys and values of that layer so far, ``[B, H, length + T, head_dim]``. Does not
+        advance ``length``: the model calls ``advance(T)`` once every layer has been written.
+        """
+        batch, heads, seq, head_dim = k.shape
+        end = self.length + seq
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.length} positions; {seq} more would exceed its max_len="
+                             f"{self.max_len}")
+        if self.keys[layer] is None:
+            shape = (batch, heads, self.max_len, head_dim)
+            self.keys[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.values[layer] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        keys, values = self.keys[layer], self.values[layer]
+        if (batch, heads, head_dim) != (keys.shape[0], keys.shape[1], keys.shape[3]):
+            raise ValueError(f"KVCache layer {layer} holds batch={keys.shape[0]}, heads={keys.shape[1]}, "
+                             f"head_dim={keys.shape[3]}; got keys of shape {tuple(k.shape)}: use a new cache")
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, seq: int) -> None:
+        """Mark ``seq`` more positions as filled (after every layer's ``update`` for them)."""
+        self.length += seq
+
+
 class LlamaAttention(nn.Module):
     """Causal multi-head self-attention with RoPE on queries and keys; [B, T, d] -> [B, T, d]."""
 
@@ -171,14 +224,32 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x [B, T, d]; cos, sin [T, head_dim] for the T new positions. With ``cache``, the new keys and values
+        are written into slot ``layer`` and the queries attend to every cached position plus the causal part
+        of the new chunk."""
         batch, seq, d = x.shape
         # [B, T, d] -> [B, H, T, head_dim]
         q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, head_dim]
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, head_dim]
+        else:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # [B, H, past + T, head_dim]
+            mask = None
+            if seq > 1:
+                # is_causal would align the triangle to the top-left (query i sees keys <= i), ignoring the
+                # cached prefix; new query i sits at position past + i and sees keys [0, past + i].
+                key_positions = torch.arange(past + seq, device=x.device)
+                query_positions = torch.arange(past, past + seq, device=x.device)
+                mask = key_positions[None, :] <= query_positions[:, None]  # [T, past + T] bool, True = attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(batch, seq, d)
         return self.o_proj(y)
 
@@ -206,8 +277,9 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -267,23 +339,49 @@ class LlamaModel(nn.Module):
         excluded = {id(self.embed_tokens.weight), id(self.lm_head.weight)} if non_embedding else set()
         return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
 
+    def make_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KVCache for this model holding up to ``max_len`` positions (default and limit: max_seq_len)."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= self.config.max_seq_len:
+            raise ValueError(f"make_cache: max_len={max_len!r} must be an int in [1, max_seq_len="
+                             f"{self.config.max_seq_len}]")
+        return KVCache(self.config.n_layer, max_len)
+
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids: int64 [B, T] with T <= max_seq_len; targets: int64 [B, T] or None (-100 = ignored).
 
         Returns logits [B, T, vocab_size] (float32 unless computed under autocast) if targets is None, else
         (logits, loss) with loss the float32 scalar mean cross-entropy over non-ignored targets.
+
+        cache: None (the whole sequence is given) or a KVCache from ``make_cache`` holding ``P = cache.length``
+        earlier positions of the same sequences: input_ids are then positions [P, P + T) (RoPE is offset by
+        P), they attend to the cached ones, and the cache grows by T. P + T must not exceed max_seq_len nor the
+        cache's max_len. Logits equal those of the full-sequence forward at the same positions (up to rounding).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got shape {tuple(input_ids.shape)}")
         seq = input_ids.shape[1]
-        if seq > self.config.max_seq_len:
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, KVCache) or cache.n_layer != self.config.n_layer:
+                raise ValueError(f"cache must be a KVCache for {self.config.n_layer} layers (from make_cache), "
+                                 f"got {cache!r}")
+            start = cache.length
+            limit = min(cache.max_len, self.config.max_seq_len)
+            if start + seq > limit:
+                raise ValueError(f"cache holds {start} positions and {seq} new tokens would make {start + seq}, "
+                                 f"beyond the limit {limit} (max_seq_len={self.config.max_seq_len}, cache "
+                                 f"max_len={cache.max_len})")
+        elif seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
         x = self.embed_tokens(input_ids)  # [B, T, d]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, index)
+        if cache is not None:
+            cache.advance(seq)
         logits = self.lm_head(self.norm(x))  # [B, T, vocab]
         if targets is None:
             return logits

@@ -4,7 +4,8 @@ Native export (``--format native``), a directory with:
 - ``model.safetensors``: high-precision tensors as trained (embeddings, norms, lm_head, unquantized layers) and,
   per quantized layer, ``<layer>.weight.codes`` (uint8, level indices packed 8 per byte for 2-level grids,
   4 per byte for ≤ 4 levels, 2 per byte for ≤ 16, else 1 per byte), ``<layer>.weight.step`` (int formats,
-  fp32 ``[out, 1]``) or ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale`` when the input scale is learned;
+  fp32 ``[out, 1]``) or ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale`` when the input
+  scale is learned;
 - ``bitlaw.json``: format name and version, model config, recipe, per-layer code layout, sha256 of the tensor
   file (checked before loading), and the tokenizer file name;
 - ``tokenizer.json`` when the run recorded one.
