@@ -358,7 +358,9 @@ class LlamaModel(nn.Module):
         cache: None (the whole sequence is given) or a KVCache from ``make_cache`` holding ``P = cache.length``
         earlier positions of the same sequences: input_ids are then positions [P, P + T) (RoPE is offset by
         P), they attend to the cached ones, and the cache grows by T. P + T must not exceed max_seq_len nor the
-        cache's max_len. Logits equal those of the full-sequence forward at the same positions (up to rounding).
+        cache's max_len. Logits equal those of the full-sequence forward at the same positions up to float
+        rounding (the matmuls see other shapes); with quantized activations such a rounding difference can move a
+        value across a rounding boundary of the grid, as it can between any two batch shapes.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got shape {tuple(input_ids.shape)}")

@@ -154,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model_preset": HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None,
         "seq_len": cfg.seq_len,
         "global_batch": cfg.global_batch,
+        "val_batches": cfg.val_batches,
         "lr": cfg.optim.lr,
         "seed": cfg.seed,
         "tokens_per_s": (trainer.global_step - start_step) * tokens_per_step / train_seconds,

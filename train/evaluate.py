@@ -1,0 +1,238 @@
+"""``bitlaw-eval``: loss, perplexity and bits per byte of a checkpoint or an export on held-out text.
+
+    bitlaw-eval runs/tiny-bf16-seed0/checkpoints/last.ckpt                 # the run's validation split
+    bitlaw-eval exports/tiny-w4a4 --data-dir data_cache/embedded-0123abcd4567 --max-batches 8
+    bitlaw-eval exports/tiny-hf --text notes.txt --seq-len 256 --json
+
+The token stream is cut into non-overlapping windows of seq_len + 1 tokens exactly as the training run's
+validation does (``train.windows.val_batches``: window i starts at token i * seq_len), so with the run's seq_len,
+global_batch as batch size and val_batches as max batches the loss equals the run record's ``val_loss``.
+Bits per byte divide the summed loss (in bits) by the UTF-8 size of the text the target tokens decode to, which
+makes models with different tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm import tqdm
+
+from train.windows import TokenStream, val_batches
+
+PROG = "bitlaw-eval"
+_RUN_RECORD = "run.json"
+
+
+def _batches(tokens: Sequence[int] | np.ndarray | TokenStream, seq_len: int, batch_size: int,
+             n_windows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """val_batches' batches, produced one at a time: a long stream is never materialised as windows at once."""
+    for first in range(0, n_windows, batch_size):
+        count = min(batch_size, n_windows - first)
+        # The slice starts on a window boundary, so its window 0 is the stream's window `first`.
+        piece = tokens[first * seq_len:(first + count) * seq_len + 1]
+        yield val_batches(piece, seq_len, count, 1)[0]
+
+
+class _ByteCounter:
+    """UTF-8 bytes of the text that consecutive chunks of one token stream decode to, summed without double
+    counting a character split across chunks: a chunk whose decoding ends in U+FFFD (an incomplete UTF-8
+    sequence of byte-level tokens) keeps its last tokens pending until the next chunk completes them.
+    Special tokens (EOS) decode to nothing, so they count 0 bytes."""
+
+    _MAX_PENDING = 8  # a UTF-8 character has at most 4 bytes, so at most 4 tokens end in an incomplete one
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+        self.total = 0
+
+    def _bytes(self, ids: list[int]) -> tuple[int, bool]:
+        text = self.tokenizer.decode(ids)
+        return len(text.encode("utf-8")), text.endswith("\ufffd")
+
+    def add(self, ids: list[int]) -> None:
+        self.pending.extend(ids)
+        for cut in range(len(self.pending), max(len(self.pending) - self._MAX_PENDING, 0), -1):
+            size, incomplete = self._bytes(self.pending[:cut])
+            if not incomplete:
+                self.total += size
+                self.pending = self.pending[cut:]
+                return
+        if len(self.pending) > 4 * self._MAX_PENDING:  # a real U+FFFD in the text: stop waiting for completion
+            self.finish()
+
+    def finish(self) -> int:
+        if self.pending:
+            self.total += self._bytes(self.pending)[0]
+            self.pending = []
+        return self.total
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, tokens: Sequence[int] | np.ndarray | TokenStream, seq_len: int, batch_size: int,
+             max_batches: int | None = None, tokenizer: Tokenizer | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Next-token loss of ``model`` over non-overlapping windows of ``tokens``.
+
+    model: eval mode, ``forward(input_ids [B, T] int64) -> logits [B, T, V]``. tokens: a 1-D stream of ids
+    (numpy array, TokenStream or list). Windows of seq_len + 1 tokens start at multiples of seq_len and are
+    batched in order, batch_size per batch, at most max_batches batches (None: every whole window); each
+    window scores its last seq_len tokens given the ones before, within the window.
+
+    Returns ``loss`` (mean cross-entropy, nats/token, accumulated in float64), ``perplexity`` (exp(loss)),
+    ``tokens`` (target tokens scored), ``windows``, and with a tokenizer ``bytes`` (UTF-8 bytes of the text
+    the target tokens decode to; special tokens count 0) and ``bits_per_byte`` = loss · tokens / (ln 2 · bytes);
+    without one both are None.
+    """
+    if seq_len < 1 or batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise ValueError(f"need seq_len >= 1, batch_size >= 1 and max_batches >= 1 or None; got seq_len={seq_len}, "
+                         f"batch_size={batch_size}, max_batches={max_batches}")
+    n_windows = max(len(tokens) - 1, 0) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"{len(tokens)} tokens hold no window of seq_len={seq_len} + 1 tokens: use a shorter "
+                         "--seq-len or more text")
+    if max_batches is not None:
+        n_windows = min(n_windows, max_batches * batch_size)
+    device = next(model.parameters()).device
+    counter = _ByteCounter(tokenizer) if tokenizer is not None else None
+    loss_sum, count = 0.0, 0
+    batches = _batches(tokens, seq_len, batch_size, n_windows)
+    for x, y in tqdm(batches, total=math.ceil(n_windows / batch_size), desc="evaluating", unit="batch",
+                     disable=not progress):
+        out = model(x.to(device))
+        logits = out[0] if isinstance(out, tuple) else out
+        # float32 softmax as in training; the running sum in float64 so long evaluations do not drift.
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
+        loss_sum += float(losses.double().sum())
+        count += y.numel()
+        if counter is not None:
+            counter.add(y.flatten().tolist())  # consecutive windows' targets are contiguous in the stream
+    loss = loss_sum / count
+    n_bytes = counter.finish() if counter is not None else None
+    bits_per_byte = loss_sum / (math.log(2) * n_bytes) if n_bytes else None
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "windows": n_windows, "bytes": n_bytes,
+            "bits_per_byte": bits_per_byte}
+
+
+def run_record_for(source: Path) -> dict[str, Any] | None:
+    """The run record (``run.json``) of the training run a checkpoint belongs to, or None when there is none
+    (exports and loose checkpoint files): a checkpoint lives at ``<run_dir>/checkpoints/<name>.ckpt``."""
+    path = source.parent.parent / _RUN_RECORD
+    if not source.is_file() or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Loss, perplexity and bits per byte of a bitlaw checkpoint or export.")
+    parser.add_argument("source", help="a training checkpoint (*.ckpt), a native export or a Hugging Face export")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--text", help="a UTF-8 text file to evaluate on (tokenized with the model's tokenizer)")
+    where.add_argument("--data-dir", help="a prepared data set folder (meta.json); its validation split is used. "
+                                          "Default: the data set recorded in the run's run.json")
+    parser.add_argument("--tokenizer", help="tokenizer.json for --text and bytes, instead of the model's one")
+    parser.add_argument("--seq-len", type=int, help="window length (default: the run's seq_len, else max_seq_len)")
+    parser.add_argument("--batch-size", type=int, help="windows per batch (default: the run's global_batch, else 8)")
+    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: all windows)")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on (cpu)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout (summary to stderr)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--{name}={value} must be >= 1")
+
+
+def _load_tokenizer(path: Path | None, what: str) -> Tokenizer:
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"no tokenizer for {what} (looked for {path}); pass --tokenizer PATH/tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, load the model and the evaluation tokens, print the results; 0 on success, 2 on bad
+    input (with a one-line message on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        for name in ("seq_len", "batch_size", "max_batches"):
+            _check_positive(name.replace("_", "-"), getattr(args, name))
+        source = Path(args.source)
+        if not source.exists():
+            raise FileNotFoundError(f"source {str(source)!r} does not exist (allowed: a *.ckpt file, a native "
+                                    "export directory or a Hugging Face export directory)")
+        if args.text is not None and not Path(args.text).is_file():
+            raise FileNotFoundError(f"--text {args.text!r}: no such file")
+        if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no such file")
+        record = run_record_for(source)
+        data_dir = None
+        if args.text is None:
+            if args.data_dir is not None:
+                data_dir = Path(args.data_dir)
+            elif record is not None and record.get("data", {}).get("directory"):
+                data_dir = Path(record["data"]["directory"])
+            else:
+                raise ValueError(f"no validation data known for {source} (no run.json beside it naming the data "
+                                 "set): pass --data-dir DIR or --text FILE")
+            if not (data_dir / "meta.json").is_file():
+                raise FileNotFoundError(f"data directory {str(data_dir)!r} is not a prepared data set (no "
+                                        "meta.json): pass --data-dir with a folder written by bitlaw-prepare")
+        from train.data import load_prepared  # here, not at import: only needed for the validation split
+        from train.export import load_model
+
+        loaded = load_model(source, args.device)
+        if data_dir is not None:
+            data = load_prepared(data_dir)
+            tokens: Sequence[int] | np.ndarray | TokenStream = data.val_tokens
+            tokenizer = _load_tokenizer(Path(args.tokenizer) if args.tokenizer else data.tokenizer_path,
+                                        f"data set {data_dir}")
+            vocab_size, what = data.vocab_size, f"data set {data_dir}"
+        else:
+            tokenizer_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
+            tokenizer = _load_tokenizer(tokenizer_path, str(source))
+            text = Path(args.text).read_text(encoding="utf-8")
+            tokens = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+            vocab_size, what = tokenizer.get_vocab_size(with_added_tokens=True), f"tokenizer {tokenizer_path}"
+        if vocab_size > loaded.config.vocab_size:
+            raise ValueError(f"{what} has {vocab_size} token ids, more than the model's vocab_size="
+                             f"{loaded.config.vocab_size}: it was not trained with this tokenizer")
+        seq_len = args.seq_len or (record or {}).get("seq_len") or loaded.config.max_seq_len
+        batch_size = args.batch_size or (record or {}).get("global_batch") or 8
+        if seq_len > loaded.config.max_seq_len:
+            raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={loaded.config.max_seq_len}")
+        results = evaluate(loaded.model, tokens, seq_len, batch_size, args.max_batches, tokenizer,
+                           progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 2
+    results.update(source=str(source), kind=loaded.kind, recipe=loaded.recipe.name,
+                   data=str(data_dir) if data_dir is not None else None, text=args.text, seq_len=seq_len,
+                   batch_size=batch_size, max_batches=args.max_batches)
+    bpb = f"{results['bits_per_byte']:.4f}" if results["bits_per_byte"] is not None else "n/a"
+    summary = (f"loss {results['loss']:.4f} nats/token | perplexity {results['perplexity']:.3f} | bits/byte {bpb} | "
+               f"{results['tokens']:,} tokens, {results['bytes'] or 0:,} bytes | {results['windows']} windows of "
+               f"seq_len {seq_len} | {loaded.kind} {source}")
+    if args.json:
+        print(summary, file=sys.stderr)
+        print(json.dumps(results, indent=2))
+    else:
+        print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
