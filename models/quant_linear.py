@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.quantizers import quantized_linear, rotate
+from kernels.linear import quantized_linear
+from kernels.quantizers import rotate
 from kernels.recipe import Recipe
 
 
@@ -20,6 +21,9 @@ class QuantLinear(nn.Linear):
 
     Set ``track_stats = True`` to record the masked fraction of each role's gradient mask in ``stats``
     (``weight_masked_fraction``, ``input_masked_fraction``: 0-dim tensors) on the next forward.
+
+    ``backend`` picks the kernels (see :func:`kernels.linear.resolve_backend`): ``"auto"``, ``"reference"``,
+    ``"triton"``, or None to follow ``$BITLAW_BACKEND`` at each forward.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, recipe: Recipe,
@@ -29,6 +33,7 @@ class QuantLinear(nn.Linear):
         self.recipe = recipe
         self.layer_name = name
         self.track_stats = False
+        self.backend: str | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self._add_lsq_scales(device)
 
@@ -87,7 +92,7 @@ class QuantLinear(nn.Linear):
             self._init_lsq(x)
         stats = {} if self.track_stats else None
         y = quantized_linear(x, self.weight, self.recipe, self.bias, self.weight_lsq_scale, self.input_lsq_scale,
-                             stats)
+                             stats, self.backend)
         if stats is not None:
             self.stats = stats
         return y

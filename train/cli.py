@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from kernels.linear import BACKENDS
 from kernels.recipe import CONF_DIR, Recipe
 from models.convert import convert
 from models.llama import LlamaConfig, LlamaModel
@@ -65,6 +66,9 @@ def _validate(cfg: DictConfig) -> tuple[dict[str, Any], Recipe, DataConfig]:
     for key in ("global_batch", "val_every", "val_batches", "ckpt_every"):
         if cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be >= 1")
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
+        raise ValueError(f"backend={cfg.backend!r} is not allowed; allowed: {', '.join(BACKENDS)} (or null: "
+                         "$BITLAW_BACKEND, else auto)")
     if cfg.logger.kind not in ("csv", "wandb"):
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is not allowed; allowed: csv, wandb")
     max_steps(cfg, model_cfg.params_non_embedding)
@@ -118,7 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_bytes(run_dir / "config.yaml", lambda fh: fh.write(resolved.encode()))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LitLlama(model_dict, recipe.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), steps, run,
-                      mask_stats_every=cfg.mask_stats_every, compile=cfg.compile, peak_flops=cfg.peak_flops)
+                      mask_stats_every=cfg.mask_stats_every, compile=cfg.compile, peak_flops=cfg.peak_flops,
+                      backend=cfg.backend)
     module.tokenizer_path = str(data.tokenizer_path)
     datamodule = TokenDataModule(data, cfg.seq_len, cfg.global_batch, cfg.seed, steps, cfg.val_batches)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)

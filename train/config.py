@@ -79,6 +79,7 @@ class RunConfig:
     ckpt_every: int = 200  # periodic checkpoint every this many steps (plus last.ckpt)
     mask_stats_every: int = 50  # log each quantized layer's masked fraction every this many steps; 0: never
     compile: bool = False  # torch.compile the model
+    backend: str | None = None  # quantized-linear path: auto, reference, triton; None: $BITLAW_BACKEND (else auto)
     resume: str = "auto"  # "auto": continue from <run_dir>/checkpoints/last.ckpt if present; "never"; or a path
     run_dir: str = "runs/default"  # set by conf/train.yaml from hydra's run directory
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: looked up for known GPUs

@@ -55,11 +55,12 @@ class LitLlama(L.LightningModule):
 
     Batches are ``(x, y)`` int64 ``[micro_batch, seq_len]``. ``run`` holds the batch geometry that a resumed run
     must share: ``seed`` (model init and data order), ``seq_len``, ``global_batch`` (sequences per step, all ranks).
+    ``backend`` goes to every quantized layer (``QuantLinear.backend``); None follows ``$BITLAW_BACKEND``.
     """
 
     def __init__(self, model_config: dict[str, Any], recipe: dict[str, Any], optim: dict[str, Any],
                  total_steps: int, run: dict[str, Any], mask_stats_every: int = 50, compile: bool = False,
-                 peak_flops: float | None = None):
+                 peak_flops: float | None = None, backend: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_config = LlamaConfig.from_dict(model_config)
@@ -76,6 +77,8 @@ class LitLlama(L.LightningModule):
             self.model = LlamaModel(self.model_config)
         if self.recipe.quantized:
             convert(self.model, self.recipe)
+            for layer in quantized_layers(self.model).values():
+                layer.backend = backend
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation

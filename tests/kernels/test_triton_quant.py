@@ -1,0 +1,184 @@
+"""The fused Triton quantizer against its reference twin ``kernels.quantizers.quantize`` on fresh random inputs.
+
+Runs under ``TRITON_INTERPRET=1`` on CPU (set by tests/conftest.py) or on CUDA when present. Kernel and reference
+compute the rotation and the row norm in different summation orders (~1e-7 relative), so a value lying within
+1e-6 (relative) of a rounding or mask boundary may land on the other side: such values are counted, and only
+they may differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import triton_quant
+from kernels.quantizers import quantize, rotate, unrotate
+from kernels.recipe import TensorSpec
+from kernels.triton_quant import (
+    dequantize_rows,
+    masked_fraction,
+    pack_codes,
+    pack_mask,
+    pack_nibbles,
+    quantize_rows,
+    unpack_codes,
+    unpack_mask,
+    unpack_nibbles,
+)
+
+DEVICE = "cpu" if triton_quant.INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(not (triton_quant.INTERPRETED or torch.cuda.is_available()),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def near_boundary(x: torch.Tensor, spec: TensorSpec, rel: float = 1e-6) -> torch.Tensor:
+    """Bool ``[M, K]``: where the reference's ``x_h/step`` is within ``rel`` (relative) of an integer (a rounding
+    boundary of the floor) or ``|x_h|`` within ``rel`` of the mask threshold."""
+    ref = quantize(x, spec)
+    x_h = rotate(x, spec)
+    t = x_h / ref.step
+    # An exact zero sits on a boundary but floors to 0 in both: it cannot differ.
+    near_round = ((t - t.round()).abs() <= rel * t.abs().clamp_min(1.0)) & (x_h != 0)
+    threshold = spec.mask_threshold * spec.fmt.max_level * ref.scale
+    near_mask = (x_h.abs() - threshold).abs() <= rel * threshold
+    return near_round | near_mask
+
+
+def boundary_free(shape: tuple[int, ...], specs: list[TensorSpec], seed: int, scale: float = 1.0,
+                  rel: float = 1e-5) -> torch.Tensor:
+    """A fresh N(0, scale²) tensor (fp32, CPU) with no element near a boundary of any of ``specs``: on such inputs
+    kernel and reference must agree exactly on codes and masks."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        x = torch.randn(shape, generator=gen) * scale
+        rows = x.reshape(-1, shape[-1])
+        if not any(near_boundary(rows, s, rel).any() for s in specs if s.quantized):
+            return x
+    raise AssertionError(f"no boundary-free draw of shape {shape} in 200 tries")
+
+
+def assert_matches_reference(x: torch.Tensor, spec: TensorSpec, pack: bool) -> None:
+    """Codes, steps and masks of the kernel equal the reference; only near-boundary values may differ."""
+    ref = quantize(x.cpu(), spec)
+    got = quantize_rows(x, spec, pack=pack)
+    assert got.codes.dtype == (torch.uint8 if got.code_bits < 8 else torch.int8)
+    assert got.code_bits == (triton_quant.storage_bits(spec.fmt.bits, True) if pack else 8)
+    torch.testing.assert_close(got.step.cpu(), ref.step[:, 0], rtol=1e-6, atol=0)
+    codes = got.unpacked_codes().cpu().to(torch.int16)
+    mask = got.unpacked_mask().cpu()
+    differ = (codes != ref.codes) | (mask != ref.mask)
+    near = near_boundary(x.cpu().float(), spec)
+    assert not (differ & ~near).any(), f"{int((differ & ~near).sum())} values away from any boundary differ"
+    # Near-boundary values are rare (~1e-6 relative band): a large count would mean a systematic offset.
+    assert int(near.sum()) <= max(2, x.numel() // 1000), int(near.sum())
+    # Codes are odd integers in [−(2^b − 1), 2^b − 1].
+    assert bool((codes % 2 != 0).all()) and int(codes.abs().max()) <= 2**spec.fmt.bits - 1
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+@pytest.mark.parametrize(("m", "k"), [(1, 128), (37, 256), (64, 128)])
+def test_codes_steps_masks_equal_the_reference(bits, m, k):
+    spec = TensorSpec(format=f"int{bits}", grad="clip" if bits == 1 else "trust")
+    gen = torch.Generator().manual_seed(1000 * bits + m + k)
+    x = (torch.randn(m, k, generator=gen) * 0.7 + 0.1).to(DEVICE)
+    assert_matches_reference(x, spec, pack=bits % 2 == 0)
+    assert_matches_reference(x, spec, pack=bits % 2 == 1)
+
+
+@pytest.mark.parametrize("spec", [TensorSpec(format="int4", grad="ste"), TensorSpec(format="int1", grad="trust"),
+                                  TensorSpec(format="int2", grad="clip", clip=1.1),
+                                  TensorSpec(format="int4", rotation="none"),
+                                  TensorSpec(format="int1", grad="clip", rotation="none")],
+                         ids=["ste", "int1-trust", "int2-clip", "int4-noht", "int1-noht-clip"])
+def test_gradient_rules_and_no_rotation_equal_the_reference(spec):
+    x = torch.randn(37, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    assert_matches_reference(x, spec, pack=True)
+
+
+def test_unrotated_any_k_and_bf16_input_and_zero_rows():
+    gen = torch.Generator().manual_seed(3)
+    # Without rotation K need not be a multiple of 128 (nor of 8: the packed tails are padded).
+    assert_matches_reference(torch.randn(19, 203, generator=gen).to(DEVICE), TensorSpec(format="int3",
+                                                                                        rotation="none"), pack=True)
+    x = torch.randn(37, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    assert_matches_reference(x, TensorSpec(format="int4"), pack=True)
+    x = torch.randn(5, 128, generator=gen)
+    x[2] = 0.0  # an all-zero row: the reference floors the scale at the smallest normal float
+    assert_matches_reference(x.to(DEVICE), TensorSpec(format="int4"), pack=True)
+
+
+def test_non_contiguous_inputs_are_handled():
+    spec = TensorSpec(format="int4")
+    gen = torch.Generator().manual_seed(4)
+    wide = torch.randn(37, 384, generator=gen).to(DEVICE)
+    rows = wide[:, 64:320]  # row stride 384: read in place
+    transposed = torch.randn(256, 37, generator=gen).to(DEVICE).t()  # strided last dimension: copied
+    for x in (rows, transposed):
+        assert not x.is_contiguous()
+        got, want = quantize_rows(x, spec, pack=True), quantize_rows(x.contiguous(), spec, pack=True)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.step, want.step)
+        assert torch.equal(got.mask, want.mask)
+
+
+@pytest.mark.parametrize(("x", "spec", "match"), [
+    (torch.randn(4, 200), TensorSpec(format="int4"), "K=200 is not a multiple of the Hadamard block 128"),
+    (torch.randn(4, 128), TensorSpec(format="int8"), "do not fit int8"),
+    (torch.randn(4, 128), TensorSpec(format="fp4_e2m1"), "not an integer format"),
+    (torch.randn(4, 128), TensorSpec(format="ternary"), "not an integer format"),
+    (torch.randn(4, 128), TensorSpec(format="int4", scale="absmax"), "scale 'absmax'"),
+    (torch.randn(4, 128), TensorSpec(format="int4", scale="lsq"), "scale 'lsq'"),
+    (torch.randn(4, 128), TensorSpec(format="int4", block=64), "hadamard block 64"),
+    (torch.randn(128), TensorSpec(format="int4"), r"expected a 2-D \[rows, K\] tensor, got shape \(128,\)"),
+    (torch.randn(2, 2, 128), TensorSpec(format="int4"), "got shape"),
+    (torch.randn(4, 128, dtype=torch.float64), TensorSpec(format="int4"), "dtype torch.float64 is not supported"),
+    (torch.randn(4, 128).half(), TensorSpec(format="int4"), "allowed: torch.float32, torch.bfloat16"),
+])
+def test_bad_input_is_rejected_clearly(x, spec, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_rows(x.to(DEVICE), spec)
+
+
+def test_cpu_tensors_without_the_interpreter_are_rejected(monkeypatch):
+    monkeypatch.setattr(triton_quant, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        quantize_rows(torch.randn(4, 128), TensorSpec(format="int4"))
+
+
+def test_dequantize_and_masked_fraction_match_the_reference():
+    for spec in (TensorSpec(format="int4"), TensorSpec(format="int2", rotation="none")):
+        x = boundary_free((37, 256), [spec], seed=5)
+        ref = quantize(x, spec)
+        got = quantize_rows(x.to(DEVICE), spec, pack=True)
+        torch.testing.assert_close(dequantize_rows(got, unrotate=False).cpu(), ref.values, rtol=1e-6, atol=0)
+        torch.testing.assert_close(dequantize_rows(got).cpu(), unrotate(ref.values, spec), rtol=1e-5, atol=1e-6)
+        assert float(masked_fraction(got.mask, got.k)) == pytest.approx(float(1 - ref.mask.float().mean()), abs=1e-7)
+
+
+@pytest.mark.parametrize("code_bits", [1, 2, 4, 8])
+def test_packing_round_trips_and_kernel_layout_matches_the_helpers(code_bits):
+    gen = torch.Generator().manual_seed(code_bits)
+    top = 2 ** (code_bits - 1) if code_bits < 8 else 64
+    codes = (2 * torch.randint(-top, top, (3, 45), generator=gen) + 1).to(torch.int8)  # odd K: padded tail
+    packed = pack_codes(codes, code_bits)
+    assert packed.shape == (3, -(-45 * code_bits // 8) if code_bits < 8 else 45)
+    assert torch.equal(unpack_codes(packed, 45, code_bits), codes)
+    bits = {1: 1, 2: 2, 4: 4, 8: 7}[code_bits]
+    spec = TensorSpec(format=f"int{bits}")
+    x = torch.randn(9, 256, generator=gen).to(DEVICE)
+    got = quantize_rows(x, spec, pack=True)
+    assert got.code_bits == code_bits
+    assert torch.equal(got.codes.cpu(), pack_codes(quantize_rows(x, spec).codes.cpu(), code_bits))
+
+
+def test_nibble_and_mask_layout():
+    # Element 2i in the low nibble, q = (code − 1)/2 in two's complement: codes (1, −1) → q (0, −1) → 0xF0.
+    assert pack_nibbles(torch.tensor([[1, -1, -15, 15]], dtype=torch.int8)).tolist() == [[0xF0, 0x78]]
+    odd = (2 * torch.randint(-8, 8, (4, 33)) + 1).to(torch.int8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(odd), 33), odd)
+    with pytest.raises(ValueError, match="do not fit 4 bits"):
+        pack_nibbles(torch.tensor([17], dtype=torch.int8))
+    mask = torch.tensor([[True, False, False, True, False, False, False, False, True, True]])
+    assert pack_mask(mask).tolist() == [[0b00001001, 0b00000011]]
+    assert torch.equal(unpack_mask(pack_mask(mask), 10), mask)
+    with pytest.raises(ValueError, match="code_bits=3 is not allowed"):
+        pack_codes(odd, 3)
