@@ -1,28 +1,49 @@
-"""Micro-benchmark: forward+backward of one quantized linear vs ``nn.Linear``, measured side by side.
+"""Benchmarks of the quantized linear, every figure measured side by side in one run and printed as one table.
 
-Usage: ``python -m kernels.bench --cpu`` (or on a CUDA machine without ``--cpu``: the same comparison there).
-Prints one table of medians (``torch.utils.benchmark``) and ratios from a single run. Timings are never
-asserted anywhere; record the table in BENCHMARKS.md with device, date and commit.
+    python -m kernels.bench                 # on CUDA: the fused Triton kernels at the 800M layer shapes
+    python -m kernels.bench --cpu           # the reference PyTorch path vs nn.Linear on the CPU
+    TRITON_INTERPRET=1 python -m kernels.bench --triton --shapes 64x256x128   # the kernel table, interpreted
+
+The kernel table (CUDA medians of ``triton.testing.do_bench``) has, per layer shape ``M x K x N`` (tokens, in, out):
+
+- ``quantize``: the fused quantizer on the bf16 input ``[M, K]`` (codes packed to 4 or 1 bits, bit mask, steps);
+  GB/s counts the bytes it reads plus the bytes it writes, next to a device-to-device copy of the input (read +
+  write), and the ratio of the two;
+- ``gemm``: the int8 tensor-core GEMM of packed codes vs ``torch.matmul`` in bf16 (cuBLAS) on the same shape;
+  the ratio is the speed-up (bf16 time / quantized time);
+- ``linear``: forward + backward of the whole quantized linear (Triton path) vs ``nn.Linear`` in bf16 and vs the
+  reference PyTorch path (``kernels.quantizers``); ratios are times relative to ``nn.Linear`` and the speed-up
+  over the reference;
+- ``saved``: bytes autograd keeps for backward per linear (activations only, measured with saved-tensor hooks)
+  relative to ``nn.Linear``'s.
+
+Under the interpreter the timings measure numpy, not kernels: that mode only proves the benchmark runs. Timings
+are never asserted anywhere; record the table in BENCHMARKS.md with device, date and commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+from collections.abc import Callable
 
 import torch
 from torch.utils import benchmark
 
-from kernels.quantizers import quantized_linear
 from kernels.recipe import load_recipe
 
 # (tokens M, in_features K, out_features N): the tiny model's projections and the 30M/100M ones.
 CPU_SHAPES = [(1024, 256, 768), (2048, 640, 1792), (2048, 1024, 2816)]
-GPU_SHAPES = [(16384, 2048, 2048), (16384, 2048, 5632), (16384, 5632, 2048)]
+# The 800M model (d_model 2048, MLP 5632): q/o, gate/up, down, and a fused q/k/v of 3 × 2048, at 16,384 tokens.
+GPU_SHAPES = [(16384, 2048, 2048), (16384, 2048, 5632), (16384, 5632, 2048), (16384, 2048, 6144)]
+# Under the interpreter: one small shape with two row tiles and two Hadamard blocks, seconds per measurement.
+INTERPRETER_SHAPES = [(96, 256, 128)]
 RECIPES = ["quest_w4a4", "quest_w1a1", "quest_w4"]
+KERNEL_RECIPES = ["quest_w4a4", "quest_w1a1"]
 
 
-def _fwd_bwd(fn, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor):
+def _fwd_bwd(fn, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         x.grad = None
         w.grad = None
@@ -31,14 +52,26 @@ def _fwd_bwd(fn, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor):
     return run
 
 
-def _median_seconds(fn, min_run_time: float) -> float:
+def _median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
     fn()  # warm-up
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
+def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark`` elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_run_time * 1000)),
+                                             return_mode="median"))
+    return _median_seconds(fn, min_run_time) * 1e3
+
+
 def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> tuple[float, dict[str, float]]:
-    """Median seconds of forward+backward at ``shape``: ``(nn.Linear, {recipe: quantized linear})``."""
+    """Median seconds of forward+backward at ``shape`` on the reference path: ``(nn.Linear, {recipe: seconds})``."""
+    from kernels.quantizers import quantized_linear
+
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen, requires_grad=True)
@@ -53,27 +86,119 @@ def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.
     return plain, quant
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu", action="store_true", help="benchmark on the CPU even if CUDA is available")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--recipes", nargs="+", default=RECIPES, help="quant presets to time")
-    args = parser.parse_args(argv)
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if use_cuda else "cpu")
-    dtype = torch.bfloat16 if use_cuda else torch.float32
-    shapes = GPU_SHAPES if use_cuda else CPU_SHAPES
-    name = torch.cuda.get_device_name() if use_cuda else f"{platform.processor() or platform.machine()} CPU"
-    print(f"device: {name}, threads: {torch.get_num_threads()}, dtype: {dtype}, torch {torch.__version__}")
+def reference_table(shapes: list[tuple[int, int, int]], recipe_names: list[str], device: torch.device,
+                    dtype: torch.dtype, min_run_time: float) -> None:
+    """Print forward+backward of the reference quantized linear vs ``nn.Linear`` at ``shapes``."""
     print("path: reference PyTorch quantizers (kernels.quantizers), forward + backward of y = Q(x) Q(w)^T")
     header = f"{'M x K x N':>20} {'recipe':>12} {'nn.Linear ms':>13} {'quantized ms':>13} {'ratio':>7}"
     print(header)
     print("-" * len(header))
     for shape in shapes:
-        base, quant = measure(shape, args.recipes, device, dtype, args.min_run_time)
+        base, quant = measure(shape, recipe_names, device, dtype, min_run_time)
         dims = "x".join(map(str, shape))
         for recipe_name, seconds in quant.items():
             print(f"{dims:>20} {recipe_name:>12} {base * 1e3:>13.2f} {seconds * 1e3:>13.2f} {seconds / base:>6.2f}x")
+
+
+def _packed_bytes(rows) -> int:
+    return sum(t.numel() * t.element_size() for t in (rows.codes, rows.step, rows.mask))
+
+
+def kernel_rows(shape: tuple[int, int, int], recipe_name: str, device: torch.device,
+                min_run_time: float) -> list[tuple[str, str, str, str]]:
+    """Measure one shape and recipe on the Triton path; returns table rows ``(what, ours, baseline, ratio)``."""
+    from kernels import triton_gemm, triton_quant
+    from kernels.linear import quantized_linear, saved_tensor_bytes
+
+    recipe = load_recipe(recipe_name)
+    m, k, n = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(torch.bfloat16)
+    grad = torch.randn(m, n, device=device, generator=gen).to(torch.bfloat16)
+    time = lambda fn: median_ms(fn, device, min_run_time)  # noqa: E731
+    rows = []
+
+    xq = triton_quant.quantize_rows(x, recipe.input, pack=True)
+    moved = x.numel() * x.element_size() + _packed_bytes(xq)
+    quant_ms = time(lambda: triton_quant.quantize_rows(x, recipe.input, pack=True))
+    copy_target = torch.empty_like(x)
+    copy_ms = time(lambda: copy_target.copy_(x))
+    quant_gbs, copy_gbs = moved / quant_ms / 1e6, 2 * x.numel() * x.element_size() / copy_ms / 1e6
+    rows.append(("quantize GB/s", f"{quant_gbs:.4g}", f"{copy_gbs:.4g} copy", f"{quant_gbs / copy_gbs:.2f} of copy"))
+
+    wq = triton_quant.quantize_rows(w, recipe.weight, pack=True)
+    gemm_ms = time(lambda: triton_gemm.quantized_matmul(xq, wq, out_dtype=torch.bfloat16))
+    matmul_ms = time(lambda: torch.matmul(x, w.t()))
+    rows.append(("gemm ms", f"{gemm_ms:.4g}", f"{matmul_ms:.4g} bf16", f"{matmul_ms / gemm_ms:.2f}x faster"))
+
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    linear_ms = time(_fwd_bwd(torch.nn.functional.linear, xg, wg, grad))
+    triton_ms = time(_fwd_bwd(lambda a, b: quantized_linear(a, b, recipe, backend="triton"), xg, wg, grad))
+    reference_ms = time(_fwd_bwd(lambda a, b: quantized_linear(a, b, recipe, backend="reference"), xg, wg, grad))
+    rows.append(("linear fwd+bwd ms", f"{triton_ms:.4g}", f"{linear_ms:.4g} nn.Linear",
+                 f"{triton_ms / linear_ms:.2f}x nn.Linear"))
+    rows.append(("", "", f"{reference_ms:.4g} reference", f"{reference_ms / triton_ms:.2f}x faster"))
+
+    saved = saved_tensor_bytes(lambda: quantized_linear(xg, wg, recipe, backend="triton"), exclude=[wg])
+    saved_weight = saved_tensor_bytes(lambda: quantized_linear(xg[:0], wg, recipe, backend="triton"), exclude=[wg])
+    plain = saved_tensor_bytes(lambda: torch.nn.functional.linear(xg, wg), exclude=[wg])
+    activation = saved - saved_weight
+    rows.append(("saved activations MiB", f"{activation / 2**20:.4g}", f"{plain / 2**20:.4g} nn.Linear",
+                 f"{activation / plain:.3f} of nn.Linear"))
+    return rows
+
+
+def kernel_table(shapes: list[tuple[int, int, int]], recipe_names: list[str], device: torch.device,
+                 min_run_time: float) -> None:
+    """Print the kernel table (see the module docstring) for every shape and recipe."""
+    header = f"{'M x K x N':>20} {'recipe':>11} {'measure':>22} {'ours':>9} {'baseline':>20} {'ratio':>22}"
+    print(header)
+    print("-" * len(header))
+    for shape in shapes:
+        dims = "x".join(map(str, shape))
+        for name in recipe_names:
+            for what, ours, base, ratio in kernel_rows(shape, name, device, min_run_time):
+                print(f"{dims:>20} {name:>11} {what:>22} {ours:>9} {base:>20} {ratio:>22}")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not allowed; allowed: MxKxN with positive integers, "
+                                         "e.g. 16384x2048x5632")
+    m, k, n = (int(p) for p in parts)
+    return m, k, n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="the reference path on the CPU even if CUDA is available")
+    parser.add_argument("--triton", action="store_true",
+                        help="the kernel table on the CPU (needs TRITON_INTERPRET=1; only proves it runs)")
+    parser.add_argument("--shapes", nargs="+", type=_shape, help="MxKxN layer shapes (default: per device)")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--recipes", nargs="+", help="quant presets to time")
+    args = parser.parse_args(argv)
+    if args.cpu and args.triton:
+        parser.error("--cpu (reference path) and --triton (kernel table) exclude each other")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.triton and not interpreted:
+        parser.error("--triton on the CPU runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    use_cuda = torch.cuda.is_available() and not args.cpu and not interpreted
+    device = torch.device("cuda" if use_cuda else "cpu")
+    name = torch.cuda.get_device_name() if use_cuda else f"{platform.processor() or platform.machine()} CPU"
+    print(f"device: {name}, threads: {torch.get_num_threads()}, torch {torch.__version__}")
+    if use_cuda or args.triton:
+        import triton
+
+        print(f"triton {triton.__version__}; bf16 inputs; medians of "
+              f"{'triton.testing.do_bench' if use_cuda else 'torch.utils.benchmark (interpreter: not kernel speed)'}")
+        shapes = args.shapes or (GPU_SHAPES if use_cuda else INTERPRETER_SHAPES)
+        kernel_table(shapes, args.recipes or KERNEL_RECIPES, device, args.min_run_time)
+    else:
+        print("fp32")
+        reference_table(args.shapes or CPU_SHAPES, args.recipes or RECIPES, device, torch.float32, args.min_run_time)
 
 
 if __name__ == "__main__":
