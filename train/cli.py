@@ -91,6 +91,26 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
+def _finished_record(run_dir: Path, model: dict[str, Any], recipe: Recipe, run: dict[str, Any],
+                     steps: int) -> dict[str, Any] | None:
+    """The record of ``run_dir/run.json`` when this run already finished there, else None (no run.json).
+
+    So that re-launching a sweep skips finished runs. Raises ValueError when the record was written with other
+    settings (model shape, recipe, seed, seq_len, global_batch, steps): skipping would silently keep the wrong run.
+    """
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    checks = [("model", record.get("model"), model), ("quant", record.get("recipe"), recipe.to_dict()),
+              ("steps", record.get("steps"), steps), *((key, record.get(key), value) for key, value in run.items())]
+    for key, old, new in checks:
+        if old != new:
+            raise ValueError(f"{path} records a finished run with {key} {old!r}, this run has {new!r}; use another "
+                             "run directory, the original settings, or resume=never to train again from scratch")
+    return record
+
+
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [ResumableCSVLogger(str(run_dir))]
     if cfg.logger.kind == "wandb":
@@ -116,6 +136,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     steps = max_steps(cfg, model_cfg.params_non_embedding)
     run = {"seed": cfg.seed, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch}
     start_step = 0 if ckpt_path is None else check_resumable(ckpt_path, model_dict, recipe.to_dict(), run)
+    if cfg.resume != "never":
+        finished = _finished_record(run_dir, model_cfg.to_dict(), recipe, run, steps)
+        if finished is not None:
+            print(f"bitlaw-train: skipped {run_dir}: already finished (run.json, val_loss {finished['val_loss']:.4f}); "
+                  "resume=never trains it again from scratch")
+            return finished
+    else:
+        # Retraining from scratch: the old record must not make the directory look finished meanwhile.
+        (run_dir / "run.json").unlink(missing_ok=True)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
