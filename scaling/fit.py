@@ -1,0 +1,297 @@
+"""Robust fitting of the law forms to a run table: Huber on log loss, multi-start L-BFGS-B, bootstrap intervals.
+
+The objective is Σ_i Huber_δ(log L_i − log L̂_i) with L̂ from :mod:`scaling.laws`, parametrised by a = log A,
+b = log B, e = log E, α, β and the form's own parameters (REFERENCE.md §5; δ = 1e-3 by default as in Chinchilla
+and QuEST, 1e-4 in the Unified paper).
+
+Multi-start: the grid α, β ∈ {0, 0.5, …, 2}, e ∈ {−1, −0.5, …, 1}, a, b ∈ {0, 5, …, 25} (4,500 points) is crossed
+with the form's starting points (``Law.starts``, 3–9 of them) and *screened* in one vectorised pass; L-BFGS-B
+(analytic gradient) then runs from the ``refine`` lowest screened points (16 by default; ``refine=None`` runs it
+from every point, the full published procedure, ~100× slower) and the **lowest** final objective is kept.
+
+Uncertainty: ``bootstrap`` resamples of the runs (with replacement, from ``numpy.random.default_rng(seed)``), each
+refitted from the best point; intervals are the 15.9th–84.1st percentiles (1 σ) and ``sigma`` the standard
+deviation. Everything is deterministic given the seed.
+
+Identifiability is checked before fitting: warnings (Python ``warnings`` with :class:`IdentifiabilityWarning`,
+and the result's ``warnings`` list) when all runs share one D/N ratio (α and E), there are fewer than 3 distinct
+sizes or token counts, or the recipes cannot pin the form's own parameters; ValueError when there are fewer runs
+than free parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+
+from scaling.laws import FORMS, SHARED, SHARED_PUBLIC, Law, make_law
+from scaling.runs import Run, check_recipe_names, levels, recipes_of
+
+DEFAULT_DELTA = 1e-3
+SHARED_GRID = {"a": np.arange(0.0, 25.1, 5.0), "alpha": np.arange(0.0, 2.01, 0.5), "b": np.arange(0.0, 25.1, 5.0),
+               "beta": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5)}
+SHARED_BOUNDS = [(None, None), (0.0, 4.0), (None, None), (0.0, 4.0), (-10.0, 5.0)]  # a, b free (centred inside)
+DEFAULT_REFINE = 16
+MIN_DISTINCT = 3  # sizes / token counts below which α or β is only weakly identified
+_SCREEN_CHUNK = 2_000_000  # elements per vectorised screening block (memory bound, ~16 MB per array)
+
+
+class IdentifiabilityWarning(UserWarning):
+    """The runs cannot (or can barely) identify a parameter of the law."""
+
+
+@dataclass
+class FitResult:
+    """One fitted form. ``params``/``intervals``/``sigma`` use public names (A, alpha, B, beta, E, then the form's
+    own); ``capacity`` maps each recipe of the table to ρ; ``rmse`` is on the loss (nats/token)."""
+
+    form: str
+    params: dict[str, float]
+    intervals: dict[str, list[float]]
+    sigma: dict[str, float]
+    capacity: dict[str, float]
+    capacity_intervals: dict[str, list[float]]
+    rmse: float
+    objective: float
+    n_runs: int
+    n_params: int
+    delta: float
+    bootstrap: int
+    seed: int
+    warnings: list[str] = field(default_factory=list)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Problem:
+    """Arrays of a run table and one law: objective and gradient of the (δ-scaled) Huber loss.
+
+    Internally log N and log D are centred (a' = a − α·mean log N, b' = b − β·mean log D): the same model, but
+    without the strong a–α and b–β correlation that makes L-BFGS-B crawl. ``to_internal``/``to_external`` convert.
+    """
+
+    def __init__(self, runs: Sequence[Run], law: Law, delta: float):
+        self.law, self.delta = law, delta
+        index = {name: i for i, name in enumerate(law.names)}
+        log_n, log_d = np.log([r.N for r in runs]), np.log([r.D for r in runs])
+        self.center_n, self.center_d = float(log_n.mean()), float(log_d.mean())
+        self.log_n, self.log_d = log_n - self.center_n, log_d - self.center_d
+        self.log_loss = np.log([r.loss for r in runs])
+        self.recipe = np.array([index[r.recipe_name] for r in runs])
+        self.bounds = [*SHARED_BOUNDS, *law.bounds]
+
+    def to_internal(self, theta: np.ndarray) -> np.ndarray:
+        out = np.array(theta, dtype=float)
+        out[..., 0] -= out[..., 1] * self.center_n
+        out[..., 2] -= out[..., 3] * self.center_d
+        return out
+
+    def to_external(self, theta: np.ndarray) -> np.ndarray:
+        out = np.array(theta, dtype=float)
+        out[..., 0] += out[..., 1] * self.center_n
+        out[..., 2] += out[..., 3] * self.center_d
+        return out
+
+    def log_pred(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Internal theta ``[S, 5 + P]`` → (log L̂ ``[S, R]``, d log L̂ / d theta ``[S, R, 5 + P]``)."""
+        a, alpha, b, beta, e = (theta[:, i:i + 1] for i in range(5))
+        log_rho, jac_rho = self.law.log_capacity(theta[:, 5:])
+        log_eff_n = self.log_n + log_rho[:, self.recipe]
+        terms = np.stack([a - alpha * log_eff_n, b - beta * self.log_d, np.broadcast_to(e, log_eff_n.shape)])
+        log_l = np.logaddexp(np.logaddexp(terms[0], terms[1]), terms[2])
+        w1, w2, w3 = np.exp(terms - log_l)  # each term's share of L̂
+        grad = np.empty((*log_l.shape, theta.shape[1]))
+        grad[..., 0], grad[..., 1] = w1, -w1 * log_eff_n
+        grad[..., 2], grad[..., 3], grad[..., 4] = w2, -w2 * self.log_d, w3
+        grad[..., 5:] = (-alpha * w1)[..., None] * jac_rho[:, self.recipe, :]
+        return log_l, grad
+
+    def huber(self, residual: np.ndarray) -> np.ndarray:
+        """Huber_δ / δ: the 1/δ scale keeps L-BFGS-B's tolerances meaningful when δ is small."""
+        small = np.abs(residual) <= self.delta
+        return np.where(small, 0.5 * residual**2 / self.delta, np.abs(residual) - 0.5 * self.delta)
+
+    def screen(self, shared: np.ndarray, extra: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Scaled objective ``[G, K]`` at every (shared grid row, form start) pair; no gradient, bounded memory.
+
+        ``shared`` rows are internal (a', α, b', β, e)."""
+        out = np.empty((len(shared), len(extra)))
+        log_rho, _ = self.law.log_capacity(extra)
+        step = max(1, _SCREEN_CHUNK // max(1, len(self.log_n)))
+        for k in range(len(extra)):
+            log_eff_n = self.log_n + log_rho[k, self.recipe]
+            for start in range(0, len(shared), step):
+                a, alpha, b, beta, e = (shared[start:start + step, i:i + 1] for i in range(5))
+                log_l = np.logaddexp(np.logaddexp(a - alpha * log_eff_n, b - beta * self.log_d), e)
+                out[start:start + step, k] = self.huber(self.log_loss - log_l) @ weights
+        return out
+
+    def value_and_grad(self, theta: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
+        log_l, grad = self.log_pred(theta[None, :])
+        residual = self.log_loss - log_l[0]
+        psi = np.clip(residual, -self.delta, self.delta) / self.delta
+        return float(self.huber(residual) @ weights), -(weights * psi) @ grad[0]
+
+    def refine(self, theta0: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
+        """L-BFGS-B from internal ``theta0``; returns (internal theta, scaled objective)."""
+        result = minimize(self.value_and_grad, theta0, args=(weights,), jac=True, method="L-BFGS-B",
+                          bounds=self.bounds, options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10})
+        return result.x, float(result.fun)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the block with one OpenBLAS thread in this thread (OpenBLAS's thread-local setting; restored after).
+
+    Why: L-BFGS-B on these ~10-parameter problems makes thousands of tiny BLAS calls, and waking a second
+    OpenBLAS thread for each made fits ~10× slower on a busy 2-core machine. Where no OpenBLAS with
+    ``openblas_set_num_threads_local`` is loaded (other BLAS, non-Linux), this does nothing.
+    """
+    maps = Path("/proc/self/maps")
+    setters = []
+    if maps.is_file():
+        paths = sorted({line.split()[-1] for line in maps.read_text().splitlines()
+                        if "openblas" in line.lower() and line.split()[-1].startswith("/")})
+        for path in paths:
+            library = ctypes.CDLL(path)
+            if hasattr(library, "openblas_set_num_threads_local"):
+                setters.append(library.openblas_set_num_threads_local)
+    previous = [setter(1) for setter in setters]
+    try:
+        yield
+    finally:
+        for setter, value in zip(setters, previous, strict=True):
+            setter(value)
+
+
+def _grid() -> np.ndarray:
+    """The shared multi-start grid ``[4500, 5]`` in the order of :data:`SHARED`."""
+    return np.array(list(itertools.product(*(SHARED_GRID[name] for name in SHARED))))
+
+
+def _public(theta: np.ndarray, law: Law) -> dict[str, float]:
+    a, alpha, b, beta, e = (float(v) for v in theta[:5])
+    values = dict(zip(SHARED_PUBLIC, (math.exp(a), alpha, math.exp(b), beta, math.exp(e)), strict=True))
+    values.update(zip(law.extra_names, (float(v) for v in theta[5:]), strict=True))
+    return values
+
+
+def identifiability_warnings(runs: Sequence[Run], law: Law) -> list[str]:
+    """What the table cannot identify: one D/N ratio, too few sizes or token counts, the form's own gaps.
+
+    Values within 10 % count as one level (:func:`scaling.runs.levels`)."""
+    out = []
+    ratios = [r.D / r.N for r in runs]
+    if len(levels(ratios)) == 1:
+        out.append(f"all runs share one D/N ratio ({min(ratios):.4g} … {max(ratios):.4g}): N and D move together, "
+                   "so alpha and E are not identifiable; add runs at other D/N ratios")
+    for symbol, what, names in (("N", "model sizes", "A and alpha"), ("D", "token counts", "B and beta")):
+        distinct = len(levels([getattr(r, symbol) for r in runs]))
+        if distinct < MIN_DISTINCT:
+            level = "not identifiable" if distinct == 1 else "weakly identified"
+            out.append(f"only {distinct} distinct {what} ({symbol}): {names} are {level}; use ≥ {MIN_DISTINCT}")
+    return out + law.coverage_warnings(Counter(r.recipe_name for r in runs))
+
+
+def _law_for(runs: Sequence[Run], form: str) -> tuple[Law, list[str]]:
+    """The law ``form`` over the recipes of ``runs`` and its parameter names; ValueError when there are no runs,
+    two recipes share a name, or there are fewer runs than parameters."""
+    if not runs:
+        raise ValueError("no runs to fit")
+    check_recipe_names(runs)
+    law = make_law(form, list(recipes_of(runs).values()))
+    names = [*SHARED_PUBLIC, *law.extra_names]
+    if len(runs) < len(names):
+        raise ValueError(f"{form} law: fewer runs ({len(runs)}) than free parameters ({len(names)}: "
+                         f"{', '.join(names)}); add runs or fit a form with fewer parameters")
+    return law, names
+
+
+def fit_law(runs: Sequence[Run], form: str, delta: float = DEFAULT_DELTA, bootstrap: int = 100, seed: int = 0,
+            refine: int | None = DEFAULT_REFINE) -> FitResult:
+    """Fit the law ``form`` (one of ``decoupled``, ``gmse``, ``kumar``) to ``runs``; see the module docstring.
+
+    Raises ValueError for an unknown form, δ ≤ 0, bootstrap < 0, refine < 1, or fewer runs than free parameters.
+    """
+    if form not in FORMS:
+        raise ValueError(f"law form {form!r} is not allowed; allowed: {', '.join(FORMS)}")
+    if not (isinstance(delta, int | float) and math.isfinite(delta) and delta > 0):
+        raise ValueError(f"delta={delta!r} is not allowed; allowed: a positive number (1e-3 or 1e-4)")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"bootstrap={bootstrap!r} is not allowed; allowed: an integer ≥ 0 (resamples)")
+    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 1):
+        raise ValueError(f"refine={refine!r} is not allowed; allowed: an integer ≥ 1 or None (every grid point)")
+    law, names = _law_for(runs, form)
+    recipes = recipes_of(runs)
+    messages = identifiability_warnings(runs, law)
+    for message in messages:
+        warnings.warn(message, IdentifiabilityWarning, stacklevel=2)
+
+    with one_blas_thread():
+        return _fit(runs, law, recipes, names, messages, delta, bootstrap, seed, refine)
+
+
+def _fit(runs: Sequence[Run], law: Law, recipes: dict, names: list[str], messages: list[str], delta: float,
+         bootstrap: int, seed: int, refine: int | None) -> FitResult:
+    problem = _Problem(runs, law, delta)
+    ones = np.ones(len(runs))
+    shared, extra = problem.to_internal(_grid()), (law.starts if law.starts.size else np.zeros((1, 0)))
+    screened = problem.screen(shared, extra, ones).ravel()
+    order = np.argsort(screened, kind="stable")
+    best_theta, best_value = None, math.inf
+    for index in order if refine is None else order[:refine]:
+        g, k = divmod(int(index), len(extra))
+        theta, value = problem.refine(np.concatenate([shared[g], extra[k]]), ones)
+        if value < best_value:  # keep the LOWEST objective over all starts
+            best_theta, best_value = theta, value
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        weights = np.bincount(rng.integers(0, len(runs), len(runs)), minlength=len(runs)).astype(float)
+        samples.append(problem.refine(best_theta, weights)[0])
+
+    params = _public(problem.to_external(best_theta), law)
+    capacity = {name: float(law.capacity(params, recipe)) for name, recipe in recipes.items()}
+    intervals: dict[str, list[float]] = {}
+    sigma: dict[str, float] = {}
+    capacity_intervals: dict[str, list[float]] = {}
+    if samples:
+        table = [_public(problem.to_external(theta), law) for theta in samples]
+        for name in names:
+            values = np.array([row[name] for row in table])
+            intervals[name] = [float(v) for v in np.percentile(values, [15.865, 84.135])]
+            sigma[name] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        for recipe_name, recipe in recipes.items():
+            values = np.array([law.capacity(row, recipe) for row in table])
+            capacity_intervals[recipe_name] = [float(v) for v in np.percentile(values, [15.865, 84.135])]
+    log_l, _ = problem.log_pred(best_theta[None, :])
+    rmse = float(np.sqrt(np.mean((np.exp(log_l[0]) - np.exp(problem.log_loss)) ** 2)))
+    return FitResult(form=law.name, params=params, intervals=intervals, sigma=sigma, capacity=capacity,
+                     capacity_intervals=capacity_intervals, rmse=rmse, objective=best_value * delta,
+                     n_runs=len(runs), n_params=len(names), delta=float(delta), bootstrap=bootstrap, seed=seed,
+                     warnings=messages, recipes={name: r.to_dict() for name, r in recipes.items()})
+
+
+def fit_forms(runs: Sequence[Run], forms: Sequence[str] = FORMS, **kwargs: Any) -> dict[str, FitResult]:
+    """:func:`fit_law` for each of ``forms``, keyed by form; the forms and their run counts are checked before
+    anything is fitted."""
+    unknown = [form for form in forms if form not in FORMS]
+    if unknown or not forms:
+        raise ValueError(f"law form(s) {unknown or forms!r} not allowed; allowed: {', '.join(FORMS)}")
+    for form in forms:  # every form's run count before any (slow) fit
+        _law_for(runs, form)
+    return {form: fit_law(runs, form, **kwargs) for form in forms}

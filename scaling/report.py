@@ -1,0 +1,260 @@
+"""Outputs of a fit: ``fit.json``, a markdown report and plots (PNG files drawn by matplotlib's Agg canvas).
+
+Everything here works on the plain dicts of ``fit.json`` (``{form: FitResult.to_dict()}``) so plots and reports can
+be redrawn from a saved fit (``bitlaw-fit plot``) without refitting. Plots:
+
+- ``loss_vs_N.png``: observed loss against N per recipe, one panel per D/N ratio, with the best form's curves;
+- ``capacity_vs_gmse.png``: ρ against GMSE with the fitted tanh curve (ρ for one quantized role, ρ² for two);
+- ``capacity_per_bit.png``: effective parameters per bit of weight storage, ρ(R) / bits_w, against the weight
+  bit width: the highest point is the most memory-efficient recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from kernels.formats import gmse
+from kernels.recipe import Recipe, TensorSpec
+from scaling.laws import PUBLISHED_GMSE, capacity, chinchilla_loss, recipe_bits, tanh_capacity
+from scaling.runs import Run, levels, recipes_of, write_csv
+
+PLOTS = ("loss_vs_N.png", "capacity_vs_gmse.png", "capacity_per_bit.png")
+MAX_PANELS = 6
+
+
+def write_fit_json(entries: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """``entries`` (form → FitResult dict) as indented JSON."""
+    Path(path).write_text(json.dumps(entries, indent=2) + "\n")
+
+
+def read_fit_json(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The form → entry mapping of a ``fit.json``; ValueError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such fit file (bitlaw-fit RUNS --out DIR writes DIR/fit.json)")
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, dict) or not entries or not all(
+            isinstance(e, dict) and {"params", "capacity"} <= set(e) for e in entries.values()):
+        raise ValueError(f"{path}: not a bitlaw-fit fit.json (expected form → {{params, capacity, …}})")
+    return entries
+
+
+def primary_form(entries: dict[str, dict[str, Any]]) -> str:
+    """The form with the lowest RMSE (first in file order on ties)."""
+    return min(entries, key=lambda form: entries[form]["rmse"])
+
+
+def _recipes(entries: dict[str, dict[str, Any]]) -> dict[str, Recipe]:
+    out: dict[str, Recipe] = {}
+    for entry in entries.values():
+        for name, data in entry.get("recipes", {}).items():
+            out.setdefault(name, Recipe.from_dict(data))
+    return out
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    """A figure drawn by the Agg canvas directly: no pyplot, so no global backend is chosen or changed for the
+    caller (a notebook keeps its own), and nothing stays registered after saving."""
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> str:
+    """The report: fit quality per form, parameters ± 1σ, capacity per recipe, warnings, plots."""
+    recipes = _recipes(entries)
+    best = primary_form(entries)
+    first = next(iter(entries.values()))
+    lines = ["# Precision scaling-law fit", "",
+             f"{len(runs)} runs, {len(recipes)} recipes, {len({r.N for r in runs})} sizes "
+             f"(N {_fmt(min(r.N for r in runs))} … {_fmt(max(r.N for r in runs))}), D/N "
+             f"{_fmt(min(r.D / r.N for r in runs))} … {_fmt(max(r.D / r.N for r in runs))}. Huber δ = "
+             f"{first['delta']:g} on log loss; {first['bootstrap']} bootstrap resamples (seed {first['seed']}); "
+             "L(N, D, R) = A / (N·ρ(R))^α + B / D^β + E.", "",
+             "## Fit quality", "", "| form | parameters | RMSE (loss, nats) | Huber objective | warnings |",
+             "|---|---:|---:|---:|---:|"]
+    for form, entry in entries.items():
+        mark = " (best)" if form == best else ""
+        lines.append(f"| {form}{mark} | {entry['n_params']} | {entry['rmse']:.4g} | {entry['objective']:.4g} | "
+                     f"{len(entry['warnings'])} |")
+    lines += ["", "## Parameters (value, bootstrap 1σ interval)", ""]
+    for form, entry in entries.items():
+        lines += [f"### {form}", "", "| parameter | value | 1σ interval |", "|---|---:|---:|"]
+        for name, value in entry["params"].items():
+            interval = entry["intervals"].get(name)
+            shown = f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "—"
+            lines.append(f"| {name} | {_fmt(value)} | {shown} |")
+        lines.append("")
+    forms = list(entries)
+    lines += ["## Capacity ρ per recipe", "",
+              f"ρ/bit = ρ / bits of weight storage under the best form ({best}): effective parameters per stored "
+              "weight bit, higher is more memory-efficient.", "",
+              "| recipe | weight | input | GMSE w | GMSE in | " + " | ".join(f"ρ {f}" for f in forms) + " | ρ/bit |",
+              "|---|---|---|---:|---:|" + "---:|" * (len(forms) + 1)]
+    per_bit = {}
+    for name, recipe in recipes.items():
+        bits_w, _ = recipe_bits(recipe)
+        rho = [entries[f]["capacity"].get(name) for f in forms]
+        per_bit[name] = entries[best]["capacity"][name] / bits_w
+        lines.append(f"| {name} | {recipe.weight.format} | {recipe.input.format} | "
+                     f"{_fmt(gmse(recipe.weight.format))} | {_fmt(gmse(recipe.input.format))} | "
+                     + " | ".join("—" if v is None else f"{v:.4f}" for v in rho) + f" | {per_bit[name]:.4f} |")
+    top = max(per_bit, key=per_bit.get)
+    lines += ["", f"Most memory-efficient recipe ({best}): **{top}** ({per_bit[top]:.4f} effective parameters "
+              "per weight bit).", "", "## Warnings", ""]
+    messages = [f"- {form}: {m}" for form, entry in entries.items() for m in entry["warnings"]]
+    lines += messages or ["none"]
+    lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
+    return "\n".join(lines)
+
+
+def _ratio_groups(runs: Sequence[Run]) -> list[tuple[float, list[Run]]]:
+    """(geometric-mean D/N, runs) per D/N level; one group at the median ratio when there are too many."""
+    ratios = [r.D / r.N for r in runs]
+    groups = levels(ratios)
+    if len(groups) > MAX_PANELS:  # too many to show apart: one panel with curves at the median ratio
+        return [(float(np.median(ratios)), list(runs))]
+    return [(float(np.exp(np.mean(np.log([ratios[i] for i in group])))), [runs[i] for i in group])
+            for group in groups]
+
+
+def plot_loss_vs_n(entries: dict[str, dict[str, Any]], runs: Sequence[Run], path: str | Path) -> None:
+    """Observed loss vs N per recipe (one panel per D/N ratio) with the best form's fitted curves."""
+    form = primary_form(entries)
+    params = entries[form]["params"]
+    recipes = recipes_of(runs)
+    colors = {name: matplotlib.colormaps["tab20"](i % 20) for i, name in enumerate(recipes)}
+    groups = _ratio_groups(runs)
+    fig = _figure((4.5 * len(groups), 4.2))
+    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
+    n_grid = np.geomspace(min(r.N for r in runs) / 1.5, max(r.N for r in runs) * 1.5, 100)
+    for ax, (ratio, group) in zip(axes[0], groups, strict=True):
+        for name, recipe in recipes.items():
+            mine = [r for r in group if r.recipe_name == name]
+            if mine:
+                ax.scatter([r.N for r in mine], [r.loss for r in mine], color=colors[name], s=18, zorder=3)
+            rho = capacity(form, params, recipe)
+            ax.plot(n_grid, chinchilla_loss(params, n_grid, ratio * n_grid, rho), color=colors[name], lw=1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("N (non-embedding parameters)")
+        ax.set_title(f"D/N ≈ {ratio:g}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("validation loss (nats/token)")
+    handles = [Line2D([], [], color=colors[name], marker="o", ms=4, lw=1.2, label=name) for name in recipes]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
+    fig.suptitle(f"loss vs N: points = runs, lines = {form} fit (RMSE {entries[form]['rmse']:.3g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _points(entries: dict[str, dict[str, Any]]) -> tuple[str, list[tuple[str, Recipe, float, list[float] | None]]]:
+    """(form, [(name, recipe, ρ, interval)]): free efficiencies when fitted, else the best form's capacities."""
+    form = "decoupled" if "decoupled" in entries else primary_form(entries)
+    recipes = _recipes(entries)
+    entry = entries[form]
+    return form, [(n, recipes[n], rho, entry["capacity_intervals"].get(n)) for n, rho in entry["capacity"].items()
+                  if n in recipes]
+
+
+def _errorbar(ax: Any, x: float, rho: float, interval: list[float] | None, scale: float, **style: Any) -> None:
+    yerr = None if interval is None else [[max(0.0, rho - interval[0]) / scale], [max(0.0, interval[1] - rho) / scale]]
+    ax.errorbar([x], [rho / scale], yerr=yerr, fmt="o", capsize=3, **style)
+
+
+def plot_capacity_vs_gmse(entries: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """ρ vs GMSE: points per recipe whose quantized roles share one format; tanh curves (fitted and published)."""
+    x = np.geomspace(1e-5, 0.6, 200)
+    fig = _figure((6.4, 4.6))
+    ax = fig.subplots()
+    curves = [("published (1, 0.41, 1.39)", PUBLISHED_GMSE, "0.6", "--")]
+    if "gmse" in entries:
+        p = entries["gmse"]["params"]
+        curves.insert(0, (f"gmse fit ({p['L_c']:.2f}, {p['F']:.2f}, {p['C']:.2f})", p, "C0", "-"))
+    for label, p, color, style in curves:
+        rho = tanh_capacity(x, p["L_c"], p["F"], p["C"])
+        ax.plot(x, rho, color=color, ls=style, label=f"{label}: one role")
+        ax.plot(x, rho**2, color=color, ls=style, lw=0.8, alpha=0.7, label=f"{label}: weights & inputs (ρ²)")
+    form, points = _points(entries)
+    for name, recipe, rho, interval in points:
+        formats = {getattr(recipe, role).format for role in ("weight", "input") if getattr(recipe, role).quantized}
+        if len(formats) != 1:
+            continue  # bf16 (no quantized role) or mixed formats: no single GMSE to place it at
+        both = recipe.weight.quantized and recipe.input.quantized
+        _errorbar(ax, gmse(formats.pop()), rho, interval, 1.0, color="C3" if both else "C2", ms=5)
+        ax.annotate(name, (gmse(recipe.weight.format if recipe.weight.quantized else recipe.input.format), rho),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.plot([], [], "o", color="C3", label=f"{form}: weights & inputs quantized")
+    ax.plot([], [], "o", color="C2", label=f"{form}: one role quantized")
+    ax.set_xscale("log")
+    ax.set_xlabel("GMSE of the format (Gaussian MSE at the optimal scale)")
+    ax.set_ylabel("capacity ρ")
+    ax.set_ylim(0, 1.1)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("capacity vs GMSE (factorization: two quantized roles → ρ²)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_capacity_per_bit(entries: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """ρ(R)/bits_w against weight bits: fitted points per recipe, and the gmse/kumar laws over int1…int8."""
+    bits = np.arange(1, 9)
+    fig = _figure((6.4, 4.6))
+    ax = fig.subplots()
+    for form, color in (("gmse", "C0"), ("kumar", "C1")):
+        if form in entries:
+            p = entries[form]["params"]
+            for both, style in ((True, "-"), (False, "--")):
+                rho = [capacity(form, p, Recipe(weight=TensorSpec(format=f"int{b}"),
+                                                input=TensorSpec(format=f"int{b}" if both else "bf16")))
+                       for b in bits]
+                what = "weights & inputs" if both else "weights only"
+                ax.plot(bits, np.array(rho) / bits, color=color, ls=style, label=f"{form} law: int b {what}")
+    form, points = _points(entries)
+    best = max(points, key=lambda item: item[2] / recipe_bits(item[1])[0])
+    for name, recipe, rho, interval in points:
+        bits_w = recipe_bits(recipe)[0]
+        _errorbar(ax, bits_w, rho, interval, bits_w, color="C3" if name == best[0] else "k", ms=5)
+        ax.annotate(name, (bits_w, rho / bits_w), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 3, 4, 8, 16], ["1", "2", "3", "4", "8", "16"])
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("ρ / weight bits (effective parameters per stored bit)")
+    ax.grid(alpha=0.3, which="both")
+    ax.errorbar([], [], yerr=[], fmt="o", color="k", capsize=3, label=f"{form} fit per recipe (±1σ)")
+    ax.errorbar([], [], yerr=[], fmt="o", color="C3", capsize=3, label="highest ρ per bit")
+    ax.legend(fontsize=7)
+    ax.set_title(f"capacity per bit ({form} points): best {best[0]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run], out_dir: str | Path,
+                 tables: bool = True) -> list[Path]:
+    """Write report.md and the PNG plots into ``out_dir`` (and fit.json, runs.csv when ``tables``); return the
+    paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / name for name in ("report.md", *PLOTS)]
+    if tables:
+        write_fit_json(entries, out / "fit.json")
+        write_csv(runs, out / "runs.csv")
+        written = [out / "fit.json", out / "runs.csv", *written]
+    plot_loss_vs_n(entries, runs, out / PLOTS[0])
+    plot_capacity_vs_gmse(entries, out / PLOTS[1])
+    plot_capacity_per_bit(entries, out / PLOTS[2])
+    (out / "report.md").write_text(markdown_report(entries, runs))
+    return written

@@ -1,0 +1,63 @@
+"""Synthetic run tables from known law parameters, written independently of :mod:`scaling.laws`.
+
+The capacities here restate REFERENCE.md §5 directly (GMSE from the §1 table, the tanh form, factorization over
+weights and inputs, the Kumar product), so a wrong law in ``scaling/`` cannot agree with them by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kernels.recipe import load_recipe
+from scaling.runs import Run
+
+GMSE_TABLE = {"int1": 0.3633802276, "int2": 0.1188460504, "int3": 0.0374396594, "int4": 0.0115428845}  # §1
+BITS = {"int1": 1, "int2": 2, "int3": 3, "int4": 4}
+# (weight format, input format) of the presets used here; None: bf16.
+ROLES = {"bf16": (None, None), "quest_w4a4": ("int4", "int4"), "quest_w3a3": ("int3", "int3"),
+         "quest_w2a2": ("int2", "int2"), "quest_w1a1": ("int1", "int1"), "quest_w2": ("int2", None),
+         "quest_w4": ("int4", None)}
+SHARED = {"A": 300.0, "alpha": 0.32, "B": 900.0, "beta": 0.33, "E": 1.8}
+EXTRA = {"decoupled": {"rho[quest_w4a4]": 0.78, "rho[quest_w2a2]": 0.42, "rho[quest_w1a1]": 0.12,
+                       "rho[quest_w2]": 0.66},
+         "gmse": {"L_c": 1.0, "F": 0.41, "C": 1.39},
+         "kumar": {"gamma_w": 1.8, "gamma_a": 1.1}}
+RECIPES = ("bf16", "quest_w4a4", "quest_w2a2", "quest_w1a1", "quest_w2")
+SIZES = tuple(np.geomspace(2e6, 2e8, 5))
+RATIOS = (10.0, 40.0, 160.0)
+
+
+def true_capacity(form: str, params: dict[str, float], recipe: str) -> float:
+    """ρ of a preset under ``form`` with ``params``, from the formulas of REFERENCE.md §5."""
+    formats = [f for f in ROLES[recipe] if f is not None]
+    if form == "decoupled":
+        return params[f"rho[{recipe}]"] if formats else 1.0
+    if form == "gmse":
+        return math.prod(params["L_c"] * math.tanh(params["F"] * -math.log(GMSE_TABLE[f]) / math.log(4.0))
+                         ** params["C"] for f in formats)
+    gammas = (params["gamma_w"], params["gamma_a"])
+    return math.prod(1.0 - math.exp(-BITS[f] / gammas[i]) for i, f in enumerate(ROLES[recipe]) if f is not None)
+
+
+def true_loss(form: str, params: dict[str, float], recipe: str, N: float, D: float) -> float:
+    rho = true_capacity(form, params, recipe)
+    return params["A"] / (N * rho) ** params["alpha"] + params["B"] / D ** params["beta"] + params["E"]
+
+
+def make_runs(form: str, params: dict[str, float] | None = None, recipes=RECIPES, sizes=SIZES, ratios=RATIOS,
+              noise: float = 0.003, seed: int = 0) -> list[Run]:
+    """One run per (recipe, size, ratio): the law's loss times exp(N(0, noise)) (noise on the log loss)."""
+    params = params or {**SHARED, **EXTRA[form]}
+    rng = np.random.default_rng(seed)
+    return [Run(N=float(N), D=float(N * ratio),
+                loss=float(true_loss(form, params, name, N, N * ratio) * math.exp(noise * rng.standard_normal())),
+                recipe=load_recipe(name), source=f"synthetic:{name}:{N:.3g}:{ratio:g}")
+            for name in recipes for N in sizes for ratio in ratios]
+
+
+def write_csv(runs: list[Run], path) -> None:
+    """The runs as the CSV that ``bitlaw-fit`` reads (N, D, loss, recipe)."""
+    lines = ["N,D,loss,recipe"] + [f"{r.N!r},{r.D!r},{r.loss!r},{r.recipe.name}" for r in runs]
+    path.write_text("\n".join(lines) + "\n")

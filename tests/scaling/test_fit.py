@@ -1,0 +1,133 @@
+"""Fitting: synthetic recovery per form, the Huber objective, determinism, multi-start, identifiability, errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import scaling.fit
+from scaling.fit import DEFAULT_DELTA, IdentifiabilityWarning, fit_law
+
+from .synthetic import EXTRA, SHARED, make_runs, true_loss
+
+
+def _fit_quietly(runs, form, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit_law(runs, form, **kwargs)
+    return result, [str(w.message) for w in caught if issubclass(w.category, IdentifiabilityWarning)]
+
+
+@pytest.mark.parametrize("form", ["decoupled", "gmse", "kumar"])
+def test_known_parameters_are_recovered_within_their_bootstrap_intervals(form):
+    # 5 recipes (one weight-only) x 5 sizes x 3 D/N, 0.3 % noise on the log loss.
+    runs = make_runs(form)
+    truth = {**SHARED, **EXTRA[form]}
+    result, messages = _fit_quietly(runs, form, bootstrap=24, seed=0)
+    assert messages == [] and result.warnings == []
+    assert set(result.params) == set(truth) == set(result.intervals) == set(result.sigma)
+    for name, value in truth.items():
+        fitted, sigma = result.params[name], result.sigma[name]
+        low, high = result.intervals[name]
+        assert low <= fitted <= high or math.isclose(low, high), (name, fitted, low, high)
+        # Within 3 bootstrap sigma of the truth, and the intervals are tight enough for this to mean something.
+        assert abs(fitted - value) <= 3 * sigma, (name, value, fitted, sigma)
+        assert sigma <= 0.1 * abs(value), (name, value, sigma)
+    assert result.rmse < 0.02  # loss ~2-4 nats, noise 0.3 %
+    for recipe, rho in result.capacity.items():
+        assert result.capacity_intervals[recipe][0] <= rho + 1e-12
+        assert rho <= result.capacity_intervals[recipe][1] + 1e-12
+
+
+def test_objective_is_the_huber_loss_of_log_residuals_with_the_reference_delta():
+    # REFERENCE.md §5: delta = 1e-3 (Chinchilla / QuEST) by default; 1e-4 (Unified) on request.
+    assert DEFAULT_DELTA == 1e-3
+    runs = make_runs("gmse", noise=0.01)
+    for delta in (None, 1e-4):
+        result, _ = _fit_quietly(runs, "gmse", bootstrap=0, **({} if delta is None else {"delta": delta}))
+        delta = delta or 1e-3
+        assert result.delta == delta
+        residual = np.array([math.log(r.loss) - math.log(true_loss("gmse", result.params, r.recipe.name, r.N, r.D))
+                             for r in runs])
+        small = np.abs(residual) <= delta
+        huber = np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta)).sum()
+        assert result.objective == pytest.approx(huber, rel=1e-6)
+        assert 0 < small.sum() < len(runs)  # both branches of the Huber loss are exercised
+        predicted = np.array([true_loss("gmse", result.params, r.recipe.name, r.N, r.D) for r in runs])
+        assert result.rmse == pytest.approx(np.sqrt(np.mean((predicted - [r.loss for r in runs]) ** 2)), rel=1e-6)
+
+
+def test_same_seed_same_result_other_seed_other_intervals():
+    runs = make_runs("kumar", noise=0.01)
+    first, _ = _fit_quietly(runs, "kumar", bootstrap=8, seed=3)
+    again, _ = _fit_quietly(runs, "kumar", bootstrap=8, seed=3)
+    other, _ = _fit_quietly(runs, "kumar", bootstrap=8, seed=4)
+    assert first.to_dict() == again.to_dict()
+    assert other.params == first.params and other.intervals != first.intervals
+
+
+def test_multi_start_keeps_the_lowest_objective(monkeypatch):
+    """Each refined start reports a made-up objective; the fit must keep the start whose objective is lowest,
+    not the first, the last or the best screened one."""
+    runs = make_runs("decoupled")
+    made_up = iter([5.0, 3.0, 0.5, 2.0, 4.0])
+    starts = []
+
+    def fake_refine(self, theta0, weights):
+        starts.append(np.array(theta0))
+        return np.array(theta0), next(made_up)
+
+    monkeypatch.setattr(scaling.fit._Problem, "refine", fake_refine)
+    result, _ = _fit_quietly(runs, "decoupled", bootstrap=0, refine=5)
+    assert len(starts) == 5
+    problem = scaling.fit._Problem(runs, scaling.fit.make_law("decoupled", [r.recipe for r in runs[::15]]),
+                                   DEFAULT_DELTA)
+    kept = problem.to_external(starts[2])
+    assert result.params["alpha"] == kept[1] and result.params["A"] == pytest.approx(math.exp(kept[0]))
+    assert result.objective == pytest.approx(0.5 * DEFAULT_DELTA)
+    assert len({tuple(s) for s in starts}) == 5  # five different starting points
+
+
+def test_unidentifiable_designs_warn():
+    one_ratio = make_runs("gmse", ratios=(20.0,))
+    # Token budgets are rounded to whole steps: D/N of 20.0 and 20.3 are still one ratio.
+    one_ratio[0] = type(one_ratio[0])(one_ratio[0].N, one_ratio[0].N * 20.3, one_ratio[0].loss, one_ratio[0].recipe,
+                                      "rounded")
+    _, messages = _fit_quietly(one_ratio, "gmse", bootstrap=0, refine=2)
+    assert any("all runs share one D/N ratio" in m and "alpha and E are not identifiable" in m for m in messages)
+
+    two_sizes = make_runs("gmse", sizes=(1e7, 1e8))
+    _, messages = _fit_quietly(two_sizes, "gmse", bootstrap=0, refine=2)
+    assert any("only 2 distinct model sizes (N): A and alpha are weakly identified" in m for m in messages)
+    assert not any("D/N" in m for m in messages)
+
+    one_format = make_runs("gmse", recipes=("bf16", "quest_w4a4", "quest_w4"))
+    _, messages = _fit_quietly(one_format, "gmse", bootstrap=0, refine=2)
+    assert any("≥ 3 distinct GMSE values; got 1" in m for m in messages)
+
+    symmetric = make_runs("kumar", recipes=("bf16", "quest_w4a4", "quest_w2a2", "quest_w1a1"))
+    _, messages = _fit_quietly(symmetric, "kumar", bootstrap=0, refine=2)
+    assert any("gamma_w and gamma_a are interchangeable" in m for m in messages)
+
+    no_bf16 = make_runs("decoupled", recipes=("quest_w4a4", "quest_w2a2", "quest_w1a1", "quest_w2"))
+    _, messages = _fit_quietly(no_bf16, "decoupled", bootstrap=0, refine=2)
+    assert any("no bf16 runs" in m for m in messages)
+
+
+def test_fewer_runs_than_parameters_and_bad_arguments_are_errors():
+    runs = make_runs("gmse")[:7]  # gmse has 8 parameters
+    with pytest.raises(ValueError, match=r"gmse law: fewer runs \(7\) than free parameters \(8: A, alpha, B, beta, "
+                                         r"E, L_c, F, C\)"):
+        fit_law(runs, "gmse")
+    runs = make_runs("gmse")
+    with pytest.raises(ValueError, match="law form 'power' is not allowed; allowed: decoupled, gmse, kumar"):
+        fit_law(runs, "power")
+    with pytest.raises(ValueError, match=r"delta=0 is not allowed"):
+        fit_law(runs, "gmse", delta=0)
+    with pytest.raises(ValueError, match=r"bootstrap=-1 is not allowed"):
+        fit_law(runs, "gmse", bootstrap=-1)
+    with pytest.raises(ValueError, match="no runs to fit"):
+        fit_law([], "gmse")
