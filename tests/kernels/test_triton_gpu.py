@@ -9,9 +9,6 @@ checked on machines without a GPU (``TRITON_INTERPRET=1 pytest -m gpu tests/kern
 
 from __future__ import annotations
 
-import csv
-import json
-
 import pytest
 import torch
 
@@ -21,8 +18,8 @@ from kernels.linear import quantized_linear
 from kernels.recipe import TensorSpec, load_recipe
 from kernels.triton_gemm import grad_input, grad_weight, quantized_matmul
 from kernels.triton_quant import quantize_rows
-from tests.train.conftest import WORDS, compose_train, small_overrides
 
+from .test_triton_linear import losses_by_backend
 from .test_triton_quant import assert_matches_reference
 
 CUDA = torch.cuda.is_available() and not triton_quant.INTERPRETED
@@ -94,25 +91,7 @@ def test_layer_matches_the_reference_path_at_real_shapes(name):
 
 
 def test_few_training_steps_give_the_same_losses_with_either_backend_on_the_gpu_trainer(tmp_path):
-    from train.cli import train
-
-    corpus = tmp_path / "corpus.jsonl"
-    gen = torch.Generator().manual_seed(0)
-    with open(corpus, "w") as fh:
-        for _ in range(200):
-            words = " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (200,), generator=gen).tolist())
-            fh.write(json.dumps({"text": words + "."}) + "\n")
-    trainer = ["trainer=gpu"] if CUDA else []
-    losses = {}
-    for backend in ("reference", "triton"):
-        run_dir = tmp_path / backend
-        overrides = small_overrides(corpus, tmp_path / "cache", run_dir, "quest_w4a4") + trainer
-        overrides += ["trainer.max_steps=6", "val_every=100", "val_batches=1", "ckpt_every=100",
-                      "trainer.enable_progress_bar=false", f"backend={backend}"]
-        train(compose_train(overrides))
-        with open(run_dir / "metrics.csv") as fh:
-            losses[backend] = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r["train/loss"]}
-    assert sorted(losses["triton"]) == sorted(losses["reference"]) == list(range(6))
+    losses = losses_by_backend(tmp_path, ["trainer=gpu"] if CUDA else [], steps=6)
     # bf16 autocast on the GPU: the reference's matmul runs in bf16, the kernels' GEMM is exact then rounded once.
     for step, loss in losses["reference"].items():
         assert losses["triton"][step] == pytest.approx(loss, rel=1e-2), (step, losses)

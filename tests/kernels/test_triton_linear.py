@@ -6,9 +6,6 @@ Runs under ``TRITON_INTERPRET=1`` on CPU (tests/conftest.py) or on CUDA when pre
 
 from __future__ import annotations
 
-import csv
-import json
-
 import pytest
 import torch
 
@@ -24,7 +21,7 @@ from kernels.linear import (
 from kernels.quantizers import quantized_linear as reference_linear
 from kernels.recipe import Recipe, TensorSpec, load_recipe
 from models.quant_linear import QuantLinear
-from tests.train.conftest import WORDS, compose_train, small_overrides
+from tests.train.conftest import compose_train, small_overrides, train_losses, word_corpus
 
 from .test_triton_quant import boundary_free
 
@@ -196,31 +193,32 @@ def test_quant_linear_layer_uses_the_backend_switch(monkeypatch, triton_calls):
     assert set(layer.stats) == set(want_stats) == {"weight_masked_fraction", "input_masked_fraction"}
 
 
-@pytest.mark.skipif(not triton_quant.INTERPRETED, reason="the CPU training config; the gpu test covers CUDA")
-def test_few_training_steps_give_the_same_losses_with_either_backend(tmp_path, triton_calls):
+def losses_by_backend(tmp_path, extra: list[str], steps: int) -> dict[str, dict[int, float]]:
+    """``{backend: {step: train/loss}}`` of two ``quest_w4a4`` runs on the same random-word corpus, one per backend
+    (chosen by the ``backend`` config key), with ``extra`` overrides."""
     from train.cli import train
 
-    corpus = tmp_path / "corpus.jsonl"
-    gen = torch.Generator().manual_seed(0)
-    with open(corpus, "w") as fh:
-        for _ in range(100):
-            words = " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (100,), generator=gen).tolist())
-            fh.write(json.dumps({"text": words + "."}) + "\n")
+    corpus = word_corpus(tmp_path / "corpus.jsonl", docs=200, words=100)
     losses = {}
     for backend in ("reference", "triton"):
         run_dir = tmp_path / backend
-        overrides = small_overrides(corpus, tmp_path / "cache", run_dir, "quest_w4a4")
-        # 2 × 32 tokens per step keeps the interpreted kernels to seconds; the config key picks the backend.
-        overrides += ["trainer.max_steps=4", "global_batch=2", "val_every=100", "val_batches=1", "ckpt_every=100",
+        overrides = small_overrides(corpus, tmp_path / "cache", run_dir, "quest_w4a4") + extra
+        overrides += [f"trainer.max_steps={steps}", "val_every=100", "val_batches=1", "ckpt_every=100",
                       f"backend={backend}"]
         train(compose_train(overrides))
-        with open(run_dir / "metrics.csv") as fh:
-            losses[backend] = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r["train/loss"]}
-        assert bool(triton_calls) == (backend == "triton")
-    assert sorted(losses["triton"]) == sorted(losses["reference"]) == [0, 1, 2, 3]
+        losses[backend] = train_losses(run_dir)
+    assert sorted(losses["triton"]) == sorted(losses["reference"]) == list(range(steps))
+    return losses
+
+
+@pytest.mark.skipif(not triton_quant.INTERPRETED, reason="the CPU training config; the gpu test covers CUDA")
+def test_few_training_steps_give_the_same_losses_with_either_backend(tmp_path, triton_calls):
+    # 2 × 32 tokens per step keeps the interpreted kernels to seconds.
+    losses = losses_by_backend(tmp_path, ["global_batch=2"], steps=4)
+    assert set(triton_calls) == {"quest_w4a4"}
     # Step 0 is one forward from identical weights. Afterwards the two paths differ in float summation order
     # (sum of squares before vs after the rotation, numpy vs torch dots), so a value within an ulp of a rounding
-    # boundary can land on the other level and the runs drift apart by a few 1e-4 (measured 2.6e-4 at step 3).
+    # boundary can land on the other level and the runs drift apart by a few 1e-4.
     assert losses["triton"][0] == pytest.approx(losses["reference"][0], rel=5e-5)
     for step, loss in losses["reference"].items():
         assert losses["triton"][step] == pytest.approx(loss, rel=1e-3), (step, losses)

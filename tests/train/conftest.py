@@ -44,6 +44,26 @@ def small_overrides(corpus: Path, cache: Path, run_dir: Path, quant: str = "bf16
             "trainer.enable_progress_bar=false", f"run_dir={run_dir}", "trainer.log_every_n_steps=1"]
 
 
+def word_corpus(path: Path, docs: int, words: int, seed: int = 0) -> Path:
+    """Write ``docs`` .jsonl rows of ``words`` uniformly random words from :data:`WORDS` to ``path``."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(docs):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words)) + "."}) + "\n")
+    return path
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """``{step: train/loss}`` from a run directory's metrics.csv."""
+    import csv
+
+    with open(run_dir / "metrics.csv") as fh:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(fh) if row["train/loss"]}
+
+
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="train", overrides=overrides)

@@ -20,14 +20,9 @@ from train.cli import train
 from train.config import OptimConfig
 from train.module import LitLlama, decay_groups, lr_at
 
-from .conftest import compose_train, small_overrides
+from .conftest import compose_train, small_overrides, train_losses
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics.csv") as fh:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(fh) if row["train/loss"]}
 
 
 def test_every_config_group_composes_and_instantiates(tmp_path, corpus):
@@ -68,7 +63,7 @@ def test_typos_and_wrong_types_fail_at_start():
 def test_few_steps_lower_the_loss_and_write_the_run_record(tmp_path, corpus, quant):
     run_dir = tmp_path / "run"
     record = train(compose_train(small_overrides(corpus, tmp_path / "cache", run_dir, quant)))
-    losses = _losses(run_dir)
+    losses = train_losses(run_dir)
     assert losses[11] < losses[0] - 0.5
     saved = json.loads((run_dir / "run.json").read_text())
     assert saved["val_loss"] == record["val_loss"] < saved["unigram_entropy_nats"] + 0.5
@@ -82,7 +77,7 @@ def test_few_steps_lower_the_loss_and_write_the_run_record(tmp_path, corpus, qua
         assert "mask/layers.0.mlp.down_proj.weight" in header
 
 
-def test_kill_and_resume_gives_bitwise_identical_losses(tmp_path, corpus, monkeypatch):
+def test_kill_and_resume_gives_bitwise_identicaltrain_losses(tmp_path, corpus, monkeypatch):
     cache = tmp_path / "cache"
     full = tmp_path / "full"
     train(compose_train(small_overrides(corpus, cache, full, "quest_w4a4")))
@@ -101,10 +96,10 @@ def test_kill_and_resume_gives_bitwise_identical_losses(tmp_path, corpus, monkey
     assert not (resumed / "run.json").exists()
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
     monkeypatch.setattr(LitLlama, "training_step", original)
-    before = _losses(resumed)
+    before = train_losses(resumed)
     train(compose_train(small_overrides(corpus, cache, resumed, "quest_w4a4")))
-    after = _losses(resumed)
-    expected = _losses(full)
+    after = train_losses(resumed)
+    expected = train_losses(full)
     assert set(after) == set(range(12)) and set(before) == set(range(9))
     assert all(after[s] == expected[s] for s in range(8, 12)), (after, expected)
     assert json.loads((resumed / "run.json").read_text())["val_loss"] == \
@@ -205,7 +200,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _cli([*small_overrides(corpus, cache, ddp), "trainer.devices=2", "trainer.strategy=ddp"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = _losses(single), _losses(ddp)
+    a, b = train_losses(single), train_losses(ddp)
     assert set(a) == set(b) == set(range(12))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
