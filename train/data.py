@@ -126,7 +126,8 @@ class DataConfig:
             raise ValueError("data.eos_token is empty")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file at ``path``, read in 8 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 23), b""):
@@ -143,7 +144,7 @@ def input_fingerprint(cfg: DataConfig) -> dict[str, Any]:
         fingerprint["files"] = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
                                 for path in resolve_files(cfg.paths)]
     if cfg.tokenizer.endswith(".json"):
-        fingerprint["tokenizer_sha256"] = _sha256_file(Path(cfg.tokenizer))
+        fingerprint["tokenizer_sha256"] = sha256_file(Path(cfg.tokenizer))
     return fingerprint
 
 
@@ -473,8 +474,8 @@ def load_prepared(source: DataConfig | str | os.PathLike[str], verify: str = "au
         if actual != expected:
             raise ValueError(f"shard {str(path)!r} has {actual} bytes, expected {expected} "
                              f"({record['tokens']} tokens x {dtype.itemsize} bytes): truncated or replaced")
-        if full and _sha256_file(path) != record["sha256"]:
-            raise ValueError(f"shard {str(path)!r} is corrupt: sha256 {_sha256_file(path)} differs from "
+        if full and sha256_file(path) != record["sha256"]:
+            raise ValueError(f"shard {str(path)!r} is corrupt: sha256 {sha256_file(path)} differs from "
                              f"{record['sha256']} in {meta_path}")
 
     def stream(split: str) -> TokenStream:

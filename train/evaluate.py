@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from train.generate import check_source
 from train.windows import TokenStream, val_batches
 
 PROG = "bitlaw-eval"
@@ -170,14 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in ("seq_len", "batch_size", "max_batches"):
             _check_positive(name.replace("_", "-"), getattr(args, name))
-        source = Path(args.source)
-        if not source.exists():
-            raise FileNotFoundError(f"source {str(source)!r} does not exist (allowed: a *.ckpt file, a native "
-                                    "export directory or a Hugging Face export directory)")
+        source = check_source(args.source, args.tokenizer)
         if args.text is not None and not Path(args.text).is_file():
             raise FileNotFoundError(f"--text {args.text!r}: no such file")
-        if args.tokenizer is not None and not Path(args.tokenizer).is_file():
-            raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no such file")
         record = run_record_for(source)
         data_dir = None
         if args.text is None:

@@ -16,7 +16,6 @@ quantized forward bitwise on CPU with the reference backend.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -34,6 +33,7 @@ from kernels.quantizers import dequantize, linear_from_quantized_weight, quantiz
 from kernels.recipe import Recipe
 from models.convert import convert, quantized_layers
 from models.llama import LlamaConfig, LlamaModel
+from train.data import sha256_file
 
 NATIVE_FORMAT = "bitlaw-native"
 NATIVE_VERSION = 1
@@ -91,14 +91,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_from_quantized_weight(x, self.weight_values, self.recipe, None, self.input_lsq_scale)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -163,7 +155,7 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> 
             tokenizer = "tokenizer.json"
         meta = {"format": NATIVE_FORMAT, "version": NATIVE_VERSION, "model": loaded.config.to_dict(),
                 "recipe": recipe.to_dict(), "layers": layers, "tokenizer": tokenizer,
-                "sha256": {TENSOR_FILE: _sha256(staging / TENSOR_FILE)}}
+                "sha256": {TENSOR_FILE: sha256_file(staging / TENSOR_FILE)}}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _publish(staging, out)
     except BaseException:
@@ -190,7 +182,7 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
     tensor_path = directory / TENSOR_FILE
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path} is missing")
-    actual = _sha256(tensor_path)
+    actual = sha256_file(tensor_path)
     if actual != meta["sha256"][TENSOR_FILE]:
         raise ValueError(f"{tensor_path} is truncated or modified: sha256 {actual} does not match "
                          f"{meta['sha256'][TENSOR_FILE]} recorded in {META_FILE}")

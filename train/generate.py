@@ -24,6 +24,17 @@ EOS_TOKEN = "<|endoftext|>"
 PROG = "bitlaw-generate"
 
 
+def check_source(source: str, tokenizer: str | None) -> Path:
+    """``source`` as a Path; FileNotFoundError naming what is missing when it or the ``tokenizer`` file is absent."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"source {str(path)!r} does not exist (allowed: a *.ckpt file, a native "
+                                "export directory or a Hugging Face export directory)")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer!r}: no such file")
+    return path
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float, greedy: bool) -> None:
     """Raise ValueError naming the argument when a sampling setting is outside what is allowed."""
     if not greedy and not temperature > 0:
@@ -179,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         check_sampling(args.temperature, args.top_k, args.top_p, args.greedy)
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
-        source = Path(args.source)
-        if not source.exists():
-            raise FileNotFoundError(f"source {str(source)!r} does not exist (allowed: a *.ckpt file, a native "
-                                    "export directory or a Hugging Face export directory)")
-        if args.tokenizer is not None and not Path(args.tokenizer).is_file():
-            raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no such file")
+        source = check_source(args.source, args.tokenizer)
         from train.export import load_model  # here, not at import: loading pulls in safetensors and exporters
 
         loaded = load_model(source, args.device)
