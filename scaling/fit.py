@@ -7,7 +7,8 @@ and QuEST, 1e-4 in the Unified paper).
 Multi-start: the grid α, β ∈ {0, 0.5, …, 2}, e ∈ {−1, −0.5, …, 1}, a, b ∈ {0, 5, …, 25} (4,500 points) is crossed
 with the form's starting points (``Law.starts``, 3–9 of them) and *screened* in one vectorised pass; L-BFGS-B
 (analytic gradient) then runs from the ``refine`` lowest screened points (16 by default; ``refine=None`` runs it
-from every point, the full published procedure, ~100× slower) and the **lowest** final objective is kept.
+from every point: the full published procedure, tens of thousands of L-BFGS-B runs) and the **lowest** final
+objective is kept.
 
 Uncertainty: ``bootstrap`` resamples of the runs (with replacement, from ``numpy.random.default_rng(seed)``), each
 refitted from the best point; intervals are the 15.9th–84.1st percentiles (1 σ) and ``sigma`` the standard
@@ -15,8 +16,9 @@ deviation. Everything is deterministic given the seed.
 
 Identifiability is checked before fitting: warnings (Python ``warnings`` with :class:`IdentifiabilityWarning`,
 and the result's ``warnings`` list) when all runs share one D/N ratio (α and E), there are fewer than 3 distinct
-sizes or token counts, or the recipes cannot pin the form's own parameters; ValueError when there are fewer runs
-than free parameters.
+sizes or token counts (values within 10 % count as one), or the recipes cannot pin the form's own parameters;
+ValueError when there are fewer runs than free parameters. After fitting, a parameter at a bound of its search
+range or with a very wide bootstrap interval is warned about too (:func:`fitted_warnings`).
 """
 
 from __future__ import annotations
@@ -241,7 +243,10 @@ def fit_law(runs: Sequence[Run], form: str, delta: float = DEFAULT_DELTA, bootst
         warnings.warn(message, IdentifiabilityWarning, stacklevel=2)
 
     with one_blas_thread():
-        return _fit(runs, law, recipes, names, messages, delta, bootstrap, seed, refine)
+        result = _fit(runs, law, recipes, names, messages, delta, bootstrap, seed, refine)
+    for message in result.warnings[len(messages):]:  # what the fitted values revealed
+        warnings.warn(message, IdentifiabilityWarning, stacklevel=2)
+    return result
 
 
 def _fit(runs: Sequence[Run], law: Law, recipes: dict, names: list[str], messages: list[str], delta: float,
@@ -280,10 +285,46 @@ def _fit(runs: Sequence[Run], law: Law, recipes: dict, names: list[str], message
             capacity_intervals[recipe_name] = [float(v) for v in np.percentile(values, [15.865, 84.135])]
     log_l, _ = problem.log_pred(best_theta[None, :])
     rmse = float(np.sqrt(np.mean((np.exp(log_l[0]) - np.exp(problem.log_loss)) ** 2)))
+    messages = [*messages, *fitted_warnings(problem, best_theta, params, intervals)]
     return FitResult(form=law.name, params=params, intervals=intervals, sigma=sigma, capacity=capacity,
                      capacity_intervals=capacity_intervals, rmse=rmse, objective=best_value * delta,
                      n_runs=len(runs), n_params=len(names), delta=float(delta), bootstrap=bootstrap, seed=seed,
                      warnings=messages, recipes={name: r.to_dict() for name, r in recipes.items()})
+
+
+def fitted_warnings(problem: _Problem, theta: np.ndarray, params: dict[str, float],
+                    intervals: dict[str, list[float]]) -> list[str]:
+    """What the fitted values show the runs could not pin (the design checks cannot see noise or a wrong regime):
+
+    - a parameter with no effect: moving it by 10 % (0.1 for log A, log B, log E) moves no predicted log loss by
+      a tenth of δ, e.g. ρ or γ once α is 0 (its bootstrap interval collapses, so only this says it);
+    - a parameter at (within 1 % of) a bound of its search range (its interval collapses there too);
+    - a 1σ interval spanning more than a factor 10 (A, B, E) or wider than the value itself (the rest).
+
+    ``theta`` is the internal optimum; ``params``/``intervals`` public, in the same order."""
+    base = problem.log_pred(theta[None, :])[0][0]
+    out = []
+    for index, (name, (low, high)) in enumerate(zip(params, problem.bounds, strict=True)):
+        value = params[name]
+        step = 0.1 if index in (0, 2, 4) else 0.1 * max(abs(theta[index]), 0.1)
+        moves = []
+        for sign in (1.0, -1.0):
+            moved = theta.copy()
+            moved[index] = np.clip(theta[index] + sign * step, low if low is not None else -np.inf,
+                                   high if high is not None else np.inf)
+            moves.append(np.max(np.abs(problem.log_pred(moved[None, :])[0][0] - base)))
+        # L-BFGS-B approaches a bound the objective keeps pulling at without always landing on it exactly.
+        at = [bound for bound in (low, high) if bound is not None
+              and abs(theta[index] - bound) <= max(0.01 * abs(bound), 1e-4)]
+        if max(moves) < 0.1 * problem.delta:
+            out.append(f"{name} = {value:.4g} has no effect on the fitted losses: the runs do not pin it")
+        elif at:
+            out.append(f"{name} = {value:.4g} sits at the bound of its search range; the runs do not pin it")
+        elif name in intervals:
+            lo, hi = intervals[name]
+            if (hi > 10 * lo) if name in ("A", "B", "E") else (hi - lo > abs(value)):
+                out.append(f"{name} = {value:.4g} is poorly identified (1σ interval [{lo:.4g}, {hi:.4g}])")
+    return [f"{problem.law.name}: {message}" for message in out]
 
 
 def fit_forms(runs: Sequence[Run], forms: Sequence[str] = FORMS, **kwargs: Any) -> dict[str, FitResult]:

@@ -12,6 +12,7 @@ be redrawn from a saved fit (``bitlaw-fit plot``) without refitting. Plots:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from kernels.formats import gmse
 from kernels.recipe import Recipe, TensorSpec
@@ -113,9 +115,13 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
                      f"{_fmt(gmse(recipe.weight.format))} | {_fmt(gmse(recipe.input.format))} | "
                      + " | ".join("—" if v is None else f"{v:.4f}" for v in rho) + f" | {per_bit[name]:.4f} |")
     top = max(per_bit, key=per_bit.get)
+    caveat = (f" The {best} fit has {len(entries[best]['warnings'])} warning(s) below: read its figures with them."
+              if entries[best]["warnings"] else "")
     lines += ["", f"Most memory-efficient recipe ({best}): **{top}** ({per_bit[top]:.4f} effective parameters "
-              "per weight bit).", "", "## Warnings", ""]
-    messages = [f"- {form}: {m}" for form, entry in entries.items() for m in entry["warnings"]]
+              f"per weight bit).{caveat}", "", "## Warnings", ""]
+    # Form-specific messages already start with their form; the shared ones (D/N, sizes) get it here.
+    messages = [f"- {m}" if m.startswith(f"{form}:") else f"- {form}: {m}"
+                for form, entry in entries.items() for m in entry["warnings"]]
     lines += messages or ["none"]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
@@ -131,14 +137,26 @@ def _ratio_groups(runs: Sequence[Run]) -> list[tuple[float, list[Run]]]:
             for group in groups]
 
 
+def _warned(entries: dict[str, dict[str, Any]], form: str) -> str:
+    """A title suffix pointing at the form's warnings, so a plot of an unidentified fit does not look clean."""
+    count = len(entries[form].get("warnings", []))
+    return f" — {count} fit warning{'s' if count > 1 else ''}, see report" if count else ""
+
+
+def _colors(names: Sequence[str]) -> dict[str, Any]:
+    """Distinct colours: tab10 up to 10 recipes (tab20 pairs light and dark shades that read as one), else tab20."""
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
 def plot_loss_vs_n(entries: dict[str, dict[str, Any]], runs: Sequence[Run], path: str | Path) -> None:
     """Observed loss vs N per recipe (one panel per D/N ratio) with the best form's fitted curves."""
     form = primary_form(entries)
     params = entries[form]["params"]
     recipes = recipes_of(runs)
-    colors = {name: matplotlib.colormaps["tab20"](i % 20) for i, name in enumerate(recipes)}
+    colors = _colors(list(recipes))
     groups = _ratio_groups(runs)
-    fig = _figure((4.5 * len(groups), 4.2))
+    fig = _figure((4.6 * len(groups) + 0.6, 4.4))
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)
     n_grid = np.geomspace(min(r.N for r in runs) / 1.5, max(r.N for r in runs) * 1.5, 100)
     for ax, (ratio, group) in zip(axes[0], groups, strict=True):
@@ -149,13 +167,18 @@ def plot_loss_vs_n(entries: dict[str, dict[str, Any]], runs: Sequence[Run], path
             rho = capacity(form, params, recipe)
             ax.plot(n_grid, chinchilla_loss(params, n_grid, ratio * n_grid, rho), color=colors[name], lw=1.2)
         ax.set_xscale("log")
+        # Sizes often span less than a decade: label 1-2-5 steps as 100k, 200k, … instead of crowded minor ticks.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("N (non-embedding parameters)")
-        ax.set_title(f"D/N ≈ {ratio:g}")
+        ax.set_title(f"D/N ≈ {ratio:.3g} (curves at this ratio)", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("validation loss (nats/token)")
     handles = [Line2D([], [], color=colors[name], marker="o", ms=4, lw=1.2, label=name) for name in recipes]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
-    fig.suptitle(f"loss vs N: points = runs, lines = {form} fit (RMSE {entries[form]['rmse']:.3g})")
+    fig.suptitle(f"loss vs N: points = runs, lines = {form} fit (lowest RMSE, {entries[form]['rmse']:.3g})"
+                 f"{_warned(entries, form)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -169,50 +192,69 @@ def _points(entries: dict[str, dict[str, Any]]) -> tuple[str, list[tuple[str, Re
                   if n in recipes]
 
 
-def _errorbar(ax: Any, x: float, rho: float, interval: list[float] | None, scale: float, **style: Any) -> None:
-    yerr = None if interval is None else [[max(0.0, rho - interval[0]) / scale], [max(0.0, interval[1] - rho) / scale]]
-    ax.errorbar([x], [rho / scale], yerr=yerr, fmt="o", capsize=3, **style)
+def _errorbar(ax: Any, x: float, y: float, interval: list[float] | None, scale: float, top: float,
+              **style: Any) -> None:
+    """One point at (x, y/scale) with its 1σ bar; a point above ``top`` is drawn as ▲ on the top edge."""
+    if y / scale > top:
+        ax.plot([x], [top * 0.98], "^", ms=7, **style)
+        return
+    yerr = None if interval is None else [[max(0.0, y - interval[0]) / scale], [max(0.0, interval[1] - y) / scale]]
+    ax.errorbar([x], [y / scale], yerr=yerr, fmt="o", capsize=3, ms=5, **style)
+
+
+RHO_AXIS_MAX = 1.6  # ρ beyond this (an unidentified fit) is drawn on the edge, so the tanh curves stay readable
 
 
 def plot_capacity_vs_gmse(entries: dict[str, dict[str, Any]], path: str | Path) -> None:
     """ρ vs GMSE: points per recipe whose quantized roles share one format; tanh curves (fitted and published)."""
+    form, points = _points(entries)
+    highest = max([1.0, *(max(rho, interval[1] if interval else rho) for _, _, rho, interval in points)])
+    top = 1.08 * min(highest, RHO_AXIS_MAX)
     x = np.geomspace(1e-5, 0.6, 200)
-    fig = _figure((6.4, 4.6))
+    fig = _figure((6.6, 4.8))
     ax = fig.subplots()
-    curves = [("published (1, 0.41, 1.39)", PUBLISHED_GMSE, "0.6", "--")]
+    curves = [("published (1, 0.41, 1.39)", PUBLISHED_GMSE, "0.5", "--")]
     if "gmse" in entries:
         p = entries["gmse"]["params"]
-        curves.insert(0, (f"gmse fit ({p['L_c']:.2f}, {p['F']:.2f}, {p['C']:.2f})", p, "C0", "-"))
+        curves.insert(0, (f"gmse fit ({p['L_c']:.3g}, {p['F']:.3g}, {p['C']:.3g})", p, "C0", "-"))
     for label, p, color, style in curves:
         rho = tanh_capacity(x, p["L_c"], p["F"], p["C"])
-        ax.plot(x, rho, color=color, ls=style, label=f"{label}: one role")
-        ax.plot(x, rho**2, color=color, ls=style, lw=0.8, alpha=0.7, label=f"{label}: weights & inputs (ρ²)")
-    form, points = _points(entries)
+        off = " (off scale)" if rho.min() > top else ""
+        ax.plot(x, rho, color=color, ls=style, label=f"{label}: one role{off}")
+        off = " (off scale)" if (rho**2).min() > top else ""
+        ax.plot(x, rho**2, color=color, ls=style, lw=0.8, alpha=0.7, label=f"{label}: weights & inputs (ρ²){off}")
     for name, recipe, rho, interval in points:
         formats = {getattr(recipe, role).format for role in ("weight", "input") if getattr(recipe, role).quantized}
         if len(formats) != 1:
             continue  # bf16 (no quantized role) or mixed formats: no single GMSE to place it at
         both = recipe.weight.quantized and recipe.input.quantized
-        _errorbar(ax, gmse(formats.pop()), rho, interval, 1.0, color="C3" if both else "C2", ms=5)
-        ax.annotate(name, (gmse(recipe.weight.format if recipe.weight.quantized else recipe.input.format), rho),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.plot([], [], "o", color="C3", label=f"{form}: weights & inputs quantized")
-    ax.plot([], [], "o", color="C2", label=f"{form}: one role quantized")
+        position = gmse(formats.pop())
+        _errorbar(ax, position, rho, interval, 1.0, top, color="C3" if both else "C2")
+        if rho > top:  # on the top edge: the label goes below-left so it stays inside the axes
+            ax.annotate(f"{name} (ρ = {rho:.3g})", (position, top * 0.98), fontsize=7, xytext=(-6, -4),
+                        textcoords="offset points", ha="right", va="top")
+        else:
+            ax.annotate(name, (position, rho), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.plot([], [], "o", color="C3", label=f"{form} fit: weights & inputs quantized (±1σ)")
+    ax.plot([], [], "o", color="C2", label=f"{form} fit: one role quantized (±1σ)")
+    if highest > top:
+        ax.plot([], [], "^", color="0.3", label=f"ρ above {top:.2g}, value in the label")
     ax.set_xscale("log")
     ax.set_xlabel("GMSE of the format (Gaussian MSE at the optimal scale)")
     ax.set_ylabel("capacity ρ")
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, top)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("capacity vs GMSE (factorization: two quantized roles → ρ²)")
+    ax.set_title(f"capacity vs GMSE (two quantized roles: ρ²){_warned(entries, form)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def plot_capacity_per_bit(entries: dict[str, dict[str, Any]], path: str | Path) -> None:
-    """ρ(R)/bits_w against weight bits: fitted points per recipe, and the gmse/kumar laws over int1…int8."""
+    """ρ(R)/bits_w against weight bits (log-log): fitted points per recipe, and the gmse/kumar laws over
+    int1…int8. Log axes because ρ/bit spans bf16's 1/16 to a few tenths, more for an unidentified fit."""
     bits = np.arange(1, 9)
-    fig = _figure((6.4, 4.6))
+    fig = _figure((6.6, 4.8))
     ax = fig.subplots()
     for form, color in (("gmse", "C0"), ("kumar", "C1")):
         if form in entries:
@@ -222,14 +264,20 @@ def plot_capacity_per_bit(entries: dict[str, dict[str, Any]], path: str | Path) 
                                                 input=TensorSpec(format=f"int{b}" if both else "bf16")))
                        for b in bits]
                 what = "weights & inputs" if both else "weights only"
-                ax.plot(bits, np.array(rho) / bits, color=color, ls=style, label=f"{form} law: int b {what}")
+                ax.plot(bits, np.array(rho) / bits, color=color, ls=style, label=f"{form} law: int b, {what}")
     form, points = _points(entries)
     best = max(points, key=lambda item: item[2] / recipe_bits(item[1])[0])
     for name, recipe, rho, interval in points:
         bits_w = recipe_bits(recipe)[0]
-        _errorbar(ax, bits_w, rho, interval, bits_w, color="C3" if name == best[0] else "k", ms=5)
+        _errorbar(ax, bits_w, rho, interval, bits_w, math.inf, color="C3" if name == best[0] else "k")
         ax.annotate(name, (bits_w, rho / bits_w), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    # Plain numbers (0.2, not 2×10⁻¹); minor ticks get labels only while the axis spans about a decade.
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if math.log10(high / low) <= 1.3 else NullFormatter())
     ax.set_xticks([1, 2, 3, 4, 8, 16], ["1", "2", "3", "4", "8", "16"])
     ax.set_xlabel("weight bits")
     ax.set_ylabel("ρ / weight bits (effective parameters per stored bit)")
@@ -237,7 +285,7 @@ def plot_capacity_per_bit(entries: dict[str, dict[str, Any]], path: str | Path) 
     ax.errorbar([], [], yerr=[], fmt="o", color="k", capsize=3, label=f"{form} fit per recipe (±1σ)")
     ax.errorbar([], [], yerr=[], fmt="o", color="C3", capsize=3, label="highest ρ per bit")
     ax.legend(fontsize=7)
-    ax.set_title(f"capacity per bit ({form} points): best {best[0]}")
+    ax.set_title(f"capacity per bit ({form} points): best {best[0]}{_warned(entries, form)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

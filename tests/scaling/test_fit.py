@@ -131,3 +131,15 @@ def test_fewer_runs_than_parameters_and_bad_arguments_are_errors():
         fit_law(runs, "gmse", bootstrap=-1)
     with pytest.raises(ValueError, match="no runs to fit"):
         fit_law([], "gmse")
+
+
+def test_parameters_the_runs_cannot_pin_are_named_after_the_fit():
+    """Quantization that costs nothing (every rho = 1, as in runs limited by optimization rather than capacity)
+    passes every design check, but the tanh curve can only reach rho = 1 at a bound of its parameters."""
+    free = {**SHARED, **{name: 1.0 for name in EXTRA["decoupled"]}}
+    runs = make_runs("decoupled", params=free)
+    result, messages = _fit_quietly(runs, "gmse", bootstrap=8, refine=4)
+    assert messages and all(m.startswith(("gmse: L_c", "gmse: F", "gmse: C")) for m in messages), messages
+    assert all(m.endswith("the runs do not pin it") or "poorly identified" in m for m in messages)
+    assert result.warnings == messages  # the same messages are kept in fit.json
+    assert all(rho == pytest.approx(1.0, abs=0.02) for rho in result.capacity.values())
