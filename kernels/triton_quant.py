@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from kernels.packing import FIELD_BITS, pack_fields, unpack_fields
 from kernels.recipe import TensorSpec
 
 HADAMARD_BLOCK = 128  # the only rotation block the kernels implement (one 128×128 H tile per dot)
@@ -288,31 +289,25 @@ def dequantize_rows(rows: PackedRows, unrotate: bool = True) -> torch.Tensor:
 def pack_codes(codes: torch.Tensor, code_bits: int) -> torch.Tensor:
     """Odd codes ``[..., K]`` (any int dtype, ``|code| < 2^code_bits``) → packed bytes ``[..., ceil(K·code_bits/8)]``.
 
-    ``code_bits`` 8 returns the codes as int8; 1, 2, 4 store ``q = (code − 1)/2`` in two's complement.
+    ``code_bits`` 8 returns the codes as int8; 1, 2, 4 store ``q = (code − 1)/2`` in two's complement in the fields
+    of :func:`kernels.packing.pack_fields`.
     """
-    if code_bits not in (1, 2, 4, 8):
+    if code_bits not in FIELD_BITS:
         raise ValueError(f"code_bits={code_bits!r} is not allowed; allowed: 1, 2, 4, 8")
     if code_bits == 8:
         return codes.to(torch.int8)
-    per_byte = 8 // code_bits
-    k = codes.shape[-1]
-    fields = ((codes.to(torch.int32) - 1) // 2) & ((1 << code_bits) - 1)
-    fields = torch.nn.functional.pad(fields, (0, -k % per_byte)).reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * code_bits
-    return (fields << shifts).sum(dim=-1).to(torch.uint8)
+    return pack_fields(((codes.to(torch.int32) - 1) // 2) & ((1 << code_bits) - 1), code_bits)
 
 
 def unpack_codes(packed: torch.Tensor, k: int, code_bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[..., K]`` int8 odd codes."""
-    if code_bits not in (1, 2, 4, 8):
+    if code_bits not in FIELD_BITS:
         raise ValueError(f"code_bits={code_bits!r} is not allowed; allowed: 1, 2, 4, 8")
     if code_bits == 8:
         return packed[..., :k].to(torch.int8)
-    per_byte = 8 // code_bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * code_bits
-    fields = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << code_bits) - 1)
+    fields = unpack_fields(packed, code_bits, k)
     q = fields - ((fields >> (code_bits - 1)) << code_bits)
-    return (2 * q + 1).reshape(*packed.shape[:-1], -1)[..., :k].to(torch.int8)
+    return (2 * q + 1).to(torch.int8)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -329,12 +324,12 @@ def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bool ``[..., K]`` → uint8 ``[..., ceil(K/8)]`` (bit ``j`` of byte ``i`` is element ``8i + j``)."""
-    return pack_codes(1 - 2 * mask.to(torch.int32), 1)  # True → code −1 → q = −1 → bit 1
+    return pack_fields(mask.to(torch.int32), 1)
 
 
 def unpack_mask(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: bool ``[..., k]``."""
-    return unpack_codes(packed, k, 1) < 0
+    return unpack_fields(packed, 1, k).bool()
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)

@@ -19,6 +19,7 @@ parameter vectors at once (the fit screens thousands of starting points in one p
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,7 +81,7 @@ def recipe_bits(recipe: Recipe) -> tuple[int, int]:
     return recipe.weight.fmt.bits, recipe.input.fmt.bits
 
 
-class Law:
+class Law(ABC):
     """One capacity form over a fixed list of distinct recipes.
 
     ``extra_names``/``bounds``/``starts`` describe the form's own parameters (beyond a, α, b, β, e); ``starts`` is a
@@ -98,18 +99,18 @@ class Law:
         self.recipes = list(recipes)
         self.names = [r.name for r in self.recipes]
 
+    @abstractmethod
     def log_capacity(self, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``extra`` ``[S, P]`` → (log ρ ``[S, n_recipes]``, d log ρ / d extra ``[S, n_recipes, P]``)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def capacity(params: dict[str, float], recipe: Recipe) -> float:
         """ρ of ``recipe`` under fitted ``params`` (public names); any recipe for gmse/kumar."""
-        raise NotImplementedError
 
+    @abstractmethod
     def coverage_warnings(self, runs_per_recipe: dict[str, int]) -> list[str]:
         """Messages for the form's parameters that the recipes present cannot identify."""
-        raise NotImplementedError
 
 
 class Decoupled(Law):

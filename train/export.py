@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kernels.packing import pack_fields, unpack_fields
 from kernels.quantizers import dequantize, linear_from_quantized_weight, quantize, unrotate
 from kernels.recipe import Recipe
 from models.convert import convert, quantized_layers
@@ -59,25 +59,6 @@ class LoadedModel:
 def code_bits(n_levels: int) -> int:
     """Storage bits per code (a divisor of 8): 1 for 2 levels, 2 for ≤ 4, 4 for ≤ 16, else 8."""
     return next(bits for bits in (1, 2, 4, 8) if n_levels <= 2**bits)
-
-
-def pack_codes(index: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack level indices ``[rows, K]`` (values < 2**bits) into uint8 ``[rows, ceil(K·bits/8)]``, little-end first."""
-    per_byte = 8 // bits
-    rows, k = index.shape
-    padded = torch.zeros(rows, math.ceil(k / per_byte) * per_byte, dtype=torch.int32)
-    padded[:, :k] = index.to(torch.int32)
-    groups = padded.view(rows, -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-    return (groups << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int64 ``[rows, k]``."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-    values = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return values.reshape(packed.shape[0], -1)[:, :k].long()
 
 
 class PackedLinear(nn.Module):
@@ -140,7 +121,7 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> 
             fmt = spec.fmt
             index = (res.codes.long() + (2**fmt.bits - 1)) // 2 if fmt.kind == "int" else res.codes.long()
             bits = code_bits(len(fmt.levels))
-            tensors[f"{name}.weight.codes"] = pack_codes(index, bits)
+            tensors[f"{name}.weight.codes"] = pack_fields(index, bits)
             key, values = ("step", res.step) if fmt.kind == "int" else ("scale", res.scale)
             tensors[f"{name}.weight.{key}"] = values.float().contiguous()
             if layer.input_lsq_scale is not None:
@@ -194,7 +175,7 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
     model.init_weights()  # RoPE tables; every parameter is overwritten below
     for name, info in meta["layers"].items():
         out_features, in_features = info["shape"]
-        index = unpack_codes(tensors.pop(f"{name}.weight.codes"), info["code_bits"], in_features)
+        index = unpack_fields(tensors.pop(f"{name}.weight.codes"), info["code_bits"], in_features)
         step_or_scale = tensors.pop(f"{name}.weight.{info['scale_key']}")
         fmt = recipe.weight.fmt
         codes = 2 * index - (2**fmt.bits - 1) if fmt.kind == "int" else index

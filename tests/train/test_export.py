@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.packing import pack_fields, unpack_fields
 from kernels.recipe import Recipe, load_recipe
 from models.convert import convert
 from train.export import (
@@ -17,8 +18,6 @@ from train.export import (
     load_checkpoint,
     load_model,
     main,
-    pack_codes,
-    unpack_codes,
 )
 from train.module import LitLlama
 
@@ -44,9 +43,9 @@ def _tokens(seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_pack_round_trip(bits):
     index = torch.randint(0, 2**bits, (5, 37))
-    packed = pack_codes(index, bits)
+    packed = pack_fields(index, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, -(-37 * bits // 8))
-    assert torch.equal(unpack_codes(packed, bits, 37), index)
+    assert torch.equal(unpack_fields(packed, bits, 37), index)
     assert code_bits(2) == 1 and code_bits(3) == 2 and code_bits(8) == 4 and code_bits(16) == 4 and code_bits(17) == 8
 
 
