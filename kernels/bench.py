@@ -1,8 +1,8 @@
 """Benchmarks of the quantized linear, every figure measured side by side in one run and printed as one table.
 
-    python -m kernels.bench                 # on CUDA: the fused Triton kernels at the 800M layer shapes
-    python -m kernels.bench --cpu           # the reference PyTorch path vs nn.Linear on the CPU
-    TRITON_INTERPRET=1 python -m kernels.bench --triton --shapes 64x256x128   # the kernel table, interpreted
+    python -m bitlaw.kernels.bench                 # on CUDA: the fused Triton kernels at the 800M layer shapes
+    python -m bitlaw.kernels.bench --cpu           # the reference PyTorch path vs nn.Linear on the CPU
+    TRITON_INTERPRET=1 python -m bitlaw.kernels.bench --triton --shapes 64x256x128   # the kernel table, interpreted
 
 The kernel table (CUDA medians of ``triton.testing.do_bench``) has, per layer shape ``M x K x N`` (tokens, in, out):
 
@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch.utils import benchmark
 
-from kernels.recipe import load_recipe
+from bitlaw.kernels.recipe import load_recipe
 
 # (tokens M, in_features K, out_features N): the tiny model's projections and the 30M/100M ones.
 CPU_SHAPES = [(1024, 256, 768), (2048, 640, 1792), (2048, 1024, 2816)]
@@ -70,7 +70,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: floa
 def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> tuple[float, dict[str, float]]:
     """Median seconds of forward+backward at ``shape`` on the reference path: ``(nn.Linear, {recipe: seconds})``."""
-    from kernels.quantizers import quantized_linear
+    from bitlaw.kernels.quantizers import quantized_linear
 
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(0)
@@ -107,8 +107,8 @@ def _packed_bytes(rows) -> int:
 def kernel_rows(shape: tuple[int, int, int], recipe_name: str, device: torch.device,
                 min_run_time: float) -> list[tuple[str, str, str, str]]:
     """Measure one shape and recipe on the Triton path; returns table rows ``(what, ours, baseline, ratio)``."""
-    from kernels import triton_gemm, triton_quant
-    from kernels.linear import quantized_linear, saved_tensor_bytes
+    from bitlaw.kernels.triton import gemm as triton_gemm, quant as triton_quant
+    from bitlaw.kernels.linear import quantized_linear, saved_tensor_bytes
 
     recipe = load_recipe(recipe_name)
     m, k, n = shape

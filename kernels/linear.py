@@ -1,7 +1,7 @@
 """The quantized-linear autograd entry point: one function, two backends (fused Triton kernels or the reference).
 
 :func:`quantized_linear` has the signature of :func:`kernels.quantizers.quantized_linear` plus ``backend``:
-``"triton"`` runs the fused kernels of ``kernels.triton_quant`` / ``kernels.triton_gemm`` (CUDA, or CPU under
+``"triton"`` runs the fused kernels of ``bitlaw.kernels.triton.quant`` / ``bitlaw.kernels.triton.gemm`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), ``"reference"`` the plain PyTorch oracle, ``"auto"`` Triton on CUDA tensors and the
 reference elsewhere. Without the argument the environment variable ``BITLAW_BACKEND`` decides (default auto).
 Recipes the kernels do not implement (lsq/absmax scales, ternary/fp grids, int8, other Hadamard blocks, roles in
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.hadamard import block_hadamard
-from kernels.quantizers import quantized_linear as reference_quantized_linear
-from kernels.recipe import Recipe, TensorSpec
+from bitlaw.kernels.hadamard import block_hadamard
+from bitlaw.kernels.quantizers import quantized_linear as reference_quantized_linear
+from bitlaw.kernels.recipe import Recipe, TensorSpec
 
 BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "BITLAW_BACKEND"
@@ -44,7 +44,7 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
 def _kernels():
     # Imported on first use: Triton is only needed on this path, and TRITON_INTERPRET must be read after the
     # caller (e.g. a test session) has set it.
-    from kernels import triton_gemm, triton_quant
+    from bitlaw.kernels.triton import gemm as triton_gemm, quant as triton_quant
 
     return triton_quant, triton_gemm
 

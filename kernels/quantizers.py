@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.formats import Format
-from kernels.hadamard import block_hadamard, inverse_block_hadamard
-from kernels.recipe import Recipe, TensorSpec
+from bitlaw.kernels.formats import Format
+from bitlaw.kernels.hadamard import block_hadamard, inverse_block_hadamard
+from bitlaw.kernels.recipe import Recipe, TensorSpec
 
 
 @dataclass

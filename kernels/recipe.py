@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels.formats import Format, gaussian_scale, get_format
-from kernels.hadamard import DEFAULT_BLOCK, check_block
+from bitlaw.kernels.formats import Format, gaussian_scale, get_format
+from bitlaw.kernels.hadamard import DEFAULT_BLOCK, check_block
 
 SCALE_RULES = ("gaussian_rms", "absmax", "lsq")
 GRAD_RULES = ("trust", "clip", "ste")

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.linear import quantized_linear
-from kernels.quantizers import rotate
-from kernels.recipe import Recipe
+from bitlaw.kernels.linear import quantized_linear
+from bitlaw.kernels.quantizers import rotate
+from bitlaw.kernels.recipe import Recipe
 
 
 class QuantLinear(nn.Linear):

@@ -1,5 +1,5 @@
-"""``python -m scaling``: the ``bitlaw-fit`` command line (see :mod:`scaling.cli`)."""
+"""``python -m bitlaw.scaling``: the ``bitlaw-fit`` command line (see :mod:`bitlaw.scaling.cli`)."""
 
-from scaling.cli import main
+from bitlaw.scaling.cli import main
 
 main()

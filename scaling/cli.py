@@ -1,4 +1,4 @@
-"""``bitlaw-fit`` (also ``python -m scaling``): fit precision scaling laws to runs, predict losses, redraw plots.
+"""``bitlaw-fit`` (also ``python -m bitlaw.scaling``): fit precision scaling laws to runs, predict losses, redraw plots.
 
     bitlaw-fit RUNS... --out DIR [--forms decoupled gmse kumar] [--delta 1e-3] [--bootstrap 100] [--seed 0]
     bitlaw-fit predict --fit DIR/fit.json --recipe R --N n --D d [--form gmse]
@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kernels.recipe import Recipe, load_recipe, recipe_names
-from scaling.fit import DEFAULT_DELTA, DEFAULT_REFINE, IdentifiabilityWarning, fit_forms
-from scaling.laws import FORMS, capacity, predict_loss
-from scaling.predict import COST_MODELS, rank_recipes
-from scaling.report import read_fit_json, write_report
-from scaling.runs import load_runs, read_csv
+from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
+from bitlaw.scaling.fit import DEFAULT_DELTA, DEFAULT_REFINE, IdentifiabilityWarning, fit_forms
+from bitlaw.scaling.laws import FORMS, capacity, predict_loss
+from bitlaw.scaling.predict import COST_MODELS, rank_recipes
+from bitlaw.scaling.report import read_fit_json, write_report
+from bitlaw.scaling.runs import load_runs, read_csv
 
 COMMANDS = ("fit", "predict", "plot")
 DEFAULT_RATIO = 100.0  # D/N of the QuEST recipe (REFERENCE.md §4)

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from scaling.laws import FORMS, SHARED, SHARED_PUBLIC, Law, make_law
-from scaling.runs import Run, check_recipe_names, levels, recipes_of
+from bitlaw.scaling.laws import FORMS, SHARED, SHARED_PUBLIC, Law, make_law
+from bitlaw.scaling.runs import Run, check_recipe_names, levels, recipes_of
 
 DEFAULT_DELTA = 1e-3
 SHARED_GRID = {"a": np.arange(0.0, 25.1, 5.0), "alpha": np.arange(0.0, 2.01, 0.5), "b": np.arange(0.0, 25.1, 5.0),

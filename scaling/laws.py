@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kernels.formats import get_format, gmse
-from kernels.recipe import Recipe, TensorSpec
+from bitlaw.kernels.formats import get_format, gmse
+from bitlaw.kernels.recipe import Recipe, TensorSpec
 
 FORMS = ("decoupled", "gmse", "kumar")
 SHARED = ("a", "alpha", "b", "beta", "e")  # fitted coordinates; reported as A = e^a, alpha, B = e^b, beta, E = e^e

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kernels.recipe import Recipe
-from scaling.laws import capacity, predict_loss, recipe_bits
+from bitlaw.kernels.recipe import Recipe
+from bitlaw.scaling.laws import capacity, predict_loss, recipe_bits
 
 COST_MODELS = ("bits", "flat")
 

@@ -24,10 +24,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from kernels.formats import gmse
-from kernels.recipe import Recipe, TensorSpec
-from scaling.laws import PUBLISHED_GMSE, capacity, chinchilla_loss, recipe_bits, tanh_capacity
-from scaling.runs import Run, levels, recipes_of, write_csv
+from bitlaw.kernels.formats import gmse
+from bitlaw.kernels.recipe import Recipe, TensorSpec
+from bitlaw.scaling.laws import PUBLISHED_GMSE, capacity, chinchilla_loss, recipe_bits, tanh_capacity
+from bitlaw.scaling.runs import Run, levels, recipes_of, write_csv
 
 PLOTS = ("loss_vs_N.png", "capacity_vs_gmse.png", "capacity_per_bit.png")
 MAX_PANELS = 6

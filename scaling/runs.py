@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels.recipe import Recipe, load_recipe, recipe_names
+from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
 
 CSV_COLUMNS = ("N", "D", "loss", "recipe")
 RECORD_KEYS = ("params_non_embedding", "tokens", "val_loss", "recipe")

@@ -1,5 +1,5 @@
-"""``python -m train``: the same as ``bitlaw-train``."""
+"""``python -m bitlaw.train``: the same as ``bitlaw-train``."""
 
-from train.cli import main
+from bitlaw.train.cli import main
 
 main()

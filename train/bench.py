@@ -1,6 +1,6 @@
 """Throughput of the default CPU training run, bf16 vs quantized recipes, measured one after the other in one run.
 
-Usage: ``python -m train.bench [--steps 40] [--quant bf16 quest_w4a4]``. Each recipe trains the default
+Usage: ``python -m bitlaw.train.bench [--steps 40] [--quant bf16 quest_w4a4]``. Each recipe trains the default
 configuration (``conf/train.yaml``: tiny model, embedded corpus) for ``--steps`` steps in a temporary run
 directory; tokens/s is taken from the run record. Record the table in BENCHMARKS.md (device, date, commit).
 """
@@ -14,9 +14,9 @@ import tempfile
 import torch
 from hydra import compose, initialize_config_dir
 
-from kernels.recipe import CONF_DIR
-from train.cli import train
-from train.config import register_schema
+from bitlaw.kernels.recipe import CONF_DIR
+from bitlaw.train.cli import train
+from bitlaw.train.config import register_schema
 
 
 def main(argv: list[str] | None = None) -> None:

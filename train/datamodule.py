@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.data import PreparedData
-from train.windows import WindowSampler, val_batches
+from bitlaw.data.shards import PreparedData
+from bitlaw.data.windows import WindowSampler, val_batches
 
 
 class StepBatches(Dataset):

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from kernels.recipe import Recipe
-from models.convert import convert, quantized_layers
-from models.llama import LlamaConfig, LlamaModel
-from train.config import OptimConfig
+from bitlaw.kernels.recipe import Recipe
+from bitlaw.models.convert import convert, quantized_layers
+from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.train.config import OptimConfig
 
 # Dense bf16 tensor-core peak FLOP/s by device name fragment, for MFU when peak_flops is not given.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

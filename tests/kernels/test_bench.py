@@ -1,10 +1,11 @@
-"""``python -m kernels.bench`` runs end to end in both modes (timings are printed, never asserted)."""
+"""``python -m bitlaw.kernels.bench`` runs end to end in both modes (timings are printed, never asserted)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kernels import bench, triton_quant
+from bitlaw.kernels import bench
+from bitlaw.kernels.triton import quant as triton_quant
 
 
 @pytest.mark.skipif(not triton_quant.INTERPRETED, reason="the interpreter mode of the kernel table")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kernels.formats import (
+from bitlaw.kernels.formats import (
     Format,
     gaussian_scale,
     get_format,

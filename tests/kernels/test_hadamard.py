@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from kernels.hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard
+from bitlaw.kernels.hadamard import block_hadamard, hadamard_matrix, inverse_block_hadamard
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 128, 256])

@@ -7,9 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from kernels.formats import gaussian_scale, get_format
-from kernels.quantizers import dequantize, fake_quantize, quantize, quantized_linear
-from kernels.recipe import Recipe, TensorSpec, load_recipe
+from bitlaw.kernels.formats import gaussian_scale, get_format
+from bitlaw.kernels.quantizers import dequantize, fake_quantize, quantize, quantized_linear
+from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
 
 C_B = {1: 0.7978845587, 2: 1.4935346, 3: 2.0510684, 4: 2.5139306}
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from kernels.recipe import Recipe, TensorSpec, load_recipe, recipe_names
+from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe, recipe_names
 
 REQUIRED = ["bf16", *(f"quest_w{b}a{b}" for b in (1, 2, 3, 4, 8)), *(f"quest_w{b}" for b in (1, 2, 3, 4)),
             "quest_fp4", "noht_w4a4", "ste_w4a4", "lsq_w4a4", "absmax_w4a4"]

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.quantizers import quantized_linear
-from kernels.recipe import Recipe, load_recipe
-from models.convert import convert, quantized_layers
-from models.llama import LlamaConfig, LlamaModel
-from models.quant_linear import QuantLinear
+from bitlaw.kernels.quantizers import quantized_linear
+from bitlaw.kernels.recipe import Recipe, load_recipe
+from bitlaw.models.convert import convert, quantized_layers
+from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.models.quant_linear import QuantLinear
 
 PROJECTIONS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.recipe import load_recipe
-from models.convert import convert
-from models.llama import KVCache, LlamaConfig, LlamaModel
+from bitlaw.kernels.recipe import load_recipe
+from bitlaw.models.convert import convert
+from bitlaw.models.llama import KVCache, LlamaConfig, LlamaModel
 
 VOCAB = 97
 MAX_SEQ = 24

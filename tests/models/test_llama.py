@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from models.llama import LlamaConfig, LlamaModel, RMSNorm, apply_rope, rope_tables
+from bitlaw.models.llama import LlamaConfig, LlamaModel, RMSNorm, apply_rope, rope_tables
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 

@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from kernels.recipe import load_recipe
-from scaling.runs import Run
+from bitlaw.kernels.recipe import load_recipe
+from bitlaw.scaling.runs import Run
 
 GMSE_TABLE = {"int1": 0.3633802276, "int2": 0.1188460504, "int3": 0.0374396594, "int4": 0.0115428845}  # §1
 BITS = {"int1": 1, "int2": 2, "int3": 3, "int4": 4}

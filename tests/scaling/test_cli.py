@@ -7,8 +7,8 @@ import json
 import matplotlib.image
 import pytest
 
-from scaling.cli import main
-from scaling.report import PLOTS
+from bitlaw.scaling.cli import main
+from bitlaw.scaling.report import PLOTS
 
 from .synthetic import make_runs, true_loss, write_csv
 

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-import scaling.fit
-from scaling.fit import DEFAULT_DELTA, IdentifiabilityWarning, fit_law
+from bitlaw.scaling import fit as scaling_fit
+from bitlaw.scaling.fit import DEFAULT_DELTA, IdentifiabilityWarning, fit_law
 
 from .synthetic import EXTRA, SHARED, make_runs, true_loss
 
@@ -80,10 +80,10 @@ def test_multi_start_keeps_the_lowest_objective(monkeypatch):
         starts.append(np.array(theta0))
         return np.array(theta0), next(made_up)
 
-    monkeypatch.setattr(scaling.fit._Problem, "refine", fake_refine)
+    monkeypatch.setattr(scaling_fit._Problem, "refine", fake_refine)
     result, _ = _fit_quietly(runs, "decoupled", bootstrap=0, refine=5)
     assert len(starts) == 5
-    problem = scaling.fit._Problem(runs, scaling.fit.make_law("decoupled", [r.recipe for r in runs[::15]]),
+    problem = scaling_fit._Problem(runs, scaling_fit.make_law("decoupled", [r.recipe for r in runs[::15]]),
                                    DEFAULT_DELTA)
     kept = problem.to_external(starts[2])
     assert result.params["alpha"] == kept[1] and result.params["A"] == pytest.approx(math.exp(kept[0]))

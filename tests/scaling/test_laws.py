@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.recipe import load_recipe
-from scaling.laws import PUBLISHED_GMSE, capacity, gmse_capacity, gmse_spec_capacity, make_law, predict_loss
-from scaling.predict import budget_point, rank_recipes
+from bitlaw.kernels.recipe import load_recipe
+from bitlaw.scaling.laws import PUBLISHED_GMSE, capacity, gmse_capacity, gmse_spec_capacity, make_law, predict_loss
+from bitlaw.scaling.predict import budget_point, rank_recipes
 
 from .synthetic import EXTRA, RECIPES, SHARED, true_capacity, true_loss
 

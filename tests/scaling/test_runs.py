@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kernels.recipe import load_recipe
-from scaling.runs import levels, load_runs, read_csv, read_run_dirs, write_csv
+from bitlaw.kernels.recipe import load_recipe
+from bitlaw.scaling.runs import levels, load_runs, read_csv, read_run_dirs, write_csv
 
 
 def _record(directory, N=1e6, D=2e7, loss=3.5, recipe="quest_w4a4"):

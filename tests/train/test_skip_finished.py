@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from train.cli import train
-from train.module import LitLlama
+from bitlaw.train.cli import train
+from bitlaw.train.module import LitLlama
 
-from .conftest import compose_train, small_overrides
+from tests.helpers import compose_train, small_overrides
 
 
 def test_finished_run_is_skipped_mismatch_is_refused_and_resume_never_retrains(tmp_path, corpus, monkeypatch,

@@ -14,13 +14,13 @@ import lightning as L
 import pytest
 import torch
 
-from kernels.recipe import recipe_names
-from models.llama import LlamaModel
-from train.cli import train
-from train.config import OptimConfig
-from train.module import LitLlama, decay_groups, lr_at
+from bitlaw.kernels.recipe import recipe_names
+from bitlaw.models.llama import LlamaModel
+from bitlaw.train.cli import train
+from bitlaw.train.config import OptimConfig
+from bitlaw.train.module import LitLlama, decay_groups, lr_at
 
-from .conftest import compose_train, small_overrides, train_losses
+from tests.helpers import compose_train, small_overrides, train_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,8 +150,8 @@ def test_weight_decay_lands_on_block_linear_weights_only():
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True,
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "bitlaw.train", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env=env)
 
 
@@ -211,7 +211,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
 def test_wandb_logger_is_offline_without_an_api_key(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
-    from train.cli import _loggers
+    from bitlaw.train.cli import _loggers
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -5,7 +5,7 @@
     bitlaw-eval exports/tiny-hf --text notes.txt --seq-len 256 --json
 
 The token stream is cut into non-overlapping windows of seq_len + 1 tokens exactly as the training run's
-validation does (``train.windows.val_batches``: window i starts at token i * seq_len), so with the run's seq_len,
+validation does (``bitlaw.data.windows.val_batches``: window i starts at token i * seq_len), so with the run's seq_len,
 global_batch as batch size and val_batches as max batches the loss equals the run record's ``val_loss``.
 Bits per byte divide the summed loss (in bits) by the UTF-8 size of the text the target tokens decode to, which
 makes models with different tokenizers comparable.
@@ -28,8 +28,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from train.generate import check_source
-from train.windows import TokenStream, val_batches
+from bitlaw.deploy.generate import check_source
+from bitlaw.data.windows import TokenStream, val_batches
 
 PROG = "bitlaw-eval"
 _RUN_RECORD = "run.json"
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (data_dir / "meta.json").is_file():
                 raise FileNotFoundError(f"data directory {str(data_dir)!r} is not a prepared data set (no "
                                         "meta.json): pass --data-dir with a folder written by bitlaw-prepare")
-        from train.data import load_prepared  # here, not at import: only needed for the validation split
-        from train.export import load_model
+        from bitlaw.data.shards import load_prepared  # here, not at import: only needed for the validation split
+        from bitlaw.deploy.export import load_model
 
         loaded = load_model(source, args.device)
         if data_dir is not None:

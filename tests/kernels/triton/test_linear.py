@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import linear, triton_quant
-from kernels.linear import (
+from bitlaw.kernels import linear
+from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.linear import (
     BACKEND_ENV,
     quantized_linear,
     resolve_backend,
@@ -18,12 +19,12 @@ from kernels.linear import (
     saved_tensor_bytes,
     triton_unsupported_reason,
 )
-from kernels.quantizers import quantized_linear as reference_linear
-from kernels.recipe import Recipe, TensorSpec, load_recipe
-from models.quant_linear import QuantLinear
-from tests.train.conftest import compose_train, small_overrides, train_losses, word_corpus
+from bitlaw.kernels.quantizers import quantized_linear as reference_linear
+from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
+from bitlaw.models.quant_linear import QuantLinear
+from tests.helpers import compose_train, small_overrides, train_losses, word_corpus
 
-from .test_triton_quant import boundary_free
+from .test_quant import boundary_free
 
 DEVICE = "cpu" if triton_quant.INTERPRETED else "cuda"
 pytestmark = pytest.mark.skipif(not (triton_quant.INTERPRETED or torch.cuda.is_available()),
@@ -196,7 +197,7 @@ def test_quant_linear_layer_uses_the_backend_switch(monkeypatch, triton_calls):
 def losses_by_backend(tmp_path, extra: list[str], steps: int) -> dict[str, dict[int, float]]:
     """``{backend: {step: train/loss}}`` of two ``quest_w4a4`` runs on the same random-word corpus, one per backend
     (chosen by the ``backend`` config key), with ``extra`` overrides."""
-    from train.cli import train
+    from bitlaw.train.cli import train
 
     corpus = word_corpus(tmp_path / "corpus.jsonl", docs=200, words=100)
     losses = {}
@@ -225,7 +226,7 @@ def test_few_training_steps_give_the_same_losses_with_either_backend(tmp_path, t
 
 
 def test_unknown_backend_in_the_config_fails_before_training(tmp_path):
-    from train.cli import train
+    from bitlaw.train.cli import train
 
     overrides = small_overrides(tmp_path / "missing.jsonl", tmp_path / "cache", tmp_path / "run", "quest_w4a4")
     with pytest.raises(ValueError, match="backend='cuda' is not allowed; allowed: auto, reference, triton"):

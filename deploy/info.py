@@ -11,16 +11,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from kernels.recipe import CONF_DIR, Recipe, TensorSpec
-from models.convert import BLOCK_PROJECTIONS, convert
-from models.llama import LlamaConfig, LlamaModel
-from train.export import code_bits
+from bitlaw.kernels.recipe import CONF_DIR, Recipe, TensorSpec
+from bitlaw.models.convert import BLOCK_PROJECTIONS, convert
+from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.deploy.export import code_bits
 
 
 def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int]:
     """``(elements, bytes)`` of the block projection weights stored as ``recipe.weight`` says.
 
-    Quantized weights take the bytes of the native export (``train.export``): codes packed at 1, 2, 4 or 8 bits
+    Quantized weights take the bytes of the native export (``bitlaw.deploy.export``): codes packed at 1, 2, 4 or 8 bits
     plus one fp32 scale per output row (``gaussian_rms``/``absmax``) or per tensor (``lsq``); unquantized ones
     take 2 bytes (bf16).
     """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.info import main
+from bitlaw.deploy.info import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def test_errors(args, message, capsys):
 
 
 def test_console_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "train.info", "model=tiny", "quant=quest_w2"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bitlaw.deploy.info", "model=tiny", "quant=quest_w2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recipe quest_w2: weight int2" in proc.stdout and "input bf16 (not quantized)" in proc.stdout

@@ -1,4 +1,4 @@
-"""`bitlaw-prepare` (also `python -m train.prepare`): tokenize the configured corpus into token shards once.
+"""`bitlaw-prepare` (also `python -m bitlaw.data.cli`): tokenize the configured corpus into token shards once.
 
     bitlaw-prepare                                   # the embedded corpus, BPE 4096, into ./data_cache
     bitlaw-prepare data=files 'data.paths=[a.jsonl]' data.cache_dir=/scratch/data_cache
@@ -19,8 +19,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kernels.recipe import CONF_DIR
-from train.data import DataConfig, PreparedData, prepare_data
+from bitlaw.kernels.recipe import CONF_DIR
+from bitlaw.data.shards import DataConfig, PreparedData, prepare_data
 
 
 def to_data_config(node: DictConfig | dict[str, Any]) -> DataConfig:

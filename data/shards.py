@@ -29,8 +29,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from train.corpus import build_embedded_corpus, iter_file_documents, iter_hub_documents, resolve_files
-from train.windows import TokenStream
+from bitlaw.data.corpus import build_embedded_corpus, iter_file_documents, iter_hub_documents, resolve_files
+from bitlaw.data.windows import TokenStream
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -28,12 +28,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kernels.packing import pack_fields, unpack_fields
-from kernels.quantizers import dequantize, linear_from_quantized_weight, quantize, unrotate
-from kernels.recipe import Recipe
-from models.convert import convert, quantized_layers
-from models.llama import LlamaConfig, LlamaModel
-from train.data import sha256_file
+from bitlaw.kernels.packing import pack_fields, unpack_fields
+from bitlaw.kernels.quantizers import dequantize, linear_from_quantized_weight, quantize, unrotate
+from bitlaw.kernels.recipe import Recipe
+from bitlaw.models.convert import convert, quantized_layers
+from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.data.shards import sha256_file
 
 NATIVE_FORMAT = "bitlaw-native"
 NATIVE_VERSION = 1

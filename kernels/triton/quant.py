@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from kernels.packing import FIELD_BITS, pack_fields, unpack_fields
-from kernels.recipe import TensorSpec
+from bitlaw.kernels.packing import FIELD_BITS, pack_fields, unpack_fields
+from bitlaw.kernels.recipe import TensorSpec
 
 HADAMARD_BLOCK = 128  # the only rotation block the kernels implement (one 128×128 H tile per dot)
 MAX_BITS = 7  # odd codes up to ±(2^7 − 1) = ±127 fit int8; int8's ±255 do not
@@ -237,7 +237,7 @@ def check_device(x: torch.Tensor, what: str) -> None:
     """Raise unless Triton can run on ``x``'s device (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(f"{what}: the Triton kernels need CUDA tensors (got device {x.device}); on CPU set "
-                           "TRITON_INTERPRET=1 before kernels.triton_quant is imported")
+                           "TRITON_INTERPRET=1 before bitlaw.kernels.triton.quant is imported")
 
 
 def quantize_rows(x: torch.Tensor, spec: TensorSpec, pack: bool = False) -> PackedRows:

@@ -12,15 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import triton_quant
-from kernels.hadamard import block_hadamard
-from kernels.linear import quantized_linear
-from kernels.recipe import TensorSpec, load_recipe
-from kernels.triton_gemm import grad_input, grad_weight, quantized_matmul
-from kernels.triton_quant import quantize_rows
+from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.hadamard import block_hadamard
+from bitlaw.kernels.linear import quantized_linear
+from bitlaw.kernels.recipe import TensorSpec, load_recipe
+from bitlaw.kernels.triton.gemm import grad_input, grad_weight, quantized_matmul
+from bitlaw.kernels.triton.quant import quantize_rows
 
-from .test_triton_linear import losses_by_backend
-from .test_triton_quant import assert_matches_reference
+from .test_linear import losses_by_backend
+from .test_quant import assert_matches_reference
 
 CUDA = torch.cuda.is_available() and not triton_quant.INTERPRETED
 DEVICE = "cuda" if CUDA else "cpu"

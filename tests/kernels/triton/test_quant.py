@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import triton_quant
-from kernels.quantizers import quantize, rotate, unrotate
-from kernels.recipe import TensorSpec
-from kernels.triton_quant import (
+from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.quantizers import quantize, rotate, unrotate
+from bitlaw.kernels.recipe import TensorSpec
+from bitlaw.kernels.triton.quant import (
     dequantize_rows,
     masked_fraction,
     pack_codes,

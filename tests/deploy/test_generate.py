@@ -10,13 +10,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from kernels.recipe import load_recipe
-from models.convert import convert
-from models.llama import LlamaConfig, LlamaModel
-from train.export import export_native, load_model
-from train.generate import TextStream, filter_top_k, filter_top_p, generate, main
+from bitlaw.kernels.recipe import load_recipe
+from bitlaw.models.convert import convert
+from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.deploy.export import export_native, load_model
+from bitlaw.deploy.generate import TextStream, filter_top_k, filter_top_p, generate, main
 
-from .tiny_run import tiny_run
+from tests.helpers import tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 97
@@ -142,7 +142,7 @@ def test_text_stream_never_prints_half_a_character(run_dir: Path) -> None:
 
 def test_cli_streams_the_greedy_continuation(run_dir: Path) -> None:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = subprocess.run([sys.executable, "-m", "train.generate", str(ckpt), "--prompt", "the quick",
+    result = subprocess.run([sys.executable, "-m", "bitlaw.deploy.generate", str(ckpt), "--prompt", "the quick",
                              "--max-new-tokens", "12", "--greedy"], capture_output=True, text=True, cwd=ROOT,
                             timeout=120)
     assert result.returncode == 0, result.stderr

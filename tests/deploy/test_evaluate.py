@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from models.llama import LlamaConfig, LlamaModel
-from train.data import load_prepared
-from train.evaluate import _ByteCounter, evaluate, main
-from train.export import export_native, load_model
+from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.data.shards import load_prepared
+from bitlaw.deploy.evaluate import _ByteCounter, evaluate, main
+from bitlaw.deploy.export import export_native, load_model
 
-from .tiny_run import tiny_run
+from tests.helpers import tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 61
@@ -107,7 +107,7 @@ def test_cli_reproduces_val_loss_from_the_run_and_from_a_native_export(run_dir: 
                                                                        capsys) -> None:
     record = json.loads((run_dir / "run.json").read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(ckpt), "--max-batches", "2", "--json"],
+    result = subprocess.run([sys.executable, "-m", "bitlaw.deploy.evaluate", str(ckpt), "--max-batches", "2", "--json"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     from_ckpt = json.loads(result.stdout)

@@ -6,7 +6,7 @@ Backward (§2): ``g_x = IHT(M_x ⊙ (g_y · ŵ_h))`` and ``g_w = IHT(M_w ⊙ (g_
 ``out[r, k] = IHT(M[r, k] · Σ_j G[r, j] · (step[j]/2) · codes[j, k])``: the step multiplies the gradient tile on
 load (it varies along the reduction), the codes enter the dot as exact small integers, and the mask bits and the
 128×128 Hadamard tile are applied to each 128-wide output block in the epilogue, so ``x_h`` is never stored.
-Inputs are :class:`kernels.triton_quant.PackedRows` from :func:`kernels.triton_quant.quantize_rows`.
+Inputs are :class:`bitlaw.kernels.triton.quant.PackedRows` from :func:`bitlaw.kernels.triton.quant.quantize_rows`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_quant import (
+from bitlaw.kernels.triton.quant import (
     FP32_DOT_PRECISION,
     HADAMARD_BLOCK,
     INTERPRETED,

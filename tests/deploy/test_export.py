@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.packing import pack_fields, unpack_fields
-from kernels.recipe import Recipe, load_recipe
-from models.convert import convert
-from train.export import (
+from bitlaw.kernels.packing import pack_fields, unpack_fields
+from bitlaw.kernels.recipe import Recipe, load_recipe
+from bitlaw.models.convert import convert
+from bitlaw.deploy.export import (
     code_bits,
     export_hf,
     export_native,
@@ -19,7 +19,7 @@ from train.export import (
     load_model,
     main,
 )
-from train.module import LitLlama
+from bitlaw.train.module import LitLlama
 
 MODEL = {"n_layer": 2, "d_model": 128, "n_head": 1, "vocab_size": 96, "max_seq_len": 64}
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import train.data as data
-from train.corpus import EmbeddedCorpus, build_embedded_corpus, documents_sha256
-from train.data import (
+import bitlaw.data.shards as data
+from bitlaw.data.corpus import EmbeddedCorpus, build_embedded_corpus, documents_sha256
+from bitlaw.data.shards import (
     DataConfig,
     dataset_dir,
     is_validation_document,
@@ -25,7 +25,7 @@ from train.data import (
     prepare_data,
     train_bpe,
 )
-from train.windows import TokenStream, WindowSampler, val_batches
+from bitlaw.data.windows import TokenStream, WindowSampler, val_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Words without q, v, x, z so that a held-out word made of those letters is unseen by the BPE trainer.
@@ -398,8 +398,8 @@ def test_val_batches_are_the_first_windows_in_order() -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "train.prepare", *args], cwd=cwd, env=env, text=True,
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "bitlaw.data.cli", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=120)
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import triton_quant
-from kernels.hadamard import block_hadamard
-from kernels.quantizers import quantize
-from kernels.recipe import TensorSpec
-from kernels.triton_gemm import grad_input, grad_weight, masked_rotated_grad, quantized_matmul
-from kernels.triton_quant import PackedRows, pack_codes, quantize_rows
+from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.hadamard import block_hadamard
+from bitlaw.kernels.quantizers import quantize
+from bitlaw.kernels.recipe import TensorSpec
+from bitlaw.kernels.triton.gemm import grad_input, grad_weight, masked_rotated_grad, quantized_matmul
+from bitlaw.kernels.triton.quant import PackedRows, pack_codes, quantize_rows
 
-from .test_triton_quant import boundary_free
+from .test_quant import boundary_free
 
 DEVICE = "cpu" if triton_quant.INTERPRETED else "cuda"
 pytestmark = pytest.mark.skipif(not (triton_quant.INTERPRETED or torch.cuda.is_available()),
