@@ -1,7 +1,7 @@
 """Number formats: their grids, Gaussian-optimal scales and exact Gaussian MSE (GMSE), plus sparsity GMSE.
 
-This module is the single source of the constants of REFERENCE.md §1 (c_b and GMSE per format) and of the
-GMSE of pruning used by the scaling laws (§5). Everything is computed, never hard-coded: the MSE of a grid on
+This module is the single source of the constants of docs/numerics.md §2 (c_b and GMSE per format) and of the
+GMSE of pruning used by the scaling laws (docs/scaling-laws.md §3). Everything is computed, never hard-coded: the MSE of a grid on
 N(0, 1) data is a sum of truncated-normal moments over the Voronoi cells of the grid, minimised over the scale
 in 1-D. Pure numpy/scipy, float64, deterministic; no torch, so `scaling/` can use it on a laptop.
 """
@@ -52,7 +52,7 @@ class Format:
 
     @property
     def trust_halfgap(self) -> float:
-        """Half the gap between the two largest levels: the trust threshold T of §2 at unit scale.
+        """Half the gap between the two largest levels: the trust threshold T of docs/numerics.md §4 at unit scale.
 
         int{b}: 1/(2^b - 1); int1: 1.0; ternary: 0.5; fp4_e2m1: 1.0; identity: `math.inf`.
         """
@@ -267,13 +267,13 @@ def _optimum(name: str) -> tuple[float, float]:
 def gaussian_scale(name: str) -> float:
     """Scale multiplying `get_format(name).levels` that minimises the MSE on N(0, 1) data (in RMS units).
 
-    For `int{b}` this is c_b of REFERENCE.md §1 (α / RMS). Identity formats (bf16) return 1.0. Cached.
+    For `int{b}` this is c_b of docs/numerics.md §2 (α / RMS). Identity formats (bf16) return 1.0. Cached.
     """
     return _optimum(name)[0]
 
 
 def gmse(name: str) -> float:
-    """Gaussian MSE of format `name` at its `gaussian_scale` (REFERENCE.md §1, §5); bf16 → 0.0. Cached."""
+    """Gaussian MSE of format `name` at its `gaussian_scale` (docs/numerics.md §2); bf16 → 0.0. Cached."""
     return _optimum(name)[1]
 
 

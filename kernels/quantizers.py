@@ -6,7 +6,7 @@ activation ``[..., in]`` one row per token. For a :class:`~kernels.recipe.Tensor
 1. rotate: ``x_h = x · blockdiag(H)`` if ``spec.rotated`` (fp32, or float64 for float64 input);
 2. scale: a per-row scale ``s`` multiplying the format's unit grid (``gaussian_rms``: ``c · RMS(x_h)``,
    ``absmax``: ``max|x_h| / max_level``, ``lsq``: one learned scalar);
-3. round to the nearest grid level (for ``int{b}``: the centred floor formula of REFERENCE §1);
+3. round to the nearest grid level (for ``int{b}``: the centred floor formula of docs/numerics.md §3);
 4. mask for the backward: ``M = |x_h| <= spec.mask_threshold · s · max_level``.
 
 Backward (:class:`FakeQuantize`): ``g_x = IHT(M ⊙ g_{x̂_h})``; with ``lsq`` also the LSQ gradient of the scale.
@@ -71,7 +71,7 @@ def row_scale(x_h: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | Non
     elif spec.scale == "absmax":
         scale = x_h.detach().abs().amax(dim=-1, keepdim=True) / fmt.max_level
     else:
-        # RMS over the whole row, no mean subtraction, computed in the compute dtype (REFERENCE §1).
+        # RMS over the whole row, no mean subtraction, computed in the compute dtype (docs/numerics.md §3).
         rms = x_h.detach().square().mean(dim=-1, keepdim=True).sqrt()
         scale = spec.gaussian_scale * rms
     # An all-zero row would give a zero scale and 0/0 below; the tiny floor maps it to the smallest levels.
@@ -163,7 +163,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)``: the reference forward and backward of a quantized linear layer.
 
     x: ``[..., K]``; weight: ``[N, K]``; returns ``[..., N]`` in ``x.dtype``. When both roles are quantized in
-    the same rotated domain the product is taken there (``x̂_h ŵ_hᵀ``, REFERENCE §2); a role quantized in a
+    the same rotated domain the product is taken there (``x̂_h ŵ_hᵀ``, docs/numerics.md §4); a role quantized in a
     different domain than the other (e.g. weight-only recipes: rotated weight, plain input) is rotated back
     first. ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction``.
     """

@@ -22,7 +22,7 @@ from bitlaw.kernels.hadamard import DEFAULT_BLOCK, check_block
 SCALE_RULES = ("gaussian_rms", "absmax", "lsq")
 GRAD_RULES = ("trust", "clip", "ste")
 ROTATIONS = ("hadamard", "none")
-# QuEST's 1-bit clip mask |x_h| <= s·α: s = 1.30 with the Hadamard rotation, 1.25 without (REFERENCE §2).
+# QuEST's 1-bit clip mask |x_h| <= s·α: s = 1.30 with the Hadamard rotation, 1.25 without (docs/numerics.md §4).
 DEFAULT_CLIP = {"hadamard": 1.30, "none": 1.25}
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

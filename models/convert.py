@@ -10,7 +10,7 @@ from torch import nn
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.quant_linear import QuantLinear
 
-# Every projection inside a transformer block (REFERENCE §3); never embeddings or lm_head.
+# Every projection inside a transformer block (docs/training.md §2); never embeddings or lm_head.
 BLOCK_PROJECTIONS = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 
 LayerFilter = Callable[[str, nn.Module], bool] | str

@@ -3,7 +3,7 @@
 Parameter names follow Hugging Face ``LlamaForCausalLM`` (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm``, ``lm_head``, ...), so an export is a plain prefix mapping. Every projection is a
 plain ``nn.Linear`` reached by attribute, so a converter can swap it by module name for a quantized subclass;
-nothing here knows about quantization. See REFERENCE.md §3-§4. ``KVCache`` holds past keys and values so that
+nothing here knows about quantization. See docs/training.md §1. ``KVCache`` holds past keys and values so that
 generation feeds one new token per step instead of the whole sequence.
 """
 
@@ -72,7 +72,7 @@ class LlamaConfig:
 
     @property
     def params_non_embedding(self) -> int:
-        """N: block weights and norms plus the final norm (REFERENCE §4), excluding embeddings and lm_head."""
+        """N: block weights and norms plus the final norm (docs/training.md §1), excluding embeddings and lm_head."""
         d = self.d_model
         per_layer = 4 * d * d + 3 * d * self.hidden + 2 * d
         return self.n_layer * per_layer + d
@@ -136,7 +136,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., T, head_dim] by tables cos, sin [T, head_dim]; returns x's dtype.
 
-    Computed in float32 because RoPE stays high precision (REFERENCE §3) even when x is bf16 under autocast.
+    Computed in float32 because RoPE stays high precision (docs/training.md §2) even when x is bf16 under autocast.
     """
     xf = x.float()
     return (xf * cos.float() + rotate_half(xf) * sin.float()).to(x.dtype)
@@ -387,6 +387,6 @@ class LlamaModel(nn.Module):
         logits = self.lm_head(self.norm(x))  # [B, T, vocab]
         if targets is None:
             return logits
-        # Cross-entropy in float32: the softmax stays high precision (REFERENCE §3).
+        # Cross-entropy in float32: the softmax stays high precision (docs/training.md §2).
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss

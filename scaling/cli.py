@@ -29,7 +29,7 @@ from bitlaw.scaling.report import read_fit_json, write_report
 from bitlaw.scaling.runs import load_runs, read_csv
 
 COMMANDS = ("fit", "predict", "plot")
-DEFAULT_RATIO = 100.0  # D/N of the QuEST recipe (REFERENCE.md §4)
+DEFAULT_RATIO = 100.0  # D/N of the QuEST recipe (docs/training.md §3)
 
 
 def _positive_float(text: str) -> float:

@@ -1,7 +1,7 @@
 """Robust fitting of the law forms to a run table: Huber on log loss, multi-start L-BFGS-B, bootstrap intervals.
 
 The objective is Σ_i Huber_δ(log L_i − log L̂_i) with L̂ from :mod:`scaling.laws`, parametrised by a = log A,
-b = log B, e = log E, α, β and the form's own parameters (REFERENCE.md §5; δ = 1e-3 by default as in Chinchilla
+b = log B, e = log E, α, β and the form's own parameters (docs/scaling-laws.md §6; δ = 1e-3 by default as in Chinchilla
 and QuEST, 1e-4 in the Unified paper).
 
 Multi-start: the grid α, β ∈ {0, 0.5, …, 2}, e ∈ {−1, −0.5, …, 1}, a, b ∈ {0, 5, …, 25} (4,500 points) is crossed

@@ -1,4 +1,4 @@
-"""Precision scaling-law forms: Chinchilla with a capacity ρ(R) per training recipe (REFERENCE.md §5).
+"""Precision scaling-law forms: Chinchilla with a capacity ρ(R) per training recipe (docs/scaling-laws.md §1).
 
     L(N, D, R) = A / (N · ρ(R))^α + B / D^β + E,   ρ(bf16) = 1,   A = e^a, B = e^b, E = e^e.
 
@@ -31,7 +31,7 @@ FORMS = ("decoupled", "gmse", "kumar")
 SHARED = ("a", "alpha", "b", "beta", "e")  # fitted coordinates; reported as A = e^a, alpha, B = e^b, beta, E = e^e
 SHARED_PUBLIC = ("A", "alpha", "B", "beta", "E")
 ROLES = ("weight", "input")
-PUBLISHED_GMSE = {"L_c": 1.0, "F": 0.41, "C": 1.39}  # Llama / C4, scalar quantization (REFERENCE.md §5)
+PUBLISHED_GMSE = {"L_c": 1.0, "F": 0.41, "C": 1.39}  # Llama / C4, scalar quantization (docs/scaling-laws.md §1)
 
 
 def log_quarter(x: float | np.ndarray) -> float | np.ndarray:

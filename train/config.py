@@ -21,7 +21,7 @@ from bitlaw.data.shards import DataConfig
 
 @dataclass
 class OptimConfig:
-    """AdamW and the warmup-cosine schedule of REFERENCE §4 (per optimizer step)."""
+    """AdamW and the warmup-cosine schedule of docs/training.md §3 (per optimizer step)."""
 
     lr: float = 1.2e-3  # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -20,7 +20,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
-    """Learning rate at optimizer step ``step`` (0-based) of ``total_steps`` (REFERENCE §4).
+    """Learning rate at optimizer step ``step`` (0-based) of ``total_steps`` (docs/training.md §3).
 
     Warmup over ``warmup_fraction`` of the steps, cosine-shaped from ``start_ratio·lr`` up to ``lr``; then cosine
     decay to ``end_ratio·lr`` at the last step.
@@ -39,7 +39,7 @@ def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
 def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(decay, no_decay)``: weight decay only on the weights of linear layers inside the blocks.
 
-    Norms, embeddings, lm_head, biases and learned quantizer scales are not decayed (REFERENCE §4).
+    Norms, embeddings, lm_head, biases and learned quantizer scales are not decayed (docs/training.md §3).
     """
     decay_ids = {id(m.weight) for name, m in model.named_modules()
                  if isinstance(m, nn.Linear) and name.startswith("layers.")}

@@ -1,8 +1,8 @@
 """Triton GEMMs on quantized rows: the int8 tensor-core forward and the fused mask + inverse-rotation backward.
 
-Forward (REFERENCE §7): ``y = x̂_h ŵ_hᵀ = (codes_x · codes_wᵀ) ⊙ (step_x/2)(step_w/2)ᵀ`` with an int8 ``tl.dot`` and
+Forward (docs/numerics.md §6): ``y = x̂_h ŵ_hᵀ = (codes_x · codes_wᵀ) ⊙ (step_x/2)(step_w/2)ᵀ`` with an int8 ``tl.dot`` and
 an int32 accumulator (exact for odd codes ≤ ±127) and the steps applied in the epilogue.
-Backward (§2): ``g_x = IHT(M_x ⊙ (g_y · ŵ_h))`` and ``g_w = IHT(M_w ⊙ (g_yᵀ · x̂_h))``. Both are one kernel,
+Backward (docs/numerics.md §4): ``g_x = IHT(M_x ⊙ (g_y · ŵ_h))`` and ``g_w = IHT(M_w ⊙ (g_yᵀ · x̂_h))``. Both are one kernel,
 ``out[r, k] = IHT(M[r, k] · Σ_j G[r, j] · (step[j]/2) · codes[j, k])``: the step multiplies the gradient tile on
 load (it varies along the reduction), the codes enter the dot as exact small integers, and the mask bits and the
 128×128 Hadamard tile are applied to each 128-wide output block in the epilogue, so ``x_h`` is never stored.

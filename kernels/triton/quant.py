@@ -1,7 +1,7 @@
 """Fused Triton forward quantizer: block-Hadamard rotation, Gaussian RMS scale, centred rounding and mask in one kernel.
 
-``quantize_rows(x, spec)`` turns ``[M, K]`` fp32/bf16 rows into odd integer codes ``2q+1`` (REFERENCE §1), a
-per-row step and the bit-packed gradient mask (§2), equal to :func:`kernels.quantizers.quantize` except where
+``quantize_rows(x, spec)`` turns ``[M, K]`` fp32/bf16 rows into odd integer codes ``2q+1`` (docs/numerics.md §3), a
+per-row step and the bit-packed gradient mask (docs/numerics.md §4), equal to :func:`kernels.quantizers.quantize` except where
 a value lies within float rounding of a boundary. Codes are stored either as int8 (``code_bits = 8``) or packed
 at the smallest power-of-two width that holds ``q`` (int1 → 1 bit, int2 → 2, int3/int4 → 4 i.e. nibbles), little
 end first: field ``j`` of byte ``i`` is element ``i·(8/code_bits) + j``, holding ``q`` in two's complement. The
@@ -95,7 +95,7 @@ def _quantize_kernel(x_ptr, codes_ptr, step_ptr, mask_ptr, M, K, stride_x, strid
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     offs = tl.arange(0, BLOCK_K)
-    # The rotation is orthonormal, so the row's sum of squares can be taken before rotating (REFERENCE §1).
+    # The rotation is orthonormal, so the row's sum of squares can be taken before rotating (docs/numerics.md §3).
     if ONE_PASS:  # the whole row is one tile: read it once
         x_row = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :],
                         mask=row_ok[:, None] & (offs[None, :] < K), other=0.0).to(tl.float32)

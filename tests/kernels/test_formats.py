@@ -1,4 +1,4 @@
-"""Tests for kernels.formats: grids, Gaussian-optimal scales and GMSE against REFERENCE.md §1/§5 and Monte Carlo."""
+"""Tests for kernels.formats: grids, Gaussian-optimal scales and GMSE against docs/numerics.md §2 and Monte Carlo."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bitlaw.kernels.formats import (
     sparsity_gmse,
 )
 
-# REFERENCE.md §1: (c_b or s, GMSE), given to 10 significant digits.
+# docs/numerics.md §2: (c_b or s, GMSE), given to 10 significant digits.
 TABLE_PRECISE = {
     "int1": (0.7978845587, 0.3633802276),
     "int2": (1.4935346, 0.1188460504),
@@ -37,7 +37,7 @@ SCALE_HIGH_PRECISION = {
     "ternary": 1.2240063619249615,
     "fp4_e2m1": 0.48707917856228259,
 }
-# REFERENCE.md §1, b ≥ 5: (c_b, GMSE, relative tolerance on GMSE from the digits given).
+# docs/numerics.md §2, b ≥ 5: (c_b, GMSE, relative tolerance on GMSE from the digits given).
 TABLE_HIGH_BITS = {
     "int5": (2.9160939, 0.0034952, 1e-4),
     "int6": (3.2765973, 0.0010400, 1e-4),

@@ -1,4 +1,4 @@
-"""Reference quantizers against REFERENCE.md §1–2 and independent float64 computations."""
+"""Reference quantizers against docs/numerics.md §3–4 and independent float64 computations."""
 
 import math
 
@@ -61,7 +61,7 @@ def test_one_bit_is_sign_times_sqrt_2_over_pi_rms():
     torch.testing.assert_close(res.values, expected, rtol=1e-12, atol=0)
 
 
-# REFERENCE §2: expected masked fractions for x_h ~ N(0,1) (given to 3 significant digits there).
+# docs/numerics.md §4: expected masked fractions for x_h ~ N(0,1) (given to 3 significant digits there).
 MASKED = [("int1", "trust", None, 0.111), ("int2", "trust", None, 0.0464), ("int3", "trust", None, 0.0191),
           ("int4", "trust", None, 0.00733), ("int8", "trust", None, 9.6e-5), ("int1", "clip", 1.30, 0.30)]
 

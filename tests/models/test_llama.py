@@ -1,4 +1,4 @@
-"""Tests for models/llama.py: preset parameter counts (REFERENCE §4), shapes, causality, init, RoPE, RMSNorm."""
+"""Tests for models/llama.py: preset parameter counts (docs/training.md §1), shapes, causality, init, RoPE, RMSNorm."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from bitlaw.models.llama import LlamaConfig, LlamaModel, RMSNorm, apply_rope, ro
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 
-# REFERENCE.md §4: preset -> (MLP hidden, N non-embedding). tiny is this project's own CPU preset.
+# docs/training.md §1: preset -> (MLP hidden, N non-embedding). tiny is this project's own CPU preset.
 PRESETS = {
     "30m": (1792, 30_482_560),
     "50m": (2048, 49_556_736),

@@ -43,7 +43,7 @@ def test_known_parameters_are_recovered_within_their_bootstrap_intervals(form):
 
 
 def test_objective_is_the_huber_loss_of_log_residuals_with_the_reference_delta():
-    # REFERENCE.md §5: delta = 1e-3 (Chinchilla / QuEST) by default; 1e-4 (Unified) on request.
+    # docs/scaling-laws.md §6: delta = 1e-3 (Chinchilla / QuEST) by default; 1e-4 (Unified) on request.
     assert DEFAULT_DELTA == 1e-3
     runs = make_runs("gmse", noise=0.01)
     for delta in (None, 1e-4):

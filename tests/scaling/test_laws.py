@@ -13,7 +13,7 @@ from .synthetic import EXTRA, RECIPES, SHARED, true_capacity, true_loss
 
 
 def test_published_constants_give_the_published_int4_and_int2_capacities():
-    # REFERENCE.md §5: with (L_c, F, C) = (1, 0.41, 1.39), rho(INT4) = 0.8196 and rho(INT2) = 0.4445, per format.
+    # docs/scaling-laws.md §3: with (L_c, F, C) = (1, 0.41, 1.39), rho(INT4) = 0.8196 and rho(INT2) = 0.4445, per format.
     assert PUBLISHED_GMSE == {"L_c": 1.0, "F": 0.41, "C": 1.39}
     assert round(gmse_spec_capacity("int4", **PUBLISHED_GMSE), 4) == 0.8196
     assert round(gmse_spec_capacity("int2", **PUBLISHED_GMSE), 4) == 0.4445
@@ -30,7 +30,7 @@ def test_capacity_and_loss_match_the_reference_formulas(form):
     params = {**SHARED, **EXTRA[form]}
     for name in RECIPES:
         recipe = load_recipe(name)
-        # rel 1e-7: the GMSE of REFERENCE.md §1 is given to 10 digits; kernels.formats computes it exactly.
+        # rel 1e-7: the GMSE of docs/numerics.md §2 is given to 10 digits; kernels.formats computes it exactly.
         assert capacity(form, params, recipe) == pytest.approx(true_capacity(form, params, name), rel=1e-7)
         assert predict_loss(form, params, recipe, 3e7, 2e9) == pytest.approx(true_loss(form, params, name, 3e7, 2e9),
                                                                               rel=1e-7)
