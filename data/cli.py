@@ -19,8 +19,9 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bitlaw.data.config import DataConfig
+from bitlaw.data.shards import PreparedData, prepare_data
 from bitlaw.kernels.recipe import CONF_DIR
-from bitlaw.data.shards import DataConfig, PreparedData, prepare_data
 
 
 def to_data_config(node: DictConfig | dict[str, Any]) -> DataConfig:

@@ -28,8 +28,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from bitlaw.deploy.generate import check_source
 from bitlaw.data.windows import TokenStream, val_batches
+from bitlaw.deploy.generate import check_source
 
 PROG = "bitlaw-eval"
 _RUN_RECORD = "run.json"
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"data directory {str(data_dir)!r} is not a prepared data set (no "
                                         "meta.json): pass --data-dir with a folder written by bitlaw-prepare")
         from bitlaw.data.shards import load_prepared  # here, not at import: only needed for the validation split
-        from bitlaw.deploy.export import load_model
+        from bitlaw.deploy.load import load_model
 
         loaded = load_model(source, args.device)
         if data_dir is not None:

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
         source = check_source(args.source, args.tokenizer)
-        from bitlaw.deploy.export import load_model  # here, not at import: loading pulls in safetensors and exporters
+        from bitlaw.deploy.load import load_model  # here, not at import: loading pulls in safetensors
 
         loaded = load_model(source, args.device)
         tokenizer_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path

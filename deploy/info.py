@@ -11,17 +11,17 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from bitlaw.kernels.packing import field_bits
 from bitlaw.kernels.recipe import CONF_DIR, Recipe, TensorSpec
 from bitlaw.models.convert import BLOCK_PROJECTIONS, convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
-from bitlaw.deploy.export import code_bits
 
 
 def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int]:
     """``(elements, bytes)`` of the block projection weights stored as ``recipe.weight`` says.
 
-    Quantized weights take the bytes of the native export (``bitlaw.deploy.export``): codes packed at 1, 2, 4 or 8 bits
-    plus one fp32 scale per output row (``gaussian_rms``/``absmax``) or per tensor (``lsq``); unquantized ones
+    Quantized weights take the bytes of the native export (:mod:`bitlaw.deploy.native`): codes packed at 1, 2, 4
+    or 8 bits plus one fp32 scale per output row (``gaussian_rms``/``absmax``) or per tensor (``lsq``); unquantized ones
     take 2 bytes (bf16).
     """
     elements = total = 0
@@ -33,7 +33,7 @@ def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int
         elements += rows * cols
         if spec.quantized:
             scales = 1 if spec.scale == "lsq" else rows
-            total += rows * -(-cols * code_bits(len(spec.fmt.levels)) // 8) + 4 * scales
+            total += rows * -(-cols * field_bits(len(spec.fmt.levels)) // 8) + 4 * scales
         else:
             total += 2 * rows * cols
     return elements, total

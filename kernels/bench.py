@@ -70,7 +70,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: floa
 def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> tuple[float, dict[str, float]]:
     """Median seconds of forward+backward at ``shape`` on the reference path: ``(nn.Linear, {recipe: seconds})``."""
-    from bitlaw.kernels.quantizers import quantized_linear
+    from bitlaw.kernels.quantizers import reference_linear
 
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(0)
@@ -81,7 +81,7 @@ def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.
     quant = {}
     for name in recipe_names:
         recipe = load_recipe(name)
-        quant[name] = _median_seconds(_fwd_bwd(lambda a, b, r=recipe: quantized_linear(a, b, r), x, w, grad),
+        quant[name] = _median_seconds(_fwd_bwd(lambda a, b, r=recipe: reference_linear(a, b, r), x, w, grad),
                                       min_run_time)
     return plain, quant
 
@@ -107,8 +107,9 @@ def _packed_bytes(rows) -> int:
 def kernel_rows(shape: tuple[int, int, int], recipe_name: str, device: torch.device,
                 min_run_time: float) -> list[tuple[str, str, str, str]]:
     """Measure one shape and recipe on the Triton path; returns table rows ``(what, ours, baseline, ratio)``."""
-    from bitlaw.kernels.triton import gemm as triton_gemm, quant as triton_quant
     from bitlaw.kernels.linear import quantized_linear, saved_tensor_bytes
+    from bitlaw.kernels.triton import gemm as triton_gemm
+    from bitlaw.kernels.triton import quant as triton_quant
 
     recipe = load_recipe(recipe_name)
     m, k, n = shape

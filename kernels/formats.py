@@ -1,9 +1,10 @@
 """Number formats: their grids, Gaussian-optimal scales and exact Gaussian MSE (GMSE), plus sparsity GMSE.
 
-This module is the single source of the constants of docs/numerics.md §2 (c_b and GMSE per format) and of the
-GMSE of pruning used by the scaling laws (docs/scaling-laws.md §3). Everything is computed, never hard-coded: the MSE of a grid on
-N(0, 1) data is a sum of truncated-normal moments over the Voronoi cells of the grid, minimised over the scale
-in 1-D. Pure numpy/scipy, float64, deterministic; no torch, so `scaling/` can use it on a laptop.
+This module is the single source of the constants of docs/numerics.md §2 (c_b and GMSE per format) and of
+the GMSE of pruning used by the scaling laws (docs/scaling-laws.md §3). Everything is computed, never hard-coded:
+the MSE of a grid on N(0, 1) data is a sum of truncated-normal moments over the Voronoi cells of the grid,
+minimised over the scale in 1-D. Pure numpy/scipy, float64, deterministic; no torch, so `scaling/` can use it on a
+laptop.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.de
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The rotation runs in fp32 at least: a bf16 H is only orthogonal to ~1e-4 (docs/numerics.md §3); float64 stays float64.
+    # The rotation runs in fp32 at least: a bf16 H is only orthogonal to ~1e-4 (docs/numerics.md §3); float64
+    # stays float64.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -1,9 +1,9 @@
 """The quantized-linear autograd entry point: one function, two backends (fused Triton kernels or the reference).
 
-:func:`quantized_linear` has the signature of :func:`kernels.quantizers.quantized_linear` plus ``backend``:
-``"triton"`` runs the fused kernels of ``bitlaw.kernels.triton.quant`` / ``bitlaw.kernels.triton.gemm`` (CUDA, or CPU under
-``TRITON_INTERPRET=1``), ``"reference"`` the plain PyTorch oracle, ``"auto"`` Triton on CUDA tensors and the
-reference elsewhere. Without the argument the environment variable ``BITLAW_BACKEND`` decides (default auto).
+:func:`quantized_linear` has the signature of :func:`bitlaw.kernels.quantizers.reference_linear` plus ``backend``:
+``"triton"`` runs the fused kernels of :mod:`bitlaw.kernels.triton` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
+``"reference"`` the plain PyTorch oracle, ``"auto"`` Triton on CUDA tensors and the reference elsewhere. Without
+the argument the environment variable ``BITLAW_BACKEND`` decides (default auto).
 Recipes the kernels do not implement (lsq/absmax scales, ternary/fp grids, int8, other Hadamard blocks, roles in
 different domains, fp16/float64 tensors) always run the reference, whatever the backend.
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from bitlaw.kernels.hadamard import block_hadamard
-from bitlaw.kernels.quantizers import quantized_linear as reference_quantized_linear
+from bitlaw.kernels.packing import field_bits, unpack_mask
+from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 
 BACKENDS = ("auto", "reference", "triton")
@@ -44,7 +45,8 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
 def _kernels():
     # Imported on first use: Triton is only needed on this path, and TRITON_INTERPRET must be read after the
     # caller (e.g. a test session) has set it.
-    from bitlaw.kernels.triton import gemm as triton_gemm, quant as triton_quant
+    from bitlaw.kernels.triton import gemm as triton_gemm
+    from bitlaw.kernels.triton import quant as triton_quant
 
     return triton_quant, triton_gemm
 
@@ -85,7 +87,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     if resolve_backend(backend, x.device) == "triton" and \
             triton_unsupported_reason(recipe, x.dtype, weight.dtype) is None:
         return _triton_linear(x, weight, recipe, bias, stats)
-    return reference_quantized_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats)
+    return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats)
 
 
 @torch.compiler.disable  # the kernels are launched eagerly; a compiled model breaks its graph around them
@@ -115,7 +117,7 @@ def _packed_tensors(rows) -> tuple[torch.Tensor, ...]:
 
 
 def _layout(rows) -> tuple[int, int, int, bool]:
-    return rows.k, rows.bits, rows.code_bits, rows.rotated
+    return rows.k, rows.bits, rows.packed, rows.rotated
 
 
 class _FusedQuantizedLinear(torch.autograd.Function):
@@ -170,7 +172,7 @@ class _WeightOnlyQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         (mask,) = ctx.saved_tensors
-        keep = _kernels()[0].unpack_mask(mask, ctx.k)
+        keep = unpack_mask(mask, ctx.k)
         # The rotate-back is ŵ_h·H, whose adjoint is ·H again; then the trust mask and the inverse rotation.
         grad = block_hadamard(grad) if ctx.rotated else grad.float()
         grad = grad * keep
@@ -197,8 +199,8 @@ class SavedBytes:
         return self.activation / self.nn_linear
 
 
-def _row_bytes(k: int, code_bits: int) -> int:
-    return -(-k * code_bits // 8) + -(-k // 8) + 4  # codes + mask bits + one fp32 step
+def _row_bytes(k: int, bits: int) -> int:
+    return -(-k * field_bits(2**bits) // 8) + -(-k // 8) + 4  # packed codes + mask bits + one fp32 step
 
 
 def saved_bytes_per_linear(tokens: int, in_features: int, out_features: int, recipe: Recipe,
@@ -210,13 +212,12 @@ def saved_bytes_per_linear(tokens: int, in_features: int, out_features: int, rec
     reason = triton_unsupported_reason(recipe, dtype, torch.float32)
     if reason is not None:
         raise ValueError(f"saved_bytes_per_linear: recipe {recipe.name!r} runs on the reference path ({reason})")
-    storage_bits = _kernels()[0].storage_bits
     itemsize = torch.empty((), dtype=dtype).element_size()
     plain = tokens * in_features * itemsize
-    weight = out_features * _row_bytes(in_features, storage_bits(recipe.weight.fmt.bits, True))
+    weight = out_features * _row_bytes(in_features, recipe.weight.fmt.bits)
     if not recipe.input.quantized:  # weight-only: the matmul keeps the input; the weight keeps only its mask
         return SavedBytes(activation=plain, weight=out_features * -(-in_features // 8), nn_linear=plain)
-    activation = tokens * _row_bytes(in_features, storage_bits(recipe.input.fmt.bits, True))
+    activation = tokens * _row_bytes(in_features, recipe.input.fmt.bits)
     return SavedBytes(activation=activation, weight=weight, nn_linear=plain)
 
 

@@ -157,7 +157,7 @@ def fake_quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | N
     return FakeQuantize.apply(x, lsq_scale, spec, stats)
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
                      weight_lsq_scale: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
                      stats: dict | None = None) -> torch.Tensor:
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)``: the reference forward and backward of a quantized linear layer.
@@ -169,16 +169,16 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     """
     w_stats = {} if stats is not None and recipe.weight.quantized else None
     wq = fake_quantize(weight, recipe.weight, weight_lsq_scale, w_stats)
-    y = linear_from_quantized_weight(x, wq, recipe, bias, input_lsq_scale, stats)
+    y = reference_linear_given_weight(x, wq, recipe, bias, input_lsq_scale, stats)
     if w_stats:
         stats["weight_masked_fraction"] = w_stats["masked_fraction"]
     return y
 
 
-def linear_from_quantized_weight(x: torch.Tensor, weight_values: torch.Tensor, recipe: Recipe,
+def reference_linear_given_weight(x: torch.Tensor, weight_values: torch.Tensor, recipe: Recipe,
                                  bias: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
                                  stats: dict | None = None) -> torch.Tensor:
-    """The rest of :func:`quantized_linear` given the weight already quantized: ``weight_values`` is ``ŵ``
+    """The rest of :func:`reference_linear` given the weight already quantized: ``weight_values`` is ``ŵ``
     ``[N, K]`` as :func:`fake_quantize` returns it (rotated domain when ``recipe.weight.rotated``).
 
     Shared by training and the inference layers of exported models, so both compute bitwise the same thing.

@@ -1,4 +1,4 @@
-"""``bitlaw-train`` (also ``python -m bitlaw.train``): compose the config, build data, model and trainer, fit, record."""
+"""``bitlaw-train`` (also ``python -m bitlaw.train``): compose the config, build data, model, trainer; fit; record."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from bitlaw.data.config import DataConfig
+from bitlaw.data.shards import prepare_data
 from bitlaw.kernels.linear import BACKENDS
 from bitlaw.kernels.recipe import CONF_DIR, Recipe
 from bitlaw.models.convert import convert
@@ -26,7 +28,6 @@ from bitlaw.models.llama import LlamaConfig, LlamaModel
 from bitlaw.train.checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
 from bitlaw.train.config import max_steps, register_schema
 from bitlaw.train.csvlog import ResumableCSVLogger
-from bitlaw.data.shards import DataConfig, prepare_data
 from bitlaw.train.datamodule import TokenDataModule
 from bitlaw.train.module import LitLlama
 

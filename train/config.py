@@ -14,9 +14,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from bitlaw.data.config import DataConfig
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.llama import LlamaConfig
-from bitlaw.data.shards import DataConfig
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Triton GEMMs on quantized rows: the int8 tensor-core forward and the fused mask + inverse-rotation backward.
 
-Forward (docs/numerics.md §6): ``y = x̂_h ŵ_hᵀ = (codes_x · codes_wᵀ) ⊙ (step_x/2)(step_w/2)ᵀ`` with an int8 ``tl.dot`` and
-an int32 accumulator (exact for odd codes ≤ ±127) and the steps applied in the epilogue.
-Backward (docs/numerics.md §4): ``g_x = IHT(M_x ⊙ (g_y · ŵ_h))`` and ``g_w = IHT(M_w ⊙ (g_yᵀ · x̂_h))``. Both are one kernel,
+Forward (docs/numerics.md §6): ``y = x̂_h ŵ_hᵀ = (codes_x · codes_wᵀ) ⊙ (step_x/2)(step_w/2)ᵀ`` with an int8
+``tl.dot`` and an int32 accumulator (exact for odd codes ≤ ±127) and the steps applied in the epilogue.
+Backward (docs/numerics.md §4): ``g_x = IHT(M_x ⊙ (g_y · ŵ_h))`` and ``g_w = IHT(M_w ⊙ (g_yᵀ · x̂_h))``. Both are
+one kernel,
 ``out[r, k] = IHT(M[r, k] · Σ_j G[r, j] · (step[j]/2) · codes[j, k])``: the step multiplies the gradient tile on
 load (it varies along the reduction), the codes enter the dot as exact small integers, and the mask bits and the
 128×128 Hadamard tile are applied to each 128-wide output block in the epilogue, so ``x_h`` is never stored.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import math
 
 import torch
+
 import triton
 import triton.language as tl
-
 from bitlaw.kernels.triton.quant import (
     FP32_DOT_PRECISION,
     HADAMARD_BLOCK,
@@ -44,11 +45,12 @@ def _kernel_out_dtype(out_dtype: torch.dtype) -> torch.dtype:
          for bm, bn, bk, w, s in ((128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),
                                   (128, 128, 64, 4, 4), (64, 128, 128, 4, 4))],
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2})),
-    key=["M", "N", "K", "CODE_BITS_X", "CODE_BITS_W", "HAS_BIAS"],
+    key=["M", "N", "K", "BITS_X", "FIELD_BITS_X", "BITS_W", "FIELD_BITS_W", "HAS_BIAS"],
 )
 @triton.jit
 def _gemm_kernel(cx_ptr, cw_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_cx, stride_cw, stride_out,
-                 CODE_BITS_X: tl.constexpr, CODE_BITS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BITS_X: tl.constexpr, FIELD_BITS_X: tl.constexpr, BITS_W: tl.constexpr,
+                 FIELD_BITS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped launch order: GROUP_M row tiles share each column tile of codes_w while it is in L2.
     pid = tl.program_id(0)
@@ -66,9 +68,9 @@ def _gemm_kernel(cx_ptr, cw_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, str
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         a = load_codes(cx_ptr, rm[:, None], kk[None, :], (rm[:, None] < M) & (kk[None, :] < K), stride_cx,
-                       CODE_BITS_X)
+                       BITS_X, FIELD_BITS_X)
         b = load_codes(cw_ptr, rn[None, :], kk[:, None], (rn[None, :] < N) & (kk[:, None] < K), stride_cw,
-                       CODE_BITS_W)
+                       BITS_W, FIELD_BITS_W)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     half_sx = 0.5 * tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     half_sw = 0.5 * tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
@@ -84,12 +86,12 @@ def _gemm_kernel(cx_ptr, cw_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, str
         [triton.Config({"BLOCK_R": br, "BLOCK_J": bj}, num_warps=w, num_stages=s)
          for br, bj, w, s in ((128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3))],
         triton.Config({"BLOCK_R": 64, "BLOCK_J": 64})),
-    key=["R", "J", "K", "CODE_BITS", "ROTATE", "DOT_BF16"],
+    key=["R", "J", "K", "BITS", "FIELD_BITS", "ROTATE", "DOT_BF16"],
 )
 @triton.jit
 def _masked_grad_kernel(g_ptr, stride_gr, stride_gj, step_ptr, codes_ptr, stride_codes, mask_ptr, stride_mask,
                         out_ptr, stride_out, R, J, K, inv_sqrt_block,
-                        CODE_BITS: tl.constexpr, ROTATE: tl.constexpr, DOT_BF16: tl.constexpr,
+                        BITS: tl.constexpr, FIELD_BITS: tl.constexpr, ROTATE: tl.constexpr, DOT_BF16: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -102,7 +104,7 @@ def _masked_grad_kernel(g_ptr, stride_gr, stride_gj, step_ptr, codes_ptr, stride
         half_step = 0.5 * tl.load(step_ptr + jj, mask=jj < J, other=0.0)
         g = g * half_step[None, :]
         codes = load_codes(codes_ptr, jj[:, None], kk[None, :], (jj[:, None] < J) & (kk[None, :] < K),
-                           stride_codes, CODE_BITS)
+                           stride_codes, BITS, FIELD_BITS)
         if DOT_BF16:
             # Odd codes are exact in bf16; the scaled gradient is rounded once, as a bf16 backward matmul does.
             acc += tl.dot(g.to(tl.bfloat16), codes.to(tl.bfloat16))
@@ -145,7 +147,8 @@ def quantized_matmul(xq: PackedRows, wq: PackedRows, bias: torch.Tensor | None =
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemm_kernel[grid](xq.codes, wq.codes, xq.step, wq.step, bias if bias is not None else xq.step, out,
                            m, n, k, xq.codes.stride(0), wq.codes.stride(0), out.stride(0),
-                           CODE_BITS_X=xq.code_bits, CODE_BITS_W=wq.code_bits, HAS_BIAS=bias is not None)
+                           BITS_X=xq.bits, FIELD_BITS_X=xq.field_bits, BITS_W=wq.bits, FIELD_BITS_W=wq.field_bits,
+                           HAS_BIAS=bias is not None)
     return out.to(out_dtype)
 
 
@@ -172,7 +175,8 @@ def masked_rotated_grad(grad: torch.Tensor, coded: PackedRows, masked: PackedRow
         grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), triton.cdiv(k, HADAMARD_BLOCK))  # noqa: E731
         _masked_grad_kernel[grid](grad, grad.stride(0), grad.stride(1), coded.step, coded.codes,
                                   coded.codes.stride(0), masked.mask, masked.mask.stride(0), out, out.stride(0),
-                                  r, j, k, 1.0 / math.sqrt(HADAMARD_BLOCK), CODE_BITS=coded.code_bits,
+                                  r, j, k, 1.0 / math.sqrt(HADAMARD_BLOCK), BITS=coded.bits,
+                                  FIELD_BITS=coded.field_bits,
                                   ROTATE=coded.rotated, DOT_BF16=grad.dtype == torch.bfloat16 and not INTERPRETED,
                                   PRECISION=FP32_DOT_PRECISION, BLOCK_K=HADAMARD_BLOCK)
     return out.to(out_dtype)

@@ -1,12 +1,11 @@
 """Fused Triton forward quantizer: block-Hadamard rotation, Gaussian RMS scale, centred rounding and mask in one kernel.
 
 ``quantize_rows(x, spec)`` turns ``[M, K]`` fp32/bf16 rows into odd integer codes ``2q+1`` (docs/numerics.md §3), a
-per-row step and the bit-packed gradient mask (docs/numerics.md §4), equal to :func:`kernels.quantizers.quantize` except where
-a value lies within float rounding of a boundary. Codes are stored either as int8 (``code_bits = 8``) or packed
-at the smallest power-of-two width that holds ``q`` (int1 → 1 bit, int2 → 2, int3/int4 → 4 i.e. nibbles), little
-end first: field ``j`` of byte ``i`` is element ``i·(8/code_bits) + j``, holding ``q`` in two's complement. The
-mask is packed the same way with one bit per element (bit ``j`` of byte ``i`` is element ``8i + j``).
-The torch helpers at the end pack and unpack these layouts; the GEMM kernels read them directly.
+per-row step and the bit-packed gradient mask (docs/numerics.md §4), equal to
+:func:`bitlaw.kernels.quantizers.quantize` except where a value lies within float rounding of a boundary. Codes are
+kept either unpacked, as int8 odd codes (the operand form of the int8 GEMM), or packed in the one storage encoding
+of :mod:`bitlaw.kernels.packing`: level-index fields of ``field_bits(2^b)`` bits (int1 → 1, int2 → 2, int3/int4 → 4,
+int5 … int7 → 8). The mask is packed one bit per element. The GEMM kernels read both forms directly.
 
 Set ``TRITON_INTERPRET=1`` before importing this module to run the kernels on CPU tensors.
 """
@@ -17,12 +16,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 import triton
 import triton.language as tl
-from triton import knobs
-
-from bitlaw.kernels.packing import FIELD_BITS, pack_fields, unpack_fields
+from bitlaw.kernels.packing import field_bits, unpack_codes, unpack_mask
 from bitlaw.kernels.recipe import TensorSpec
+from triton import knobs
 
 HADAMARD_BLOCK = 128  # the only rotation block the kernels implement (one 128×128 H tile per dot)
 MAX_BITS = 7  # odd codes up to ±(2^7 − 1) = ±127 fit int8; int8's ±255 do not
@@ -53,16 +52,16 @@ def hadamard_signs(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def load_codes(ptr, rows, cols, ok, stride_row, CODE_BITS: tl.constexpr):
-    """Odd codes as int8 at broadcastable ``rows``/``cols`` (0 where ``ok`` is False), unpacking sub-byte fields."""
-    if CODE_BITS == 8:
+def load_codes(ptr, rows, cols, ok, stride_row, BITS: tl.constexpr, FIELD_BITS: tl.constexpr):
+    """Odd codes as int8 at broadcastable ``rows``/``cols`` (0 where ``ok`` is False). ``FIELD_BITS`` 0: the
+    tensor holds int8 odd codes; 1, 2, 4, 8: packed level-index fields of ``int{BITS}``, code = 2·index − 2^BITS + 1."""
+    if FIELD_BITS == 0:
         codes = tl.load(ptr + rows * stride_row + cols, mask=ok, other=0)
     else:
-        PER_BYTE: tl.constexpr = 8 // CODE_BITS
+        PER_BYTE: tl.constexpr = 8 // FIELD_BITS
         byte = tl.load(ptr + rows * stride_row + cols // PER_BYTE, mask=ok, other=0).to(tl.int32)
-        field = (byte >> ((cols % PER_BYTE) * CODE_BITS)) & ((1 << CODE_BITS) - 1)
-        q = field - ((field >> (CODE_BITS - 1)) << CODE_BITS)  # two's-complement sign extension
-        codes = tl.where(ok, 2 * q + 1, 0)
+        index = (byte >> ((cols % PER_BYTE) * FIELD_BITS)) & ((1 << FIELD_BITS) - 1)
+        codes = tl.where(ok, 2 * index - (2**BITS - 1), 0)
     return codes.to(tl.int8)
 
 
@@ -85,12 +84,12 @@ def _pack_fields(fields, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, FIELD_BITS:
 @triton.autotune(
     configs=_configs([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (4, 8)],
                      triton.Config({"BLOCK_M": 64})),
-    key=["K", "BITS", "CODE_BITS", "ROTATE", "DOT_BF16"],
+    key=["K", "BITS", "FIELD_BITS", "ROTATE", "DOT_BF16"],
 )
 @triton.jit
 def _quantize_kernel(x_ptr, codes_ptr, step_ptr, mask_ptr, M, K, stride_x, stride_codes, stride_mask,
                      row_len, gaussian_scale, mask_coef, inv_sqrt_block,
-                     BITS: tl.constexpr, CODE_BITS: tl.constexpr, ROTATE: tl.constexpr, ONE_PASS: tl.constexpr,
+                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, ROTATE: tl.constexpr, ONE_PASS: tl.constexpr,
                      DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -133,13 +132,13 @@ def _quantize_kernel(x_ptr, codes_ptr, step_ptr, mask_ptr, M, K, stride_x, strid
         q = tl.floor(tl.math.div_rn(x, step[:, None]))
         q = tl.minimum(tl.maximum(q, -(2 ** (BITS - 1))), 2 ** (BITS - 1) - 1).to(tl.int32)
         keep = (tl.abs(x) <= threshold[:, None]) & col_ok[None, :]
-        if CODE_BITS == 8:
+        if FIELD_BITS == 0:
             tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], (2 * q + 1).to(tl.int8),
                      mask=row_ok[:, None] & col_ok[None, :])
         else:
-            PER_BYTE: tl.constexpr = 8 // CODE_BITS
-            packed = _pack_fields(tl.where(col_ok[None, :], q & ((1 << CODE_BITS) - 1), 0), BLOCK_M, BLOCK_K,
-                                  CODE_BITS)
+            PER_BYTE: tl.constexpr = 8 // FIELD_BITS
+            index = q + 2 ** (BITS - 1)  # the level index of docs/numerics.md §6
+            packed = _pack_fields(tl.where(col_ok[None, :], index, 0), BLOCK_M, BLOCK_K, FIELD_BITS)
             byte_cols = k0 // PER_BYTE + tl.arange(0, BLOCK_K // PER_BYTE)
             tl.store(codes_ptr + rows[:, None] * stride_codes + byte_cols[None, :], packed,
                      mask=row_ok[:, None] & (byte_cols[None, :] < tl.cdiv(K, PER_BYTE)))
@@ -151,11 +150,12 @@ def _quantize_kernel(x_ptr, codes_ptr, step_ptr, mask_ptr, M, K, stride_x, strid
 
 @triton.jit
 def _dequantize_kernel(codes_ptr, step_ptr, out_ptr, R, K, stride_codes, stride_out, inv_sqrt_block,
-                       CODE_BITS: tl.constexpr, ROTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BITS: tl.constexpr, FIELD_BITS: tl.constexpr, ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = (rows[:, None] < R) & (cols[None, :] < K)
-    codes = load_codes(codes_ptr, rows[:, None], cols[None, :], ok, stride_codes, CODE_BITS).to(tl.float32)
+    codes = load_codes(codes_ptr, rows[:, None], cols[None, :], ok, stride_codes, BITS, FIELD_BITS).to(tl.float32)
     if ROTATE:
         # Odd codes ≤ 127 times ±1 summed over 128 terms are exact integers in fp32 whatever the dot precision.
         codes = tl.dot(codes, hadamard_signs(BLOCK_K), input_precision="tf32")
@@ -168,8 +168,8 @@ def _dequantize_kernel(codes_ptr, step_ptr, out_ptr, R, K, stride_codes, stride_
 class PackedRows:
     """Rows quantized by :func:`quantize_rows`, in the rotated domain when ``rotated``.
 
-    codes: ``[R, ceil(K·code_bits/8)]`` uint8 for ``code_bits`` 1/2/4 (fields hold ``q``), or ``[R, K]`` int8
-           odd codes ``2q+1`` for ``code_bits`` 8. Values are ``(2q+1) · step/2``.
+    codes: ``[R, K]`` int8 odd codes ``2q+1`` when not ``packed``, else ``[R, ceil(K·field_bits/8)]`` uint8
+           level-index fields (:mod:`bitlaw.kernels.packing`). Values are ``(2q+1) · step/2``.
     step:  ``[R]`` fp32, ``2α/(2^bits − 1)``.
     mask:  ``[R, ceil(K/8)]`` uint8, one bit per element, set where the gradient flows.
     """
@@ -179,12 +179,17 @@ class PackedRows:
     mask: torch.Tensor
     k: int
     bits: int
-    code_bits: int
+    packed: bool
     rotated: bool
 
     @property
     def rows(self) -> int:
         return self.step.shape[0]
+
+    @property
+    def field_bits(self) -> int:
+        """Bits per stored code: the packed field width, or 0 for unpacked int8 odd codes (the kernels' flag)."""
+        return field_bits(2**self.bits) if self.packed else 0
 
     def nbytes(self) -> int:
         """Bytes held by the codes, steps and mask."""
@@ -192,7 +197,7 @@ class PackedRows:
 
     def unpacked_codes(self) -> torch.Tensor:
         """Odd codes ``[R, K]`` int8."""
-        return unpack_codes(self.codes, self.k, self.code_bits)
+        return unpack_codes(self.codes, self.bits, self.k) if self.packed else self.codes
 
     def unpacked_mask(self) -> torch.Tensor:
         """Gradient mask ``[R, K]`` bool."""
@@ -201,11 +206,6 @@ class PackedRows:
     def values(self) -> torch.Tensor:
         """Dequantized values ``[R, K]`` fp32 in the quantization domain (torch, for tests and small tensors)."""
         return self.unpacked_codes().float() * (self.step[:, None] * 0.5)
-
-
-def storage_bits(bits: int, pack: bool) -> int:
-    """Bits per stored code: 8 (int8 odd codes) unless ``pack``, else the smallest of 1, 2, 4, 8 holding ``bits``."""
-    return next(width for width in (1, 2, 4, 8) if width >= bits) if pack else 8
 
 
 def unsupported_reason(spec: TensorSpec) -> str | None:
@@ -244,7 +244,7 @@ def quantize_rows(x: torch.Tensor, spec: TensorSpec, pack: bool = False) -> Pack
     """Quantize each row of ``x`` ``[M, K]`` (fp32/bf16) by ``spec`` in one fused kernel. See :class:`PackedRows`.
 
     ``spec`` must be an ``int1 … int7`` format with ``gaussian_rms`` scale and Hadamard block 128 (or no rotation);
-    when rotated ``K`` must be a multiple of 128. ``pack`` stores codes at the narrowest width (see the module doc).
+    when rotated ``K`` must be a multiple of 128. ``pack`` stores level-index fields instead of int8 odd codes.
     """
     reason = unsupported_reason(spec)
     if reason is not None:
@@ -255,9 +255,9 @@ def quantize_rows(x: torch.Tensor, spec: TensorSpec, pack: bool = False) -> Pack
         raise ValueError(f"quantize_rows: K={k} is not a multiple of the Hadamard block {HADAMARD_BLOCK} "
                          f"(x has shape {tuple(x.shape)}); allowed: K = 128·n, or rotation: none")
     bits = spec.fmt.bits
-    code_bits = storage_bits(bits, pack)
-    width = k if code_bits == 8 else -(-k * code_bits // 8)
-    codes = torch.empty(m, width, dtype=torch.int8 if code_bits == 8 else torch.uint8, device=x.device)
+    width = field_bits(2**bits) if pack else 0
+    codes = torch.empty(m, -(-k * width // 8) if pack else k, dtype=torch.uint8 if pack else torch.int8,
+                        device=x.device)
     step = torch.empty(m, dtype=torch.float32, device=x.device)
     mask = torch.empty(m, -(-k // 8), dtype=torch.uint8, device=x.device)
     if m and k:
@@ -265,9 +265,9 @@ def quantize_rows(x: torch.Tensor, spec: TensorSpec, pack: bool = False) -> Pack
         _quantize_kernel[grid](
             x, codes, step, mask, m, k, x.stride(0), codes.stride(0), mask.stride(0),
             float(k), spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
-            BITS=bits, CODE_BITS=code_bits, ROTATE=spec.rotated, ONE_PASS=k <= TILE_K,
+            BITS=bits, FIELD_BITS=width, ROTATE=spec.rotated, ONE_PASS=k <= TILE_K,
             DOT_BF16=x.dtype == torch.bfloat16 and not INTERPRETED, PRECISION=FP32_DOT_PRECISION, BLOCK_K=TILE_K)
-    return PackedRows(codes, step, mask, k, bits, code_bits, spec.rotated)
+    return PackedRows(codes, step, mask, k, bits, pack, spec.rotated)
 
 
 def dequantize_rows(rows: PackedRows, unrotate: bool = True) -> torch.Tensor:
@@ -279,57 +279,9 @@ def dequantize_rows(rows: PackedRows, unrotate: bool = True) -> torch.Tensor:
         block_r = 64
         grid = (triton.cdiv(r, block_r), triton.cdiv(k, TILE_K))
         _dequantize_kernel[grid](rows.codes, rows.step, out, r, k, rows.codes.stride(0), out.stride(0),
-                                 1.0 / math.sqrt(HADAMARD_BLOCK), CODE_BITS=rows.code_bits,
+                                 1.0 / math.sqrt(HADAMARD_BLOCK), BITS=rows.bits, FIELD_BITS=rows.field_bits,
                                  ROTATE=unrotate and rows.rotated, BLOCK_R=block_r, BLOCK_K=TILE_K)
     return out
-
-
-# ---- torch helpers for the packed layouts (tests, stats, export) ----
-
-def pack_codes(codes: torch.Tensor, code_bits: int) -> torch.Tensor:
-    """Odd codes ``[..., K]`` (any int dtype, ``|code| < 2^code_bits``) → packed bytes ``[..., ceil(K·code_bits/8)]``.
-
-    ``code_bits`` 8 returns the codes as int8; 1, 2, 4 store ``q = (code − 1)/2`` in two's complement in the fields
-    of :func:`kernels.packing.pack_fields`.
-    """
-    if code_bits not in FIELD_BITS:
-        raise ValueError(f"code_bits={code_bits!r} is not allowed; allowed: 1, 2, 4, 8")
-    if code_bits == 8:
-        return codes.to(torch.int8)
-    return pack_fields(((codes.to(torch.int32) - 1) // 2) & ((1 << code_bits) - 1), code_bits)
-
-
-def unpack_codes(packed: torch.Tensor, k: int, code_bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``[..., K]`` int8 odd codes."""
-    if code_bits not in FIELD_BITS:
-        raise ValueError(f"code_bits={code_bits!r} is not allowed; allowed: 1, 2, 4, 8")
-    if code_bits == 8:
-        return packed[..., :k].to(torch.int8)
-    fields = unpack_fields(packed, code_bits, k)
-    q = fields - ((fields >> (code_bits - 1)) << code_bits)
-    return (2 * q + 1).to(torch.int8)
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte: odd codes in ``[−15, 15]`` ``[..., K]`` → uint8 ``[..., ceil(K/2)]``."""
-    if codes.numel() and int(codes.abs().max()) > 15:
-        raise ValueError(f"pack_nibbles: codes up to ±{int(codes.abs().max())} do not fit 4 bits (allowed ±15)")
-    return pack_codes(codes, 4)
-
-
-def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`: int8 odd codes ``[..., k]``."""
-    return unpack_codes(packed, k, 4)
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool ``[..., K]`` → uint8 ``[..., ceil(K/8)]`` (bit ``j`` of byte ``i`` is element ``8i + j``)."""
-    return pack_fields(mask.to(torch.int32), 1)
-
-
-def unpack_mask(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: bool ``[..., k]``."""
-    return unpack_fields(packed, 1, k).bool()
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)

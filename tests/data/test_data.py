@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import bitlaw.data.shards as data
+from bitlaw.data.config import DataConfig
 from bitlaw.data.corpus import EmbeddedCorpus, build_embedded_corpus, documents_sha256
 from bitlaw.data.shards import (
-    DataConfig,
     dataset_dir,
     is_validation_document,
     load_prepared,

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from bitlaw.models.llama import LlamaConfig, LlamaModel
 from bitlaw.data.shards import load_prepared
 from bitlaw.deploy.evaluate import _ByteCounter, evaluate, main
-from bitlaw.deploy.export import export_native, load_model
-
+from bitlaw.deploy.load import load_model
+from bitlaw.deploy.native import export_native
+from bitlaw.models.llama import LlamaConfig, LlamaModel
 from tests.helpers import tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitlaw.kernels.packing import pack_fields, unpack_fields
+from bitlaw.deploy.export import main
+from bitlaw.deploy.hf import export_hf
+from bitlaw.deploy.load import load_checkpoint, load_model
+from bitlaw.deploy.native import export_native
 from bitlaw.kernels.recipe import Recipe, load_recipe
 from bitlaw.models.convert import convert
-from bitlaw.deploy.export import (
-    code_bits,
-    export_hf,
-    export_native,
-    load_checkpoint,
-    load_model,
-    main,
-)
 from bitlaw.train.module import LitLlama
 
 MODEL = {"n_layer": 2, "d_model": 128, "n_head": 1, "vocab_size": 96, "max_seq_len": 64}
@@ -38,15 +33,6 @@ def _checkpoint(tmp_path: Path, recipe_name: str, seed: int = 0) -> Path:
 
 def _tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_pack_round_trip(bits):
-    index = torch.randint(0, 2**bits, (5, 37))
-    packed = pack_fields(index, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-37 * bits // 8))
-    assert torch.equal(unpack_fields(packed, bits, 37), index)
-    assert code_bits(2) == 1 and code_bits(3) == 2 and code_bits(8) == 4 and code_bits(16) == 4 and code_bits(17) == 8
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "quest_w4a4", "quest_w1a1", "quest_w4", "lsq_w4a4", "quest_fp4",

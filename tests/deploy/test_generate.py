@@ -10,12 +10,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from bitlaw.deploy.generate import TextStream, filter_top_k, filter_top_p, generate, main
+from bitlaw.deploy.load import load_model
+from bitlaw.deploy.native import export_native
 from bitlaw.kernels.recipe import load_recipe
 from bitlaw.models.convert import convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
-from bitlaw.deploy.export import export_native, load_model
-from bitlaw.deploy.generate import TextStream, filter_top_k, filter_top_p, generate, main
-
 from tests.helpers import tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 
 from bitlaw.kernels.formats import gaussian_scale, get_format
-from bitlaw.kernels.quantizers import dequantize, fake_quantize, quantize, quantized_linear
+from bitlaw.kernels.quantizers import dequantize, fake_quantize, quantize, reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
 
 C_B = {1: 0.7978845587, 2: 1.4935346, 3: 2.0510684, 4: 2.5139306}
@@ -115,7 +115,7 @@ def test_quantized_linear_gradients_follow_reference_section_2():
     x = _randn(5, 7, 256, seed=20).requires_grad_(True)
     w = _randn(48, 256, seed=21).requires_grad_(True)
     g_y = _randn(5, 7, 48, seed=22)
-    y = quantized_linear(x, w, recipe)
+    y = reference_linear(x, w, recipe)
     y.backward(g_y)
     hb = torch.from_numpy(_blockdiag_h(256))
     qx, qw = quantize(x.detach(), recipe.input), quantize(w.detach(), recipe.weight)
@@ -129,7 +129,7 @@ def test_quantized_linear_gradients_follow_reference_section_2():
 def test_quantized_product_approximates_the_exact_one():
     x, w = _randn(64, 512, seed=30), _randn(32, 512, seed=31)
     exact = x @ w.T
-    err = {b: (quantized_linear(x, w, load_recipe(f"quest_w{b}a{b}")) - exact).norm() / exact.norm()
+    err = {b: (reference_linear(x, w, load_recipe(f"quest_w{b}a{b}")) - exact).norm() / exact.norm()
            for b in (2, 4, 8)}
     assert err[8] < 0.02 < err[4] < err[2] < 0.6
 
@@ -139,15 +139,15 @@ def test_weight_only_uses_rotated_back_weight_and_is_smooth_in_x():
     w = _randn(16, 128, seed=40)
     x = _randn(3, 128, seed=41).requires_grad_(True)
     w_eff = quantize(w, recipe.weight).values @ torch.from_numpy(_blockdiag_h(128)).T
-    torch.testing.assert_close(quantized_linear(x, w, recipe), x @ w_eff.T, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: quantized_linear(t, w, recipe), (x,))
+    torch.testing.assert_close(reference_linear(x, w, recipe), x @ w_eff.T, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: reference_linear(t, w, recipe), (x,))
 
 
 def test_bf16_recipe_is_a_plain_linear_gradcheck():
     x = _randn(3, 32, seed=42).requires_grad_(True)
     w = _randn(8, 32, seed=43).requires_grad_(True)
-    torch.testing.assert_close(quantized_linear(x, w, Recipe()), x @ w.T, rtol=0, atol=0)
-    assert torch.autograd.gradcheck(lambda a, b: quantized_linear(a, b, Recipe()), (x, w))
+    torch.testing.assert_close(reference_linear(x, w, Recipe()), x @ w.T, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda a, b: reference_linear(a, b, Recipe()), (x, w))
 
 
 @pytest.mark.parametrize("fmt", ["ternary", "fp4_e2m1", "fp8_e4m3"])
@@ -204,9 +204,9 @@ def test_bf16_and_fp32_inputs_compute_in_fp32():
     x = _randn(4, 128, seed=70, dtype=torch.float32)
     w = _randn(8, 128, seed=71, dtype=torch.float32)
     recipe = load_recipe("quest_w4a4")
-    y32 = quantized_linear(x, w, recipe)
+    y32 = reference_linear(x, w, recipe)
     assert y32.dtype == torch.float32
-    y16 = quantized_linear(x.bfloat16(), w, recipe)
+    y16 = reference_linear(x.bfloat16(), w, recipe)
     assert y16.dtype == torch.bfloat16
     assert (y16.float() - y32).abs().max() < 0.05 * y32.abs().max()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitlaw.kernels.quantizers import quantized_linear
+from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, load_recipe
 from bitlaw.models.convert import convert, quantized_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
@@ -67,7 +67,7 @@ def test_quantlinear_equals_the_reference_function_and_bf16_equals_linear():
     recipe = load_recipe("quest_w4a4")
     convert(model, recipe)
     layer = model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(layer(x), quantized_linear(x, layer.weight, recipe), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), reference_linear(x, layer.weight, recipe), rtol=0, atol=0)
     convert(model, Recipe())
     torch.testing.assert_close(model.layers[0].self_attn.q_proj(x), expected_plain, rtol=0, atol=0)
 

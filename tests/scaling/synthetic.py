@@ -1,7 +1,8 @@
 """Synthetic run tables from known law parameters, written independently of :mod:`scaling.laws`.
 
-The capacities here restate docs/scaling-laws.md §3–4 directly (GMSE from the table of docs/numerics.md §2, the tanh form, factorization over
-weights and inputs, the Kumar product), so a wrong law in ``scaling/`` cannot agree with them by construction.
+The capacities here restate docs/scaling-laws.md §3–5 directly (GMSE from the table of docs/numerics.md §2, the
+tanh form, factorization over weights and inputs, the Kumar product), so a wrong law in ``scaling/`` cannot agree
+with them by construction.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 from bitlaw.kernels.recipe import load_recipe
 from bitlaw.scaling.runs import Run
 
-GMSE_TABLE = {"int1": 0.3633802276, "int2": 0.1188460504, "int3": 0.0374396594, "int4": 0.0115428845}  # docs/numerics.md §2
+# docs/numerics.md §2
+GMSE_TABLE = {"int1": 0.3633802276, "int2": 0.1188460504, "int3": 0.0374396594, "int4": 0.0115428845}
 BITS = {"int1": 1, "int2": 2, "int3": 3, "int4": 4}
 # (weight format, input format) of the presets used here; None: bf16.
 ROLES = {"bf16": (None, None), "quest_w4a4": ("int4", "int4"), "quest_w3a3": ("int3", "int3"),

@@ -13,7 +13,7 @@ from .synthetic import EXTRA, RECIPES, SHARED, true_capacity, true_loss
 
 
 def test_published_constants_give_the_published_int4_and_int2_capacities():
-    # docs/scaling-laws.md §3: with (L_c, F, C) = (1, 0.41, 1.39), rho(INT4) = 0.8196 and rho(INT2) = 0.4445, per format.
+    # docs/scaling-laws.md §3: with (L_c, F, C) = (1, 0.41, 1.39), rho(INT4) = 0.8196, rho(INT2) = 0.4445, per format.
     assert PUBLISHED_GMSE == {"L_c": 1.0, "F": 0.41, "C": 1.39}
     assert round(gmse_spec_capacity("int4", **PUBLISHED_GMSE), 4) == 0.8196
     assert round(gmse_spec_capacity("int2", **PUBLISHED_GMSE), 4) == 0.4445

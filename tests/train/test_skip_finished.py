@@ -9,7 +9,6 @@ import pytest
 
 from bitlaw.train.cli import train
 from bitlaw.train.module import LitLlama
-
 from tests.helpers import compose_train, small_overrides
 
 

@@ -19,7 +19,6 @@ from bitlaw.models.llama import LlamaModel
 from bitlaw.train.cli import train
 from bitlaw.train.config import OptimConfig
 from bitlaw.train.module import LitLlama, decay_groups, lr_at
-
 from tests.helpers import compose_train, small_overrides, train_losses
 
 ROOT = Path(__file__).resolve().parents[2]

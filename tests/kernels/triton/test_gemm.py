@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitlaw.kernels.triton import quant as triton_quant
 from bitlaw.kernels.hadamard import block_hadamard
 from bitlaw.kernels.quantizers import quantize
 from bitlaw.kernels.recipe import TensorSpec
+from bitlaw.kernels.triton import quant as triton_quant
 from bitlaw.kernels.triton.gemm import grad_input, grad_weight, masked_rotated_grad, quantized_matmul
-from bitlaw.kernels.triton.quant import PackedRows, pack_codes, quantize_rows
+from bitlaw.kernels.triton.quant import PackedRows, quantize_rows
 
 from .test_quant import boundary_free
 
@@ -57,7 +57,7 @@ def test_int32_accumulation_is_exact_for_int7_codes():
     def rows(codes: torch.Tensor) -> PackedRows:
         two = torch.full((codes.shape[0],), 2.0)
         return PackedRows(codes.to(DEVICE), two.to(DEVICE), torch.zeros(codes.shape[0], 32, dtype=torch.uint8,
-                                                                         device=DEVICE), 256, 7, 8, True)
+                                                                         device=DEVICE), 256, 7, False, True)
 
     y = quantized_matmul(rows(cx), rows(cw)).cpu()
     assert torch.equal(y, (cx.long() @ cw.long().t()).float()) and y[0, 0] == 256 * 127**2
@@ -114,4 +114,3 @@ def test_bad_operands_are_rejected_clearly():
         masked_rotated_grad(torch.zeros(8, 5, device=DEVICE), a, a)
     with pytest.raises(ValueError, match="grad dtype torch.float64"):
         masked_rotated_grad(torch.zeros(8, 8, dtype=torch.float64, device=DEVICE), a, a)
-    assert pack_codes(a.codes.cpu(), 8).dtype == torch.int8

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitlaw.kernels.triton import quant as triton_quant
 from bitlaw.kernels.hadamard import block_hadamard
 from bitlaw.kernels.linear import quantized_linear
 from bitlaw.kernels.recipe import TensorSpec, load_recipe
+from bitlaw.kernels.triton import quant as triton_quant
 from bitlaw.kernels.triton.gemm import grad_input, grad_weight, quantized_matmul
 from bitlaw.kernels.triton.quant import quantize_rows
 

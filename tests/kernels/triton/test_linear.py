@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bitlaw.kernels import linear
-from bitlaw.kernels.triton import quant as triton_quant
 from bitlaw.kernels.linear import (
     BACKEND_ENV,
     quantized_linear,
@@ -19,8 +18,9 @@ from bitlaw.kernels.linear import (
     saved_tensor_bytes,
     triton_unsupported_reason,
 )
-from bitlaw.kernels.quantizers import quantized_linear as reference_linear
+from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
+from bitlaw.kernels.triton import quant as triton_quant
 from bitlaw.models.quant_linear import QuantLinear
 from tests.helpers import compose_train, small_overrides, train_losses, word_corpus
 

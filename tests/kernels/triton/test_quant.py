@@ -11,20 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.packing import field_bits, pack_codes
 from bitlaw.kernels.quantizers import quantize, rotate, unrotate
 from bitlaw.kernels.recipe import TensorSpec
-from bitlaw.kernels.triton.quant import (
-    dequantize_rows,
-    masked_fraction,
-    pack_codes,
-    pack_mask,
-    pack_nibbles,
-    quantize_rows,
-    unpack_codes,
-    unpack_mask,
-    unpack_nibbles,
-)
+from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.triton.quant import dequantize_rows, masked_fraction, quantize_rows
 
 DEVICE = "cpu" if triton_quant.INTERPRETED else "cuda"
 pytestmark = pytest.mark.skipif(not (triton_quant.INTERPRETED or torch.cuda.is_available()),
@@ -61,8 +52,8 @@ def assert_matches_reference(x: torch.Tensor, spec: TensorSpec, pack: bool) -> N
     """Codes, steps and masks of the kernel equal the reference; only near-boundary values may differ."""
     ref = quantize(x.cpu(), spec)
     got = quantize_rows(x, spec, pack=pack)
-    assert got.codes.dtype == (torch.uint8 if got.code_bits < 8 else torch.int8)
-    assert got.code_bits == (triton_quant.storage_bits(spec.fmt.bits, True) if pack else 8)
+    assert got.codes.dtype == (torch.uint8 if pack else torch.int8)
+    assert got.field_bits == (field_bits(2**spec.fmt.bits) if pack else 0)
     torch.testing.assert_close(got.step.cpu(), ref.step[:, 0], rtol=1e-6, atol=0)
     codes = got.unpacked_codes().cpu().to(torch.int16)
     mask = got.unpacked_mask().cpu()
@@ -154,31 +145,11 @@ def test_dequantize_and_masked_fraction_match_the_reference():
         assert float(masked_fraction(got.mask, got.k)) == pytest.approx(float(1 - ref.mask.float().mean()), abs=1e-7)
 
 
-@pytest.mark.parametrize("code_bits", [1, 2, 4, 8])
-def test_packing_round_trips_and_kernel_layout_matches_the_helpers(code_bits):
-    gen = torch.Generator().manual_seed(code_bits)
-    top = 2 ** (code_bits - 1) if code_bits < 8 else 64
-    codes = (2 * torch.randint(-top, top, (3, 45), generator=gen) + 1).to(torch.int8)  # odd K: padded tail
-    packed = pack_codes(codes, code_bits)
-    assert packed.shape == (3, -(-45 * code_bits // 8) if code_bits < 8 else 45)
-    assert torch.equal(unpack_codes(packed, 45, code_bits), codes)
-    bits = {1: 1, 2: 2, 4: 4, 8: 7}[code_bits]
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 7])
+def test_kernel_packs_codes_in_the_storage_encoding(bits):
+    gen = torch.Generator().manual_seed(bits)
     spec = TensorSpec(format=f"int{bits}")
     x = torch.randn(9, 256, generator=gen).to(DEVICE)
     got = quantize_rows(x, spec, pack=True)
-    assert got.code_bits == code_bits
-    assert torch.equal(got.codes.cpu(), pack_codes(quantize_rows(x, spec).codes.cpu(), code_bits))
-
-
-def test_nibble_and_mask_layout():
-    # Element 2i in the low nibble, q = (code − 1)/2 in two's complement: codes (1, −1) → q (0, −1) → 0xF0.
-    assert pack_nibbles(torch.tensor([[1, -1, -15, 15]], dtype=torch.int8)).tolist() == [[0xF0, 0x78]]
-    odd = (2 * torch.randint(-8, 8, (4, 33)) + 1).to(torch.int8)
-    assert torch.equal(unpack_nibbles(pack_nibbles(odd), 33), odd)
-    with pytest.raises(ValueError, match="do not fit 4 bits"):
-        pack_nibbles(torch.tensor([17], dtype=torch.int8))
-    mask = torch.tensor([[True, False, False, True, False, False, False, False, True, True]])
-    assert pack_mask(mask).tolist() == [[0b00001001, 0b00000011]]
-    assert torch.equal(unpack_mask(pack_mask(mask), 10), mask)
-    with pytest.raises(ValueError, match="code_bits=3 is not allowed"):
-        pack_codes(odd, 3)
+    assert got.packed and got.field_bits == field_bits(2**bits) and got.codes.dtype == torch.uint8
+    assert torch.equal(got.codes.cpu(), pack_codes(quantize_rows(x, spec).codes.cpu(), bits))

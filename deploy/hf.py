@@ -1,0 +1,118 @@
+"""The Hugging Face export: a ``transformers.LlamaForCausalLM`` directory with the quantized weights dequantized and
+rotated back (weight-only semantics), and its loader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bitlaw.deploy.load import LoadedModel
+from bitlaw.deploy.native import TENSOR_FILE
+from bitlaw.deploy.staging import prepare_out, publish
+from bitlaw.kernels.quantizers import quantize, unrotate
+from bitlaw.kernels.recipe import Recipe
+from bitlaw.models.convert import quantized_layers
+from bitlaw.models.llama import LlamaConfig
+
+
+def hf_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama tensor names → fp32 tensors, quantized weights dequantized and rotated back."""
+    model, recipe = loaded.model, loaded.recipe
+    qlayers = quantized_layers(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in qlayers:
+            if leaf != "weight":
+                continue  # learned quantizer scales have no place in a plain Llama
+            layer = qlayers[module_name]
+            res = quantize(layer.weight.detach().cpu().float(), recipe.weight, layer.weight_lsq_scale)
+            value = unrotate(res.values, recipe.weight)
+        name = key if key.startswith("lm_head.") else f"model.{key}"
+        out[name] = value.detach().float().contiguous().cpu()
+    return out
+
+
+def hf_config(config: LlamaConfig, eos_id: int | None) -> dict[str, Any]:
+    """``config.json`` of ``LlamaForCausalLM``, every field mapped explicitly."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.hidden,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": config.init_std, "bos_token_id": None, "eos_token_id": eos_id,
+        "pad_token_id": None, "dtype": "float32", "use_cache": True,
+    }
+
+
+def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list[str]:
+    """Write a directory ``transformers.LlamaForCausalLM`` loads offline; return notes for the user."""
+    out = Path(out)
+    notes = []
+    if loaded.recipe.input.quantized:
+        notes.append(f"recipe {loaded.recipe.name!r} quantizes activations ({loaded.recipe.input.format}); the Hugging "
+                     "Face export has weight-only semantics: activations run in high precision there")
+    staging = prepare_out(out, force)
+    try:
+        eos_id = None
+        if loaded.tokenizer_path is not None and loaded.tokenizer_path.is_file():
+            from tokenizers import Tokenizer
+
+            eos_id = Tokenizer.from_file(str(loaded.tokenizer_path)).token_to_id("<|endoftext|>")
+            shutil.copyfile(loaded.tokenizer_path, staging / "tokenizer.json")
+            (staging / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                "model_max_length": loaded.config.max_seq_len}, indent=2) + "\n")
+        else:
+            notes.append("no tokenizer recorded for this model: tokenizer files were not written")
+        save_file(hf_state_dict(loaded), str(staging / TENSOR_FILE), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config(loaded.config, eos_id), indent=2) + "\n")
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return notes
+
+
+class _HFWrapper(nn.Module):
+    """``LlamaForCausalLM`` behind the :class:`LlamaModel` call contract (fp32 logits, optional loss)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.hf_model(input_ids=input_ids).logits.float()
+        if targets is None:
+            return logits
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+
+def load_hf(directory: str | Path, device: str = "cpu") -> LoadedModel:
+    """A Hugging Face export directory, loaded offline with ``transformers`` (the ``hf`` extra)."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError as err:
+        raise ImportError("loading a Hugging Face export needs transformers: pip install 'bitlaw[hf]'") from err
+    directory = Path(directory)
+    hf_model = LlamaForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
+    c = hf_model.config
+    config = LlamaConfig(n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
+                         vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
+                         mlp_hidden=c.intermediate_size)
+    tokenizer = directory / "tokenizer.json"
+    return LoadedModel(_HFWrapper(hf_model).to(device).eval(), config, Recipe(name="bf16"),
+                       tokenizer if tokenizer.is_file() else None, "hf")
+
+
