@@ -29,17 +29,44 @@ BACKEND_ENV = "BITLAW_BACKEND"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def resolve_backend(backend: str | None = None, device: torch.device | str = "cpu") -> str:
-    """``"triton"`` or ``"reference"`` for tensors on ``device``: ``backend`` if given, else ``$BITLAW_BACKEND``,
-    else auto (Triton on CUDA, the reference elsewhere). Raises ValueError for any other value."""
+def _requested(backend: str | None) -> tuple[str, str]:
+    """(the requested backend, where the request came from); ValueError for a value not in BACKENDS."""
     source = "the backend argument"
     if backend is None:
         backend, source = os.environ.get(BACKEND_ENV, "auto"), f"${BACKEND_ENV}"
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} (from {source}) is not allowed; allowed: {', '.join(BACKENDS)}")
+    return backend, source
+
+
+def resolve_backend(backend: str | None = None, device: torch.device | str = "cpu") -> str:
+    """``"triton"`` or ``"reference"`` for tensors on ``device``: ``backend`` if given, else ``$BITLAW_BACKEND``,
+    else auto (Triton on CUDA, the reference elsewhere). Raises ValueError for any other value."""
+    backend, _ = _requested(backend)
     if backend == "auto":
         return "triton" if torch.device(device).type == "cuda" else "reference"
     return backend
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The path one quantized linear call takes: ``backend`` ``"triton"`` or ``"reference"``, and ``reason``, why
+    it is not Triton (None when Triton runs)."""
+
+    backend: str
+    reason: str | None
+
+
+def select_backend(recipe: Recipe, x: torch.Tensor, weight: torch.Tensor, backend: str | None = None
+                   ) -> BackendChoice:
+    """The path :func:`quantized_linear` takes for these tensors, with the reason when it is not Triton."""
+    requested, source = _requested(backend)
+    if requested == "reference":
+        return BackendChoice("reference", f"backend=reference requested ({source})")
+    if requested == "auto" and x.device.type != "cuda":
+        return BackendChoice("reference", f"backend=auto on {x.device.type} tensors (the Triton kernels run on CUDA)")
+    reason = triton_unsupported_reason(recipe, x.dtype, weight.dtype)
+    return BackendChoice("reference", f"no Triton kernel: {reason}") if reason else BackendChoice("triton", None)
 
 
 def _kernels():
@@ -84,8 +111,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit; "
                          "expected x [..., K] and weight [N, K]")
-    if resolve_backend(backend, x.device) == "triton" and \
-            triton_unsupported_reason(recipe, x.dtype, weight.dtype) is None:
+    if select_backend(recipe, x, weight, backend).backend == "triton":
         return _triton_linear(x, weight, recipe, bias, stats)
     return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats)
 

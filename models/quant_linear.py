@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bitlaw.kernels.linear import quantized_linear
+from bitlaw.kernels.linear import BackendChoice, quantized_linear, select_backend
 from bitlaw.kernels.quantizers import rotate
 from bitlaw.kernels.recipe import Recipe
 
@@ -22,8 +22,10 @@ class QuantLinear(nn.Linear):
     Set ``track_stats = True`` to record the masked fraction of each role's gradient mask in ``stats``
     (``weight_masked_fraction``, ``input_masked_fraction``: 0-dim tensors) on the next forward.
 
-    ``backend`` picks the kernels (see :func:`kernels.linear.resolve_backend`): ``"auto"``, ``"reference"``,
-    ``"triton"``, or None to follow ``$BITLAW_BACKEND`` at each forward.
+    ``backend`` picks the kernels (see :func:`bitlaw.kernels.linear.select_backend`): ``"auto"``, ``"reference"``,
+    ``"triton"``, or None to follow ``$BITLAW_BACKEND`` at each forward. ``last_backend`` is the
+    :class:`~bitlaw.kernels.linear.BackendChoice` of the latest forward (None before the first): which path ran
+    and, when it was not Triton, why.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, recipe: Recipe,
@@ -34,6 +36,7 @@ class QuantLinear(nn.Linear):
         self.layer_name = name
         self.track_stats = False
         self.backend: str | None = None
+        self.last_backend: BackendChoice | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self._add_lsq_scales(device)
 
@@ -91,8 +94,9 @@ class QuantLinear(nn.Linear):
         if (self.weight_lsq_scale is not None or self.input_lsq_scale is not None) and not self.lsq_initialized:
             self._init_lsq(x)
         stats = {} if self.track_stats else None
+        self.last_backend = select_backend(self.recipe, x, self.weight, self.backend)
         y = quantized_linear(x, self.weight, self.recipe, self.bias, self.weight_lsq_scale, self.input_lsq_scale,
-                             stats, self.backend)
+                             stats, self.last_backend.backend)
         if stats is not None:
             self.stats = stats
         return y

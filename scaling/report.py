@@ -123,8 +123,42 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
     messages = [f"- {m}" if m.startswith(f"{form}:") else f"- {form}: {m}"
                 for form, entry in entries.items() for m in entry["warnings"]]
     lines += messages or ["none"]
+    lines += ["", *throughput_section(runs)]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
+
+
+def throughput_section(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines comparing training tokens/s per recipe, with a warning when the runs do not compare like
+    with like: quantized runs that ran different kernel paths (Triton and the reference), or runs on different
+    devices."""
+    timed = [run for run in runs if run.tokens_per_s is not None]
+    lines = ["## Throughput", ""]
+    if not timed:
+        return lines + ["No run records tokens/s."]
+    by_recipe: dict[str, list[Run]] = {}
+    for run in timed:
+        by_recipe.setdefault(run.recipe_name, []).append(run)
+    lines += ["Training tokens/s per run as recorded (run.json); ratios compare recipes only when every run of a "
+              "size ran on the same device and the quantized runs on the same kernel path.", "",
+              "| recipe | runs | tokens/s (mean) | backend | device |", "|---|---:|---:|---|---|"]
+    for name, group in by_recipe.items():
+        mean = sum(run.tokens_per_s for run in group) / len(group)
+        backends = ", ".join(sorted({run.backend or "unknown" for run in group}))
+        devices = ", ".join(sorted({run.device or "unknown" for run in group}))
+        lines.append(f"| {name} | {len(group)} | {mean:,.0f} | {backends} | {devices} |")
+    quantized = [run for run in timed if run.recipe.quantized]
+    paths = sorted({run.backend or "unknown" for run in quantized})
+    devices = sorted({run.device or "unknown" for run in timed})
+    problems = []
+    if len(paths) > 1:
+        counts = ", ".join(f"{path}: {sum((r.backend or 'unknown') == path for r in quantized)}" for path in paths)
+        problems.append(f"the quantized runs mixed kernel paths ({counts} runs): their tokens/s measure different "
+                        "code, not the recipes")
+    if len(devices) > 1:
+        problems.append(f"the runs ran on different devices ({', '.join(devices)})")
+    lines += [""] + [f"**Warning: {problem}.**" for problem in problems]
+    return lines
 
 
 def _ratio_groups(runs: Sequence[Run]) -> list[tuple[float, list[Run]]]:

@@ -26,19 +26,27 @@ from typing import Any
 from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
 
 CSV_COLUMNS = ("N", "D", "loss", "recipe")
+SPEED_COLUMNS = ("tokens_per_s", "backend", "device")  # optional in CSV input
 RECORD_KEYS = ("params_non_embedding", "tokens", "val_loss", "recipe")
 
 
 @dataclass(frozen=True)
 class Run:
     """One training run: ``N`` non-embedding parameters, ``D`` training tokens, final validation ``loss``
-    (nats/token), the ``recipe`` it was trained with, and ``source`` (file and line or run id) for messages."""
+    (nats/token), the ``recipe`` it was trained with, and ``source`` (file and line or run id) for messages.
+
+    Speed, when the source records it: ``tokens_per_s``, ``backend`` (the path its quantized layers ran:
+    ``triton``, ``reference``, ``mixed``, or ``none`` for a model without quantized layers) and ``device``.
+    """
 
     N: float
     D: float
     loss: float
     recipe: Recipe
     source: str
+    tokens_per_s: float | None = None
+    backend: str | None = None
+    device: str | None = None
 
     @property
     def recipe_name(self) -> str:
@@ -77,9 +85,22 @@ def run_from_record(record: dict[str, Any], source: str) -> Run:
         recipe = _preset(recipe_data, source) if isinstance(recipe_data, str) else Recipe.from_dict(recipe_data)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+    speed = record.get("tokens_per_s")
     return Run(N=_positive(record["params_non_embedding"], "params_non_embedding", source),
                D=_positive(record["tokens"], "tokens", source),
-               loss=_positive(record["val_loss"], "val_loss", source), recipe=recipe, source=source)
+               loss=_positive(record["val_loss"], "val_loss", source), recipe=recipe, source=source,
+               tokens_per_s=None if speed is None else _positive(speed, "tokens_per_s", source),
+               backend=backend_summary(record["backends"]) if isinstance(record.get("backends"), dict) else None,
+               device=record.get("device"))
+
+
+def backend_summary(backends: dict[str, Any]) -> str:
+    """One word for a run record's ``backends`` (layer kind → {"backend", "reason"}): the path every quantized layer
+    took (``triton`` or ``reference``), ``mixed``, or ``none`` when the model has no quantized layer."""
+    paths = {entry.get("backend") for entry in backends.values() if isinstance(entry, dict)}
+    if not paths:
+        return "none"
+    return paths.pop() if len(paths) == 1 else "mixed"
 
 
 def read_run_json(path: str | Path) -> Run:
@@ -133,23 +154,28 @@ def read_csv(path: str | Path, known: dict[str, Recipe] | None = None) -> list[R
         runs = []
         for line, row in enumerate(reader, start=2):
             where = f"{path}:{line}"
+            speed = (row.get("tokens_per_s") or "").strip()
             runs.append(Run(N=_positive(row["N"], "N", where), D=_positive(row["D"], "D", where),
                             loss=_positive(row["loss"], "loss", where),
-                            recipe=_preset(row["recipe"] or "", where, known),
-                            source=where))
+                            recipe=_preset(row["recipe"] or "", where, known), source=where,
+                            tokens_per_s=_positive(speed, "tokens_per_s", where) if speed else None,
+                            backend=(row.get("backend") or "").strip() or None,
+                            device=(row.get("device") or "").strip() or None))
     if not runs:
         raise ValueError(f"{path}: no rows below the header {', '.join(header)}")
     return runs
 
 
 def write_csv(runs: Iterable[Run], path: str | Path) -> None:
-    """Write ``runs`` in the CSV form :func:`read_csv` reads (recipe by name), plus a ``source`` column."""
+    """Write ``runs`` in the CSV form :func:`read_csv` reads (recipe by name, speed columns empty where unknown),
+    plus a ``source`` column."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow([*CSV_COLUMNS, "source"])
+        writer.writerow([*CSV_COLUMNS, *SPEED_COLUMNS, "source"])
         for run in runs:
+            speed = "" if run.tokens_per_s is None else repr(float(run.tokens_per_s))
             writer.writerow([repr(float(run.N)), repr(float(run.D)), repr(float(run.loss)), run.recipe_name,
-                             run.source])
+                             speed, run.backend or "", run.device or "", run.source])
 
 
 def read_wandb(project: str, entity: str | None = None) -> list[Run]:

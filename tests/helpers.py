@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from bitlaw.kernels.recipe import CONF_DIR
 from bitlaw.train.cli import train
-from bitlaw.train.config import register_schema
+from bitlaw.train.config import register_configs
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers, stones and "
          "the long quiet roads that lead to old towns").split()
@@ -58,7 +58,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def compose_train(overrides: list[str]):
     """The composed ``conf/train.yaml`` with ``overrides``, as ``bitlaw-train`` would see it."""
-    register_schema()
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="train", overrides=overrides)
 

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from bitlaw.kernels.recipe import CONF_DIR
 from bitlaw.train.cli import train
-from bitlaw.train.config import register_schema
+from bitlaw.train.config import register_configs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quant", nargs="+", default=["bf16", "quest_w4a4"], help="quant presets to compare")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer=gpu")
     args = parser.parse_args(argv)
-    register_schema()
+    register_configs()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quant:

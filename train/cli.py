@@ -1,13 +1,23 @@
-"""``bitlaw-train`` (also ``python -m bitlaw.train``): compose the config, build data, model, trainer; fit; record."""
+"""``bitlaw-train`` (also ``python -m bitlaw.train``): one pretraining run, as a sequence of steps.
+
+:func:`train` reads top to bottom: :func:`plan_run` checks the whole configuration before anything is read or
+written; :func:`prepare_run_data` tokenizes the corpus once (or reuses it); a finished run is skipped; then the
+model, the data module and the Lightning trainer are built (:func:`build_trainer` instantiates the ``logger`` and
+``callbacks`` groups), ``fit`` runs, and :func:`final_record` writes ``run.json``.
+
+Bad input (configuration, data files, a checkpoint of another run) raises :class:`UsageError`: ``bitlaw-train``
+prints it as one line and exits with status 2. A non-finite loss stops every rank
+(:class:`~bitlaw.train.callbacks.NonFiniteLossError`, one line, status 1). Anything else is a bug or a fault of the
+machine and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+import logging
 import sys
 import time
-from importlib import metadata
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,69 +25,76 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from bitlaw.data.config import DataConfig
-from bitlaw.data.shards import prepare_data
+from bitlaw.data.shards import PreparedData, prepare_data
 from bitlaw.kernels.linear import BACKENDS
 from bitlaw.kernels.recipe import CONF_DIR, Recipe
 from bitlaw.models.convert import convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.train.callbacks import NonFiniteLossError, Throughput
 from bitlaw.train.checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
-from bitlaw.train.config import max_steps, register_schema
-from bitlaw.train.csvlog import ResumableCSVLogger
+from bitlaw.train.config import max_steps, register_configs
 from bitlaw.train.datamodule import TokenDataModule
 from bitlaw.train.module import LitLlama
+from bitlaw.train.record import code_version, finished_record, write_record
 
-register_schema()
+PROG = "bitlaw-train"
 
 
-def code_version() -> str:
-    """The installed bitlaw version, plus the git commit when run from a checkout."""
-    version = metadata.version("bitlaw") if _installed() else "unknown"
+class UsageError(ValueError):
+    """Bad input from the command line, the configuration or the files it names (exit status 2)."""
+
+
+@dataclass
+class RunPlan:
+    """A checked configuration: everything :func:`train` needs before it reads data or writes anything."""
+
+    cfg: DictConfig
+    run_dir: Path
+    model: dict[str, Any]  # LlamaConfig fields; vocab_size is replaced by the tokenizer's
+    recipe: Recipe
+    data: DataConfig
+    resume_from: Path | None  # the checkpoint to continue from
+
+    @property
+    def geometry(self) -> dict[str, Any]:
+        """The batch settings a resumed run must share with its checkpoint."""
+        return {"seed": self.cfg.seed, "seq_len": self.cfg.seq_len, "global_batch": self.cfg.global_batch}
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Check every setting that needs no data or compute; raise :class:`UsageError` naming the first bad one."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return f"{version}+g{sha}"
-    except (OSError, subprocess.SubprocessError):
-        return version
-
-
-def _installed() -> bool:
-    try:
-        metadata.version("bitlaw")
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def _validate(cfg: DictConfig) -> tuple[dict[str, Any], Recipe, DataConfig]:
-    """Every check that needs no data or compute: runs before anything is prepared or written."""
-    model_dict = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg = LlamaConfig.from_dict(model_dict)
-    recipe = Recipe.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
-    with torch.device("meta"):
-        meta_model = LlamaModel(model_cfg)
-    if recipe.quantized:
-        convert(meta_model, recipe)  # raises, naming the layer, if a Hadamard block does not fit the width
-    if not 1 <= cfg.seq_len <= model_cfg.max_seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} must be in [1, model.max_seq_len={model_cfg.max_seq_len}]")
-    for key in ("global_batch", "val_every", "val_batches", "ckpt_every"):
-        if cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} must be >= 1")
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        raise ValueError(f"backend={cfg.backend!r} is not allowed; allowed: {', '.join(BACKENDS)} (or null: "
-                         "$BITLAW_BACKEND, else auto)")
-    if cfg.logger.kind not in ("csv", "wandb"):
-        raise ValueError(f"logger.kind={cfg.logger.kind!r} is not allowed; allowed: csv, wandb")
-    max_steps(cfg, model_cfg.params_non_embedding)
-    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
-    data_cfg.cache_dir = hydra.utils.to_absolute_path(data_cfg.cache_dir)
-    data_cfg.paths = [hydra.utils.to_absolute_path(p) for p in data_cfg.paths]
-    data_cfg.validate()
-    return model_dict, recipe, data_cfg
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg = LlamaConfig.from_dict(model)
+        recipe = Recipe.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+        with torch.device("meta"):
+            meta_model = LlamaModel(model_cfg)
+        if recipe.quantized:
+            convert(meta_model, recipe)  # raises, naming the layer, if a Hadamard block does not fit the width
+        if not 1 <= cfg.seq_len <= model_cfg.max_seq_len:
+            raise ValueError(f"seq_len={cfg.seq_len} must be in [1, model.max_seq_len={model_cfg.max_seq_len}]")
+        for key in ("global_batch", "val_every", "val_batches", "ckpt_every"):
+            if cfg[key] < 1:
+                raise ValueError(f"{key}={cfg[key]} must be >= 1")
+        if cfg.mask_stats_every < 0 or cfg.mask_stats_every % cfg.trainer.log_every_n_steps:
+            raise ValueError(f"mask_stats_every={cfg.mask_stats_every} must be 0 (never) or a multiple of "
+                             f"trainer.log_every_n_steps={cfg.trainer.log_every_n_steps} (steps the loggers write)")
+        if cfg.backend is not None and cfg.backend not in BACKENDS:
+            raise ValueError(f"backend={cfg.backend!r} is not allowed; allowed: {', '.join(BACKENDS)} (or null: "
+                             "$BITLAW_BACKEND, else auto)")
+        max_steps(cfg, model_cfg.params_non_embedding)
+        data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+        data.cache_dir = to_absolute_path(data.cache_dir)
+        data.paths = [to_absolute_path(p) for p in data.paths]
+        data.validate()
+        run_dir = Path(cfg.run_dir)
+        return RunPlan(cfg, run_dir, model, recipe, data, _resume_path(cfg, run_dir))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -86,99 +103,128 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.resume == "auto":
         last = run_dir / "checkpoints" / "last.ckpt"
         return last if last.is_file() else None
-    path = Path(hydra.utils.to_absolute_path(cfg.resume))
+    path = Path(to_absolute_path(cfg.resume))
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint (allowed: auto, never, or a path)")
     return path
 
 
-def _finished_record(run_dir: Path, model: dict[str, Any], recipe: Recipe, run: dict[str, Any],
-                     steps: int) -> dict[str, Any] | None:
-    """The record of ``run_dir/run.json`` when this run already finished there, else None (no run.json).
-
-    So that re-launching a sweep skips finished runs. Raises ValueError when the record was written with other
-    settings (model shape, recipe, seed, seq_len, global_batch, steps): skipping would silently keep the wrong run.
-    """
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    checks = [("model", record.get("model"), model), ("quant", record.get("recipe"), recipe.to_dict()),
-              ("steps", record.get("steps"), steps), *((key, record.get(key), value) for key, value in run.items())]
-    for key, old, new in checks:
-        if old != new:
-            raise ValueError(f"{path} records a finished run with {key} {old!r}, this run has {new!r}; use another "
-                             "run directory, the original settings, or resume=never to train again from scratch")
-    return record
+def prepare_run_data(plan: RunPlan) -> PreparedData:
+    """The tokenized data set (prepared now, or reused); bad data files raise :class:`UsageError`."""
+    try:
+        return prepare_data(plan.data, progress=plan.cfg.trainer.enable_progress_bar)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
 
 
-def _loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [ResumableCSVLogger(str(run_dir))]
-    if cfg.logger.kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
+class _DropTips(logging.Filter):
+    """Lightning's advertisements ("💡 Tip: … litlogger …") are not about this run."""
 
-        offline = cfg.logger.offline
-        if offline is None:
-            offline = not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file())
-        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
-                                   offline=offline, name=run_dir.name))
-    return loggers
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Keep the console to what concerns the run: drop Lightning's tips, and a deprecation warning that Lightning
+    2.6's own pytree code raises under torch ≥ 2.10 (not caused by bitlaw's usage; nothing to act on)."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in tips.filters):
+        tips.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def build_trainer(cfg: DictConfig, steps: int) -> L.Trainer:
+    """A Lightning trainer from ``cfg.trainer``, with the loggers and callbacks of the ``logger`` and ``callbacks``
+    groups instantiated (Hydra ``_target_``)."""
+    quiet_lightning()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["max_steps"] = steps
+    loggers = [instantiate(node) for node in cfg.logger.values()]
+    callbacks = [instantiate(node) for node in cfg.callbacks.values()]
+    return L.Trainer(**trainer_kwargs, default_root_dir=cfg.run_dir, logger=loggers, callbacks=callbacks,
+                     plugins=[AtomicCheckpointIO()], gradient_clip_val=cfg.optim.grad_clip or None,
+                     val_check_interval=cfg.val_every * trainer_kwargs["accumulate_grad_batches"],
+                     check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
+                     max_epochs=-1)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg`` (the composed ``conf/train.yaml``); return its run record."""
-    model_dict, recipe, data_cfg = _validate(cfg)
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = _resume_path(cfg, run_dir)
-
-    data = prepare_data(data_cfg, progress=cfg.trainer.enable_progress_bar)
-    model_dict["vocab_size"] = data.vocab_size
-    model_cfg = LlamaConfig.from_dict(model_dict)
+    plan = plan_run(cfg)
+    data = prepare_run_data(plan)
+    model_cfg = LlamaConfig.from_dict({**plan.model, "vocab_size": data.vocab_size})
     steps = max_steps(cfg, model_cfg.params_non_embedding)
-    run = {"seed": cfg.seed, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch}
-    start_step = 0 if ckpt_path is None else check_resumable(ckpt_path, model_dict, recipe.to_dict(), run)
-    if cfg.resume != "never":
-        finished = _finished_record(run_dir, model_cfg.to_dict(), recipe, run, steps)
-        if finished is not None:
-            print(f"bitlaw-train: skipped {run_dir}: already finished (run.json, val_loss {finished['val_loss']:.4f}); "
-                  "resume=never trains it again from scratch")
-            return finished
-    else:
-        # Retraining from scratch: the old record must not make the directory look finished meanwhile.
-        (run_dir / "run.json").unlink(missing_ok=True)
+    settings = {"model": model_cfg.to_dict(), "recipe": plan.recipe.to_dict(), "steps": steps, **plan.geometry}
+    try:
+        start_step = 0
+        if plan.resume_from is not None:
+            start_step = check_resumable(plan.resume_from, model_cfg.to_dict(), plan.recipe.to_dict(), plan.geometry)
+        if cfg.resume != "never":
+            finished = finished_record(plan.run_dir, settings)
+            if finished is not None:
+                print(f"{PROG}: skipped {plan.run_dir}: already finished (run.json, val_loss "
+                      f"{finished['val_loss']:.4f}); resume=never trains it again from scratch")
+                return finished
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if cfg.resume == "never":
+        # Retraining from scratch: the old record and metrics must not be mistaken for this run's.
+        for name in ("run.json", "metrics.csv"):
+            (plan.run_dir / name).unlink(missing_ok=True)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_bytes(run_dir / "config.yaml", lambda fh: fh.write(resolved.encode()))
+    atomic_write_bytes(plan.run_dir / "config.yaml", lambda fh: fh.write(resolved.encode()))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = LitLlama(model_dict, recipe.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), steps, run,
-                      mask_stats_every=cfg.mask_stats_every, compile=cfg.compile, peak_flops=cfg.peak_flops,
+    module = LitLlama(model_cfg.to_dict(), plan.recipe.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True),
+                      steps, plan.geometry, mask_stats_every=cfg.mask_stats_every, compile=cfg.compile,
                       backend=cfg.backend)
     module.tokenizer_path = str(data.tokenizer_path)
     datamodule = TokenDataModule(data, cfg.seq_len, cfg.global_batch, cfg.seed, steps, cfg.val_batches)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["max_steps"] = steps
-    accumulate = trainer_kwargs["accumulate_grad_batches"]
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
-                                  auto_insert_metric_name=False, every_n_train_steps=cfg.ckpt_every,
-                                  save_top_k=-1, save_last=True)
-    trainer = L.Trainer(
-        **trainer_kwargs, default_root_dir=str(run_dir), logger=_loggers(cfg, run_dir), callbacks=[checkpoints],
-        plugins=[AtomicCheckpointIO()], gradient_clip_val=cfg.optim.grad_clip or None,
-        val_check_interval=cfg.val_every * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        use_distributed_sampler=False, max_epochs=-1)
+    trainer = build_trainer(cfg, steps)
+    if trainer.is_global_zero:
+        print(f"{PROG}: {model_cfg.n_layer} layers × d_model {model_cfg.d_model}, N = "
+              f"{model_cfg.params_non_embedding:,} non-embedding parameters, recipe {plan.recipe.name}; {steps} steps "
+              f"of {cfg.global_batch} × {cfg.seq_len} tokens" + (f", resuming at step {start_step}" if start_step
+                                                                else "") + f"; run directory {plan.run_dir}")
     started = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    except FloatingPointError as err:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
-        raise SystemExit(f"bitlaw-train: stopped: {err}; {kept}") from None
-    train_seconds = time.perf_counter() - started
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
+    fit_seconds = time.perf_counter() - started
     val_loss = float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+    record = final_record(cfg, trainer, module, data, model_cfg, plan.recipe, val_loss,
+                          (trainer.global_step - start_step) * cfg.global_batch * cfg.seq_len / fit_seconds)
+    if trainer.is_global_zero:
+        path = write_record(plan.run_dir, record)
+        print(f"final validation loss {val_loss:.4f} nats/token; unigram entropy of the corpus "
+              f"{data.unigram_entropy_nats:.4f} nats/token; {record['tokens']:,} tokens in {trainer.global_step} "
+              f"steps; run record {path}")
+        for kind, choice in record["backends"].items():
+            if choice["backend"] != "triton":
+                print(f"{PROG}: {kind} ran the {choice['backend']} path: {choice['reason']}")
+                break  # one line: every kind shares the recipe, so the reason is the same
+    return record
+
+
+def final_record(cfg: DictConfig, trainer: L.Trainer, module: LitLlama, data: PreparedData, model_cfg: LlamaConfig,
+                 recipe: Recipe, val_loss: float, wall_tokens_per_s: float) -> dict[str, Any]:
+    """The run record (``run.json``) of a finished run; tokens/s from the ``Throughput`` callback (training steps
+    only) when it ran, else from the wall time of ``fit`` (validation and checkpoints included), as ``throughput``
+    says."""
     tokens_per_step = cfg.global_batch * cfg.seq_len
-    record = {
+    monitor = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    throughput: dict[str, Any] = {"source": "wall clock of fit", "tokens_per_s": wall_tokens_per_s, "mfu": None,
+                                  "peak_flops": None}
+    if monitor is not None and monitor.summary:
+        summary = monitor.summary
+        per_device = summary["tokens_per_device"] / summary["seconds"]
+        flops_per_token = module.flops_per_batch / (tokens_per_step / trainer.world_size
+                                                    / trainer.accumulate_grad_batches)
+        throughput = {"source": "Throughput callback (training steps, validation excluded)",
+                      "tokens_per_s": per_device * trainer.world_size,
+                      "mfu": flops_per_token * per_device / summary["peak_flops"] if summary["peak_flops"] else None,
+                      "peak_flops": summary["peak_flops"]}
+    return {
         "params_non_embedding": model_cfg.params_non_embedding,
         "params_total": model_cfg.params_total,
         "tokens": trainer.global_step * tokens_per_step,
@@ -192,31 +238,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "val_batches": cfg.val_batches,
         "lr": cfg.optim.lr,
         "seed": cfg.seed,
-        "tokens_per_s": (trainer.global_step - start_step) * tokens_per_step / train_seconds,
+        "tokens_per_s": throughput["tokens_per_s"],
+        "throughput": throughput,
+        "backends": module.backend_report(),
         "unigram_entropy_nats": data.unigram_entropy_nats,
         "data": {"directory": str(data.directory), "config_hash": data.meta["config_hash"]},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.trainer.accelerator == "gpu"
-        else "cpu",
+        "device": torch.cuda.get_device_name() if trainer.strategy.root_device.type == "cuda" else "cpu",
         "world_size": trainer.world_size,
         "code_version": code_version(),
     }
-    if trainer.is_global_zero:
-        text = json.dumps(record, indent=2) + "\n"
-        atomic_write_bytes(run_dir / "run.json", lambda fh: fh.write(text.encode()))
-        print(f"final validation loss {val_loss:.4f} nats/token; unigram entropy of the corpus "
-              f"{data.unigram_entropy_nats:.4f} nats/token; {record['tokens']:,} tokens in {trainer.global_step} "
-              f"steps; run record {run_dir / 'run.json'}")
-    return record
+
+
+def main() -> None:
+    """``bitlaw-train``: register the config schema, then run the Hydra app."""
+    register_configs()
+    _hydra_main()
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; configuration errors exit with status 2 and a one-line message."""
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"bitlaw-train: {err}", file=sys.stderr)
+    except UsageError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as err:
+        print(f"{PROG}: stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

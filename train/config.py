@@ -1,8 +1,12 @@
 """Typed structured configs behind ``conf/train.yaml``: every field documented once, typos fail at start.
 
-The schema reuses the project's own dataclasses where they exist (``LlamaConfig`` for ``model``, ``Recipe`` for
-``quant``, ``DataConfig`` for ``data``), so no field list is written twice. ``trainer`` keys are passed to
-``lightning.Trainer`` as they are.
+The schema reuses the project's own dataclasses where they exist (``LlamaConfig`` for ``model``, ``DataConfig`` for
+``data``), so no field list is written twice. ``quant`` is a mapping here and becomes a
+:class:`~bitlaw.kernels.recipe.Recipe` (frozen, so OmegaConf could only hold it read-only) when the run is
+planned, which rejects unknown fields with the allowed ones named. ``trainer`` keys are passed to
+``lightning.Trainer`` as they are; ``logger`` and ``callbacks`` are mappings of name → ``_target_`` config that
+Hydra instantiates (``conf/logger/``, ``conf/callbacks/``), so a user adds one with
+``+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bitlaw.data.config import DataConfig
-from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.llama import LlamaConfig
 
 
@@ -46,17 +49,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
+    enable_model_summary: bool = False  # bitlaw-train prints its own one-line summary of the model and the run
     deterministic: bool = False
-
-
-@dataclass
-class LoggerConfig:
-    """Where metrics go besides ``metrics.csv`` in the run directory (always written)."""
-
-    kind: str = "csv"  # "csv" or "wandb"
-    project: str = "bitlaw"  # wandb project
-    entity: str | None = None  # wandb entity (team); None: the default one
-    offline: bool | None = None  # wandb: None → offline unless an API key is configured
 
 
 @dataclass
@@ -64,10 +58,11 @@ class RunConfig:
     """One training run. ``conf/train.yaml`` composes the groups into this schema."""
 
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig(n_layer=4, d_model=256, n_head=2))
-    quant: Recipe = field(default_factory=Recipe)
+    quant: dict[str, Any] = field(default_factory=lambda: {"name": "bf16"})  # a conf/quant preset (Recipe fields)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: dict[str, Any] = field(default_factory=dict)  # name → Lightning logger config with _target_
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name → Lightning callback config with _target_
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0  # model init and data order
     seq_len: int = 256  # tokens per training sequence (≤ model.max_seq_len)
@@ -77,7 +72,8 @@ class RunConfig:
     val_every: int = 100  # validate every this many optimizer steps (and at the end)
     val_batches: int = 8  # validation batches of global_batch sequences, always the same ones
     ckpt_every: int = 200  # periodic checkpoint every this many steps (plus last.ckpt)
-    mask_stats_every: int = 50  # log each quantized layer's masked fraction every this many steps; 0: never
+    mask_stats_every: int = 50  # log masked fractions and backends every this many steps (a multiple of
+    #                             trainer.log_every_n_steps); 0: never
     compile: bool = False  # torch.compile the model
     backend: str | None = None  # quantized-linear path: auto, reference, triton; None: $BITLAW_BACKEND (else auto)
     resume: str = "auto"  # "auto": continue from <run_dir>/checkpoints/last.ckpt if present; "never"; or a path
@@ -85,19 +81,13 @@ class RunConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: looked up for known GPUs
 
 
-def _writable(cfg: DictConfig) -> DictConfig:
-    # Frozen dataclasses (Recipe, TensorSpec) become read-only nodes; Hydra must be able to merge presets in.
-    OmegaConf.set_readonly(cfg, False)
-    for key in cfg:
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig):
-            _writable(node)
-    return cfg
+def register_configs() -> None:
+    """Store the schema as ``train_schema`` in Hydra's ConfigStore (``conf/train.yaml`` lists it first).
 
-
-def register_schema() -> None:
-    """Store the schema as ``train_schema`` in Hydra's ConfigStore (``conf/train.yaml`` lists it first)."""
-    ConfigStore.instance().store(name="train_schema", node=_writable(OmegaConf.structured(RunConfig)))
+    Call before composing ``conf/train.yaml`` (``bitlaw-train``'s ``main`` does; so do ``bitlaw.train.bench`` and
+    the tests). Storing it again replaces it with the same schema.
+    """
+    ConfigStore.instance().store(name="train_schema", node=RunConfig)
 
 
 def max_steps(cfg: RunConfig | DictConfig, params_non_embedding: int) -> int:

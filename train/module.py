@@ -1,22 +1,24 @@
-"""The LightningModule: next-token loss, AdamW with decay on linear weights, warmup-cosine schedule, metrics."""
+"""The LightningModule: next-token loss, AdamW with decay on linear weights, warmup-cosine schedule, metrics.
+
+Throughput and MFU come from the ``Throughput`` callback (``bitlaw.train.callbacks``), which reads
+:attr:`LitLlama.flops_per_batch`; non-finite losses are caught by ``NonFiniteLossStop``.
+"""
 
 from __future__ import annotations
 
 import math
-import time
+import re
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import convert, quantized_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 from bitlaw.train.config import OptimConfig
-
-# Dense bf16 tensor-core peak FLOP/s by device name fragment, for MFU when peak_flops is not given.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
@@ -56,11 +58,13 @@ class LitLlama(L.LightningModule):
     Batches are ``(x, y)`` int64 ``[micro_batch, seq_len]``. ``run`` holds the batch geometry that a resumed run
     must share: ``seed`` (model init and data order), ``seq_len``, ``global_batch`` (sequences per step, all ranks).
     ``backend`` goes to every quantized layer (``QuantLinear.backend``); None follows ``$BITLAW_BACKEND``.
+    Which path each kind of quantized layer took is logged as ``backend/<kind>`` (1 Triton, 0 reference) and
+    kept, with the reason for a fallback, in :meth:`backend_report`.
     """
 
     def __init__(self, model_config: dict[str, Any], recipe: dict[str, Any], optim: dict[str, Any],
                  total_steps: int, run: dict[str, Any], mask_stats_every: int = 50, compile: bool = False,
-                 peak_flops: float | None = None, backend: str | None = None):
+                 backend: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_config = LlamaConfig.from_dict(model_config)
@@ -70,7 +74,7 @@ class LitLlama(L.LightningModule):
         self.seq_len = run["seq_len"]
         self.tokens_per_step = run["global_batch"] * run["seq_len"]
         self.mask_stats_every = mask_stats_every
-        self.peak_flops = peak_flops
+        self.global_batch = run["global_batch"]
         # The model is built here, seeded, so every rank and every resumed run starts from the same weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run["seed"])
@@ -82,8 +86,18 @@ class LitLlama(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation
-        self._step_started: float | None = None
+        self.flops_per_batch: int | None = None  # model FLOPs of one micro-batch, forward + backward (setup)
+        self._backends: dict[str, dict[str, str | None]] = {}
         self._val_sum = self._val_count = 0.0
+
+    def setup(self, stage: str) -> None:
+        # Model FLOPs (the unquantized architecture: rotations and rounding are overhead, not model work) of one
+        # micro-batch, counted by Lightning's measure_flops on the meta device: no memory, no compute.
+        micro = self.global_batch // (self.trainer.world_size * self.trainer.accumulate_grad_batches)
+        with torch.device("meta"):
+            model = LlamaModel(self.model_config)
+            tokens = torch.zeros(max(micro, 1), self.seq_len, dtype=torch.long)
+        self.flops_per_batch = measure_flops(model, lambda: model(tokens, tokens)[1], loss_fn=torch.Tensor.sum)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(x, y)
@@ -97,11 +111,11 @@ class LitLlama(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         step = self.global_step
-        sample_masks = self.mask_stats_every > 0 and step % self.mask_stats_every == 0
+        # Sampled on steps Lightning writes to the loggers (mask_stats_every is a multiple of log_every_n_steps).
+        sample_masks = self.mask_stats_every > 0 and (step + 1) % self.mask_stats_every == 0
         layers = self._track_masks(sample_masks) if sample_masks else {}
         _, loss = self(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step}")
+        # The mean over ranks: one scalar all-reduce per step, small beside DDP's gradient all-reduce.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         self.log("tokens_seen", float((step + 1) * self.tokens_per_step))
@@ -109,29 +123,29 @@ class LitLlama(L.LightningModule):
             for key, value in layer.stats.items():
                 self.log(f"mask/{name}.{key.removesuffix('_masked_fraction')}", value)
             layer.track_stats = False
+        if sample_masks or not self._backends:
+            self._record_backends(log=sample_masks)
         return loss
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._step_started is None:
-            self._step_started = time.perf_counter()
+    def _record_backends(self, log: bool) -> None:
+        """Note which path each kind of quantized layer took in the forward just run (and log it if ``log``)."""
+        kinds: dict[str, set[tuple[str, str | None]]] = {}
+        for name, layer in quantized_layers(self.model).items():
+            if layer.last_backend is not None:
+                kind = re.sub(r"^layers\.\d+\.", "", name)
+                kinds.setdefault(kind, set()).add((layer.last_backend.backend, layer.last_backend.reason))
+        for kind, choices in kinds.items():
+            backends = sorted({backend for backend, _ in choices})
+            reasons = sorted({reason for _, reason in choices if reason})
+            self._backends[kind] = {"backend": backends[0] if len(backends) == 1 else "mixed",
+                                    "reason": "; ".join(reasons) or None}
+            if log:
+                self.log(f"backend/{kind}", sum(b == "triton" for b, _ in choices) / len(choices))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
-            return
-        elapsed = time.perf_counter() - self._step_started
-        self._step_started = None
-        tokens_per_s = self.tokens_per_step / elapsed
-        self.log("tokens_per_s", tokens_per_s, prog_bar=True)
-        peak = self.peak_flops or self._known_peak()
-        if peak:
-            flops = self.model_config.flops_per_token(self.seq_len) * tokens_per_s
-            self.log("mfu", flops / (peak * self.trainer.world_size))
-
-    def _known_peak(self) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    def backend_report(self) -> dict[str, dict[str, str | None]]:
+        """``{layer kind (e.g. "self_attn.q_proj"): {"backend": "triton" | "reference" | "mixed", "reason": why not
+        Triton or None}}`` as seen in training; empty for a model without quantized layers."""
+        return dict(self._backends)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = self._val_count = 0.0

@@ -41,7 +41,7 @@ def test_fit_writes_fit_json_report_and_plots(fitted):
         assert (fitted / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         height, width, _ = matplotlib.image.imread(fitted / name).shape
         assert height >= 300 and width >= 500, (name, height, width)
-    assert (fitted / "runs.csv").read_text().startswith("N,D,loss,recipe,source\n")
+    assert (fitted / "runs.csv").read_text().startswith("N,D,loss,recipe,tokens_per_s,backend,device,source\n")
 
 
 def test_predict_one_run_and_the_best_recipe_at_a_budget(fitted, capsys):

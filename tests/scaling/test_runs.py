@@ -94,3 +94,29 @@ def test_two_recipes_under_one_name_are_refused(tmp_path):
 def test_levels_group_values_within_ten_percent():
     assert levels([100.0, 1.0, 1.05, 2.0, 1.9, 98.0]) == [[1, 2], [4, 3], [5, 0]]
     assert levels([1.0, 1.09, 1.18, 1.3]) == [[0, 1], [2], [3]]  # a level spans < 10 %: no chaining
+
+
+def test_speed_and_backend_come_from_the_record_and_mixed_paths_are_flagged(tmp_path):
+    from bitlaw.scaling.report import throughput_section
+    from bitlaw.scaling.runs import backend_summary, run_from_record
+
+    def record(recipe, backend, speed):
+        kinds = {} if backend is None else {k: {"backend": backend, "reason": None} for k in ("mlp.up_proj", "o")}
+        return {"params_non_embedding": 1e6, "tokens": 1e7, "val_loss": 3.0, "recipe": load_recipe(recipe).to_dict(),
+                "tokens_per_s": speed, "backends": kinds, "device": "NVIDIA H100 80GB HBM3"}
+
+    bf16 = run_from_record(record("bf16", None, 9000.0), "a")
+    fused = run_from_record(record("quest_w4a4", "triton", 8000.0), "b")
+    slow = run_from_record(record("quest_w1a1", "reference", 2000.0), "c")
+    assert (bf16.backend, fused.backend, slow.backend) == ("none", "triton", "reference")
+    assert fused.tokens_per_s == 8000.0 and fused.device == "NVIDIA H100 80GB HBM3"
+    assert backend_summary({"q": {"backend": "triton"}, "k": {"backend": "reference"}}) == "mixed"
+    like = "\n".join(throughput_section([bf16, fused]))
+    assert "| quest_w4a4 | 1 | 8,000 | triton |" in like and "Warning" not in like
+    mixed = "\n".join(throughput_section([bf16, fused, slow]))
+    assert "**Warning: the quantized runs mixed kernel paths (reference: 1, triton: 1 runs)" in mixed
+    # The run table keeps the speed columns through its CSV form.
+    write_csv([fused, slow], tmp_path / "runs.csv")
+    again = read_csv(tmp_path / "runs.csv")
+    assert [(r.tokens_per_s, r.backend, r.device) for r in again] == [(8000.0, "triton", "NVIDIA H100 80GB HBM3"),
+                                                                     (2000.0, "reference", "NVIDIA H100 80GB HBM3")]

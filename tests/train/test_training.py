@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from bitlaw.kernels.recipe import recipe_names
 from bitlaw.models.llama import LlamaModel
-from bitlaw.train.cli import train
+from bitlaw.train.callbacks import NonFiniteLossError
+from bitlaw.train.cli import build_trainer, train
 from bitlaw.train.config import OptimConfig
 from bitlaw.train.module import LitLlama, decay_groups, lr_at
 from tests.helpers import compose_train, small_overrides, train_losses
@@ -27,18 +27,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_config_group_composes_and_instantiates(tmp_path, corpus):
     groups = {"model": sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml")),
               "trainer": sorted(p.stem for p in (ROOT / "conf/trainer").glob("*.yaml")),
-              "logger": ["csv", "wandb"], "data": ["embedded", "files", "c4", "fineweb_edu"],
+              "logger": sorted(p.stem for p in (ROOT / "conf/logger").glob("*.yaml")),
+              "callbacks": sorted(p.stem for p in (ROOT / "conf/callbacks").glob("*.yaml")),
+              "data": ["embedded", "files", "c4", "fineweb_edu"],
               "quant": recipe_names(),
               "experiment": sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))}
     for group, options in groups.items():
         for option in options:
             cfg = compose_train([f"{group}={option}", f"run_dir={tmp_path}"])
             assert group == "experiment" or cfg[group] is not None
-            if group == "trainer":
-                kwargs = dict(cfg.trainer)
-                if kwargs["accelerator"] == "gpu":
+            if group in ("trainer", "logger", "callbacks"):
+                if cfg.trainer.accelerator == "gpu":
                     continue  # a GPU Trainer cannot be instantiated on this machine; composing is checked above
-                L.Trainer(**kwargs, logger=False, enable_checkpointing=False)
+                trainer = build_trainer(cfg, steps=10)  # every logger and callback instantiated from its _target_
+                assert len(trainer.loggers) == len(cfg.logger) and len(cfg.callbacks) >= 3
     for quant in recipe_names():
         cfg = compose_train([f"quant={quant}", "model.vocab_size=64"])
         module = LitLlama(dict(cfg.model), dict(cfg.quant), dict(cfg.optim), 10,
@@ -71,9 +73,16 @@ def test_few_steps_lower_the_loss_and_write_the_run_record(tmp_path, corpus, qua
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
     with open(run_dir / "metrics.csv") as fh:
         header = next(csv.reader(fh))
-    assert {"lr", "tokens_seen", "tokens_per_s", "val/loss"} <= set(header)
+    assert {"lr", "tokens_seen", "train/device/items_per_sec", "val/loss"} <= set(header)
+    assert saved["throughput"]["source"].startswith("Throughput callback") and saved["tokens_per_s"] > 0
     if quant != "bf16":
-        assert "mask/layers.0.mlp.down_proj.weight" in header
+        assert "mask/layers.0.mlp.down_proj.weight" in header and "backend/mlp.down_proj" in header
+        reason = "backend=auto on cpu tensors (the Triton kernels run on CUDA)"
+        assert saved["backends"]["self_attn.q_proj"] == {"backend": "reference", "reason": reason}
+        assert set(saved["backends"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    else:
+        assert saved["backends"] == {}
 
 
 def test_kill_and_resume_gives_bitwise_identicaltrain_losses(tmp_path, corpus, monkeypatch):
@@ -186,10 +195,76 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, co
         return logits, loss
 
     monkeypatch.setattr(LlamaModel, "forward", poisoned)
-    with pytest.raises(SystemExit, match=r"non-finite training loss nan at step 6; the last good checkpoint is"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 6; the last good checkpoint is"):
         train(compose_train(small_overrides(corpus, tmp_path / "cache", run_dir)))
+    # Checked at step 8 (a checkpoint step) before the checkpoint is written: the NaN weights never reach a file.
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not (run_dir / "checkpoints" / "step0000008.ckpt").exists()
     assert not (run_dir / "run.json").exists()
+
+
+_POISONED_MAIN = """
+import math
+import sys
+
+import torch
+
+from bitlaw.models.llama import LlamaModel
+from bitlaw.train.cli import main
+from bitlaw.train.module import LitLlama
+
+original = LlamaModel.forward
+
+
+def poisoned(self, input_ids, targets=None, cache=None):
+    out = original(self, input_ids, targets, cache)
+    if self.training and targets is not None:
+        calls = getattr(self, "_calls", 0)
+        self._calls = calls + 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if calls == 6 and rank == {rank_with_nan}:
+            return out[0], out[1] * math.nan
+    return out
+
+
+def crash(self, batch, batch_idx):
+    raise RuntimeError("a bug deep inside training")
+
+
+LlamaModel.forward = poisoned
+if {crash}:
+    LitLlama.training_step = crash
+main()
+"""
+
+
+def _script(tmp_path: Path, rank_with_nan: int = -1, crash: bool = False) -> Path:
+    path = tmp_path / "poisoned_train.py"
+    path.write_text(_POISONED_MAIN.format(rank_with_nan=rank_with_nan, crash=crash))
+    return path
+
+
+def test_nan_on_one_ddp_rank_stops_both_ranks_at_its_step(tmp_path, corpus):
+    run_dir = tmp_path / "ddp"
+    args = [*small_overrides(corpus, tmp_path / "cache", run_dir), "trainer.devices=2", "trainer.strategy=ddp"]
+    done = subprocess.run([sys.executable, str(_script(tmp_path, rank_with_nan=1)), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "bitlaw-train: stopped: non-finite training loss at step 6; the last good checkpoint is" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not (run_dir / "checkpoints" / "step0000008.ckpt").exists() and not (run_dir / "run.json").exists()
+
+
+def test_a_bug_keeps_its_traceback_and_user_errors_are_one_line(tmp_path, corpus):
+    base = small_overrides(corpus, tmp_path / "cache", tmp_path / "run")
+    bug = subprocess.run([sys.executable, str(_script(tmp_path, crash=True)), *base], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr
+    assert "RuntimeError: a bug deep inside training" in bug.stderr
+    user = _cli([*base, "seq_len=100000"], tmp_path)
+    assert user.returncode == 2 and "Traceback" not in user.stderr
+    assert user.stderr.strip().splitlines() == ["bitlaw-train: seq_len=100000 must be in [1, model.max_seq_len=256]"]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, corpus):
@@ -210,11 +285,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
 def test_wandb_logger_is_offline_without_an_api_key(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
-    from bitlaw.train.cli import _loggers
-
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    loggers = _loggers(compose_train(["logger=wandb", f"run_dir={tmp_path}"]), tmp_path)
-    assert isinstance(loggers[1], WandbLogger) and loggers[1]._offline is True
+    trainer = build_trainer(compose_train(["logger=wandb", f"run_dir={tmp_path}"]), steps=10)
+    wandb = next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger))
+    assert wandb._offline is True and len(trainer.loggers) == 2
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert _loggers(compose_train(["logger=wandb", f"run_dir={tmp_path}"]), tmp_path)[1]._offline is False
+    trainer = build_trainer(compose_train(["logger=wandb", f"run_dir={tmp_path}"]), steps=10)
+    assert next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger))._offline is False

@@ -1,0 +1,59 @@
+"""The run record, ``<run_dir>/run.json``: what a finished training run was and what it measured.
+
+Written by ``bitlaw-train`` on global rank 0 when a run ends; read by ``bitlaw-fit`` (``bitlaw.scaling.runs``), by
+``bitlaw-eval`` and by ``bitlaw-train`` itself, which skips a run directory whose record shows the same run
+finished.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bitlaw.train.checkpoint import atomic_write_bytes
+
+RECORD_FILE = "run.json"
+
+
+def code_version() -> str:
+    """The installed bitlaw version, plus the git commit when run from a checkout (``0.1.0+g1234abc``)."""
+    try:
+        version = metadata.version("bitlaw")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return f"{version}+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def finished_record(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record in ``run_dir`` when this run already finished there, else None (no run.json).
+
+    ``settings`` are the record's keys that define the run (model, recipe, steps, seed, seq_len, global_batch);
+    raises ValueError when the record holds another value for one of them: skipping would silently keep the wrong
+    run.
+    """
+    path = run_dir / RECORD_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    for key, value in settings.items():
+        if record.get(key) != value:
+            raise ValueError(f"{path} records a finished run with {key} {record.get(key)!r}, this run has {value!r}; "
+                             "use another run directory, the original settings, or resume=never to train again "
+                             "from scratch")
+    return record
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` as ``run_dir/run.json`` atomically; returns the path."""
+    path = run_dir / RECORD_FILE
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+    return path
