@@ -157,9 +157,10 @@ class LitLlama(L.LightningModule):
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:
-        # Every rank evaluates the same validation batches, so the mean needs no reduction across ranks.
+        # Every rank evaluates the same validation batches, so the mean over ranks (one all-reduce per validation)
+        # is that same value; reducing keeps the ranks provably in agreement.
         if self._val_count:
-            self.log("val/loss", self._val_sum / self._val_count, prog_bar=True)
+            self.log("val/loss", self._val_sum / self._val_count, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = decay_groups(self.model)
