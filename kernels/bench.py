@@ -4,16 +4,19 @@
     python -m bitlaw.kernels.bench --cpu           # the reference PyTorch path vs nn.Linear on the CPU
     TRITON_INTERPRET=1 python -m bitlaw.kernels.bench --triton --shapes 64x256x128   # the kernel table, interpreted
 
-The kernel table (CUDA medians of ``triton.testing.do_bench``) has, per layer shape ``M x K x N`` (tokens, in, out):
+The kernel table (CUDA medians of ``triton.testing.do_bench``) has, per layer shape ``M x K x N`` (tokens, in, out),
+with the operands training feeds (bf16 activations, the fp32 master weight, bf16 autocast):
 
-- ``quantize``: the fused quantizer on the bf16 input ``[M, K]`` (codes packed to 4 or 1 bits, bit mask, steps);
-  GB/s counts the bytes it reads plus the bytes it writes, next to a device-to-device copy of the input (read +
-  write), and the ratio of the two;
-- ``gemm``: the int8 tensor-core GEMM of packed codes vs ``torch.matmul`` in bf16 (cuBLAS) on the same shape;
-  the ratio is the speed-up (bf16 time / quantized time);
-- ``linear``: forward + backward of the whole quantized linear (Triton path) vs ``nn.Linear`` in bf16 and vs the
-  reference PyTorch path (``kernels.quantizers``); ratios are times relative to ``nn.Linear`` and the speed-up
-  over the reference;
+- ``check``: the Triton layer's output and gradients against the reference path at this shape (relative error of
+  the norm; bf16 rounding makes it ~1e-3, a wrong kernel makes it ~1);
+- ``quantize``: the fused quantizer on the bf16 input ``[M, K]`` (int8 codes for the GEMM, packed codes and bit mask
+  for backward, steps); GB/s counts the bytes it reads plus the bytes it writes, next to a device-to-device copy of
+  the input (read + write), and the ratio of the two;
+- ``gemm``: the int8 tensor-core GEMM of the codes vs ``torch.matmul`` in bf16 (cuBLAS) on the same shape, as time,
+  speed-up and TFLOP/s, and vs cuBLAS's own int8 GEMM (``torch._int_mm``, int32 out), the int8 ceiling;
+- ``linear``: forward + backward of the whole quantized linear (Triton path) vs ``nn.Linear`` under the same bf16
+  autocast and vs the reference PyTorch path (``kernels.quantizers``); ratios are times relative to ``nn.Linear``
+  and the speed-up over the reference;
 - ``saved``: bytes autograd keeps for backward per linear (activations only, measured with saved-tensor hooks)
   relative to ``nn.Linear``'s.
 
@@ -100,13 +103,23 @@ def reference_table(shapes: list[tuple[int, int, int]], recipe_names: list[str],
             print(f"{dims:>20} {recipe_name:>12} {base * 1e3:>13.2f} {seconds * 1e3:>13.2f} {seconds / base:>6.2f}x")
 
 
-def _packed_bytes(rows) -> int:
-    return sum(t.numel() * t.element_size() for t in (rows.codes, rows.step, rows.mask))
+def _tflops(flops: float, ms: float) -> str:
+    return f"{flops / ms / 1e9:.4g} TF/s"
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def kernel_rows(shape: tuple[int, int, int], recipe_name: str, device: torch.device,
                 min_run_time: float) -> list[tuple[str, str, str, str]]:
-    """Measure one shape and recipe on the Triton path; returns table rows ``(what, ours, baseline, ratio)``."""
+    """Measure one shape and recipe on the path training takes; returns table rows ``(what, ours, baseline, ratio)``.
+
+    Inputs as ``bitlaw-train trainer=gpu`` feeds them: bf16 activations ``[M, K]`` and the fp32 master weight
+    ``[N, K]`` under bf16 autocast, so the quantizer reads 16-bit activations and the weight once, and the layer
+    returns bf16. Before timing, the Triton layer's output and gradients are checked against the reference path at
+    this shape (relative error of the norm, printed as ``check``).
+    """
     from bitlaw.kernels.linear import quantized_linear, saved_tensor_bytes
     from bitlaw.kernels.triton import gemm as triton_gemm
     from bitlaw.kernels.triton import quant as triton_quant
@@ -115,38 +128,77 @@ def kernel_rows(shape: tuple[int, int, int], recipe_name: str, device: torch.dev
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
-    w = (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(torch.bfloat16)
+    w = torch.randn(n, k, device=device, generator=gen) * k**-0.5  # fp32, like the master weight
     grad = torch.randn(m, n, device=device, generator=gen).to(torch.bfloat16)
     time = lambda fn: median_ms(fn, device, min_run_time)  # noqa: E731
+    flops = 2.0 * m * k * n
     rows = []
 
-    xq = triton_quant.quantize_rows(x, recipe.input, pack=True)
-    moved = x.numel() * x.element_size() + _packed_bytes(xq)
-    quant_ms = time(lambda: triton_quant.quantize_rows(x, recipe.input, pack=True))
+    results = {}
+    for backend in ("reference", "triton"):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with _autocast(device):
+            y = quantized_linear(xg, wg, recipe, backend=backend)
+        y.backward(grad)
+        results[backend] = (y.detach().float(), xg.grad.float(), wg.grad.float())
+    error = max(float((a - b).norm() / b.norm()) for a, b in zip(results["triton"], results["reference"], strict=True))
+    rows.append(("check vs reference", f"{error:.2g}", "rel. norm error", "ok" if error < 2e-2 else "MISMATCH"))
+
+    xq = triton_quant.quantize_rows(x, recipe.input, codes=True, packed=True)
+    moved = x.numel() * x.element_size() + xq.nbytes()
+    quant_ms = time(lambda: triton_quant.quantize_rows(x, recipe.input, codes=True, packed=True))
     copy_target = torch.empty_like(x)
     copy_ms = time(lambda: copy_target.copy_(x))
     quant_gbs, copy_gbs = moved / quant_ms / 1e6, 2 * x.numel() * x.element_size() / copy_ms / 1e6
     rows.append(("quantize GB/s", f"{quant_gbs:.4g}", f"{copy_gbs:.4g} copy", f"{quant_gbs / copy_gbs:.2f} of copy"))
 
-    wq = triton_quant.quantize_rows(w, recipe.weight, pack=True)
+    wq = triton_quant.quantize_rows(w, recipe.weight, codes=True, packed=True)
     gemm_ms = time(lambda: triton_gemm.quantized_matmul(xq, wq, out_dtype=torch.bfloat16))
-    matmul_ms = time(lambda: torch.matmul(x, w.t()))
+    w16 = w.to(torch.bfloat16)
+    matmul_ms = time(lambda: torch.matmul(x, w16.t()))
     rows.append(("gemm ms", f"{gemm_ms:.4g}", f"{matmul_ms:.4g} bf16", f"{matmul_ms / gemm_ms:.2f}x faster"))
+    rows.append(("", _tflops(flops, gemm_ms), _tflops(flops, matmul_ms), ""))
+    if device.type == "cuda":
+        # cuBLAS int8 (int32 out, no epilogue): the rate an int8 GEMM can reach on this GPU.
+        a8, b8 = xq.codes, wq.codes.t().contiguous().t()  # _int_mm wants the second operand column-major
+        int_mm_ms = time(lambda: torch._int_mm(a8, b8.t()))
+        rows.append(("", "", f"{int_mm_ms:.4g} cuBLAS int8", f"{int_mm_ms / gemm_ms:.2f}x of it"))
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    linear_ms = time(_fwd_bwd(torch.nn.functional.linear, xg, wg, grad))
-    triton_ms = time(_fwd_bwd(lambda a, b: quantized_linear(a, b, recipe, backend="triton"), xg, wg, grad))
-    reference_ms = time(_fwd_bwd(lambda a, b: quantized_linear(a, b, recipe, backend="reference"), xg, wg, grad))
+
+    def layer(fn):
+        def run() -> None:
+            xg.grad = None
+            wg.grad = None
+            with _autocast(device):
+                out = fn(xg, wg)
+            out.backward(grad)
+
+        return run
+
+    linear_ms = time(layer(torch.nn.functional.linear))
+    triton_ms = time(layer(lambda a, b: quantized_linear(a, b, recipe, backend="triton")))
+    reference_ms = time(layer(lambda a, b: quantized_linear(a, b, recipe, backend="reference")))
     rows.append(("linear fwd+bwd ms", f"{triton_ms:.4g}", f"{linear_ms:.4g} nn.Linear",
                  f"{triton_ms / linear_ms:.2f}x nn.Linear"))
-    rows.append(("", "", f"{reference_ms:.4g} reference", f"{reference_ms / triton_ms:.2f}x faster"))
+    rows.append(("", _tflops(3 * flops, triton_ms), f"{reference_ms:.4g} reference",
+                 f"{reference_ms / triton_ms:.2f}x faster"))
 
-    saved = saved_tensor_bytes(lambda: quantized_linear(xg, wg, recipe, backend="triton"), exclude=[wg])
-    saved_weight = saved_tensor_bytes(lambda: quantized_linear(xg[:0], wg, recipe, backend="triton"), exclude=[wg])
-    plain = saved_tensor_bytes(lambda: torch.nn.functional.linear(xg, wg), exclude=[wg])
-    activation = saved - saved_weight
-    rows.append(("saved activations MiB", f"{activation / 2**20:.4g}", f"{plain / 2**20:.4g} nn.Linear",
-                 f"{activation / plain:.3f} of nn.Linear"))
+    def saved_per_batch(fn) -> int:
+        # What grows with the tokens: the bytes kept for M rows minus those kept for none (weights, casts).
+        def forward(tokens: int):
+            def run():
+                with _autocast(device):
+                    return fn(xg[:tokens], wg)
+
+            return run
+
+        return saved_tensor_bytes(forward(m), exclude=[wg]) - saved_tensor_bytes(forward(0), exclude=[wg])
+
+    saved = saved_per_batch(lambda a, b: quantized_linear(a, b, recipe, backend="triton"))
+    plain = saved_per_batch(torch.nn.functional.linear)
+    rows.append(("saved activations MiB", f"{saved / 2**20:.4g}", f"{plain / 2**20:.4g} nn.Linear",
+                 f"{saved / plain:.3f} of nn.Linear"))
     return rows
 
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitlaw.kernels.hadamard import block_hadamard
-from bitlaw.kernels.packing import field_bits, unpack_mask
+from bitlaw.kernels.packing import field_bits
 from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 
@@ -69,20 +68,26 @@ def select_backend(recipe: Recipe, x: torch.Tensor, weight: torch.Tensor, backen
     return BackendChoice("reference", f"no Triton kernel: {reason}") if reason else BackendChoice("triton", None)
 
 
-def _kernels():
+def _quant():
     # Imported on first use: Triton is only needed on this path, and TRITON_INTERPRET must be read after the
     # caller (e.g. a test session) has set it.
-    from bitlaw.kernels.triton import gemm as triton_gemm
-    from bitlaw.kernels.triton import quant as triton_quant
+    from bitlaw.kernels.triton import quant
 
-    return triton_quant, triton_gemm
+    return quant
+
+
+def _ops():
+    from bitlaw.kernels.triton import ops
+
+    return ops
 
 
 def _spec_reason(spec: TensorSpec, role: str) -> str | None:
-    reason = _kernels()[0].unsupported_reason(spec)
+    reason = _quant().unsupported_reason(spec)
     return None if reason is None else f"{role}: {reason}"
 
 
+@torch.compiler.assume_constant_result  # recipe and dtypes are fixed in a compiled graph: decide once, at trace time
 def triton_unsupported_reason(recipe: Recipe, x_dtype: torch.dtype = torch.float32,
                               weight_dtype: torch.dtype = torch.float32) -> str | None:
     """Why the Triton path cannot run ``recipe`` on these dtypes (None when it can)."""
@@ -105,105 +110,47 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
                      stats: dict | None = None, backend: str | None = None) -> torch.Tensor:
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)`` by ``recipe`` on the chosen backend (see the module docstring).
 
-    x: ``[..., K]``; weight: ``[N, K]``; bias: ``[N]`` or None; returns ``[..., N]`` in ``x.dtype``, as the reference.
+    x: ``[..., K]``; weight: ``[N, K]``; bias: ``[N]`` or None; returns ``[..., N]``. Under autocast the layer takes
+    and returns the autocast dtype, as ``nn.Linear`` does: ``x`` is cast on the way in (the quantizer then reads
+    16-bit activations), while the weight is read as it is stored (the fp32 master weight, once per call; never
+    a cast copy). Without autocast the output has ``x``'s dtype.
     ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction`` (0-dim tensors).
     """
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit; "
                          "expected x [..., K] and weight [N, K]")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
     if select_backend(recipe, x, weight, backend).backend == "triton":
-        return _triton_linear(x, weight, recipe, bias, stats)
+        with torch.autocast(device_type, enabled=False):
+            return _triton_linear(x, weight, recipe, bias, stats)
     return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats)
 
 
-@torch.compiler.disable  # the kernels are launched eagerly; a compiled model breaks its graph around them
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None,
                    stats: dict | None) -> torch.Tensor:
+    ops = _ops()
     x2d = x.reshape(-1, x.shape[-1])
+    text = ops.recipe_text(recipe)
     if recipe.input.quantized:
-        y = _FusedQuantizedLinear.apply(x2d, weight, bias, recipe, stats)
+        y, _, _, x_mask, _, _, w_mask = ops.quantized_linear_op(x2d, weight, bias, text)
+        _record(stats, "input", x_mask, x.shape[-1])
     else:
         # Weight-only: the quantized weight rotated back, then an ordinary matmul as the reference does.
-        w_hat = _WeightOnlyQuantize.apply(weight, recipe.weight, stats)
+        w_hat, w_mask = ops.quantized_weight_op(weight, text)
         dtype = torch.promote_types(x2d.dtype, w_hat.dtype)
         y = torch.matmul(x2d.to(dtype), w_hat.to(dtype).t())
         if bias is not None:
             y = y + bias
         y = y.to(x.dtype)
+    _record(stats, "weight", w_mask, x.shape[-1])
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _record(stats: dict | None, role: str, rows) -> None:
+def _record(stats: dict | None, role: str, mask: torch.Tensor, k: int) -> None:
     if stats is not None:
-        stats[f"{role}_masked_fraction"] = _kernels()[0].masked_fraction(rows.mask, rows.k)
-
-
-def _packed_tensors(rows) -> tuple[torch.Tensor, ...]:
-    return rows.codes, rows.step, rows.mask
-
-
-def _layout(rows) -> tuple[int, int, int, bool]:
-    return rows.k, rows.bits, rows.packed, rows.rotated
-
-
-class _FusedQuantizedLinear(torch.autograd.Function):
-    """``x2d [M, K]``, ``weight [N, K]``, ``bias [N] | None`` → ``y [M, N]`` in ``x2d.dtype`` (both roles quantized)."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, recipe: Recipe, stats: dict | None):  # noqa: D102
-        quant, gemm = _kernels()
-        xq = quant.quantize_rows(x2d, recipe.input, pack=True)
-        wq = quant.quantize_rows(weight, recipe.weight, pack=True)
-        y = gemm.quantized_matmul(xq, wq, bias, out_dtype=x2d.dtype)
-        _record(stats, "weight", wq)
-        _record(stats, "input", xq)
-        # Only codes, steps and bit masks are kept: no activation tensor is saved for backward.
-        ctx.save_for_backward(*_packed_tensors(xq), *_packed_tensors(wq))
-        ctx.layouts = (_layout(xq), _layout(wq))
-        ctx.dtypes = (x2d.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # noqa: D102
-        quant, gemm = _kernels()
-        saved = ctx.saved_tensors
-        xq = quant.PackedRows(*saved[:3], *ctx.layouts[0])
-        wq = quant.PackedRows(*saved[3:], *ctx.layouts[1])
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_y = grad_y.contiguous()
-        if grad_y.dtype not in _KERNEL_DTYPES:
-            grad_y = grad_y.float()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gemm.grad_input(grad_y, xq, wq, out_dtype=x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = gemm.grad_weight(grad_y, xq, wq, out_dtype=w_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_y.float().sum(dim=0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None
-
-
-class _WeightOnlyQuantize(torch.autograd.Function):
-    """``weight [N, K]`` → ``Q(w·H)·Hᵀ`` fp32 ``[N, K]`` (rotated back), gradient ``IHT(M ⊙ HT(g))``."""
-
-    @staticmethod
-    def forward(ctx, weight, spec: TensorSpec, stats: dict | None):  # noqa: D102
-        quant = _kernels()[0]
-        wq = quant.quantize_rows(weight, spec, pack=True)
-        _record(stats, "weight", wq)
-        ctx.save_for_backward(wq.mask)
-        ctx.k, ctx.rotated, ctx.dtype = wq.k, wq.rotated, weight.dtype
-        return quant.dequantize_rows(wq, unrotate=True)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        (mask,) = ctx.saved_tensors
-        keep = unpack_mask(mask, ctx.k)
-        # The rotate-back is ŵ_h·H, whose adjoint is ·H again; then the trust mask and the inverse rotation.
-        grad = block_hadamard(grad) if ctx.rotated else grad.float()
-        grad = grad * keep
-        grad = block_hadamard(grad) if ctx.rotated else grad
-        return grad.to(ctx.dtype), None, None
+        stats[f"{role}_masked_fraction"] = _quant().masked_fraction(mask, k)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         try:
-            get_format(self.format)
+            # Kept on the instance (not a field): the format is looked up once, not at every use, which also keeps
+            # torch.compile from tracing into get_format's cache.
+            object.__setattr__(self, "_format", get_format(self.format))
         except ValueError as err:
             raise ValueError(f"format={self.format!r}: {err}") from None
         _choice("scale", self.scale, SCALE_RULES)
@@ -77,7 +79,7 @@ class TensorSpec:
 
     @property
     def fmt(self) -> Format:
-        return get_format(self.format)
+        return self._format
 
     @property
     def gaussian_scale(self) -> float:

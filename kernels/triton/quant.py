@@ -1,13 +1,17 @@
-"""Fused Triton forward quantizer: block-Hadamard rotation, Gaussian RMS scale, centred rounding and mask in one kernel.
+"""The fused forward quantizer: block-Hadamard rotation, Gaussian RMS scale, centred rounding and trust mask.
 
 ``quantize_rows(x, spec)`` turns ``[M, K]`` fp32/bf16 rows into odd integer codes ``2q+1`` (docs/numerics.md §3), a
 per-row step and the bit-packed gradient mask (docs/numerics.md §4), equal to
-:func:`bitlaw.kernels.quantizers.quantize` except where a value lies within float rounding of a boundary. Codes are
-kept either unpacked, as int8 odd codes (the operand form of the int8 GEMM), or packed in the one storage encoding
-of :mod:`bitlaw.kernels.packing`: level-index fields of ``field_bits(2^b)`` bits (int1 → 1, int2 → 2, int3/int4 → 4,
-int5 … int7 → 8). The mask is packed one bit per element. The GEMM kernels read both forms directly.
+:func:`bitlaw.kernels.quantizers.quantize` except where a value lies within float rounding of a boundary. It writes
+what its callers ask for: int8 odd codes (the operand of the int8 GEMM), the same codes packed in the storage
+encoding of :mod:`bitlaw.kernels.packing` (level indices in ``field_bits(2^b)``-bit fields; what backward keeps),
+or both; the mask and the step always.
 
-Set ``TRITON_INTERPRET=1`` before importing this module to run the kernels on CPU tensors.
+How the kernel stays cheap (docs/numerics.md §6): the row's RMS is taken before rotating (the rotation is
+orthonormal) in a first pass that only squares and adds; the ±1 Hadamard matrix is loaded once per program from a
+tensor and multiplied on tensor cores (bf16 inputs: exact products, fp32 sums); the scale ``1/sqrt(128)`` and the
+division by the step are one multiplication by a per-row reciprocal; fields and mask bits are packed by pairwise
+splits, so neighbouring elements meet in registers.
 """
 
 from __future__ import annotations
@@ -21,165 +25,140 @@ import triton
 import triton.language as tl
 from bitlaw.kernels.packing import field_bits, unpack_codes, unpack_mask
 from bitlaw.kernels.recipe import TensorSpec
-from triton import knobs
-
-HADAMARD_BLOCK = 128  # the only rotation block the kernels implement (one 128×128 H tile per dot)
-MAX_BITS = 7  # odd codes up to ±(2^7 − 1) = ±127 fit int8; int8's ±255 do not
-TILE_K = 128  # columns per step of the quantizer loop: one Hadamard block
-INTERPRETED: bool = bool(knobs.runtime.interpret)  # read when the kernels below are decorated, as Triton does
-# Under the interpreter dots run in numpy fp32 ("ieee"); on GPU fp32 operands use 3×TF32, close to fp32 accuracy.
-FP32_DOT_PRECISION = "ieee" if INTERPRETED else "tf32x3"
-_TINY = torch.finfo(torch.float32).tiny  # the reference's scale floor for all-zero rows
-
-
-def _configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    # One config under the interpreter: autotuning there would only multiply the (slow) runs.
-    return [interpreter] if INTERPRETED else gpu
-
-
-@triton.jit
-def hadamard_signs(BLOCK: tl.constexpr):
-    """The ±1 Sylvester matrix ``[BLOCK, BLOCK]`` (fp32): entry (i, j) = (−1)^popcount(i & j)."""
-    rows = tl.arange(0, BLOCK)[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    bits = rows & cols
-    # Parity of the popcount by xor-folding (indices < 2^16).
-    bits = bits ^ (bits >> 8)
-    bits = bits ^ (bits >> 4)
-    bits = bits ^ (bits >> 2)
-    bits = bits ^ (bits >> 1)
-    return (1 - 2 * (bits & 1)).to(tl.float32)
-
-
-@triton.jit
-def load_codes(ptr, rows, cols, ok, stride_row, BITS: tl.constexpr, FIELD_BITS: tl.constexpr):
-    """Odd codes as int8 at broadcastable ``rows``/``cols`` (0 where ``ok`` is False). ``FIELD_BITS`` 0: the
-    tensor holds int8 odd codes; 1, 2, 4, 8: packed level-index fields of ``int{BITS}``, code = 2·index − 2^BITS + 1."""
-    if FIELD_BITS == 0:
-        codes = tl.load(ptr + rows * stride_row + cols, mask=ok, other=0)
-    else:
-        PER_BYTE: tl.constexpr = 8 // FIELD_BITS
-        byte = tl.load(ptr + rows * stride_row + cols // PER_BYTE, mask=ok, other=0).to(tl.int32)
-        index = (byte >> ((cols % PER_BYTE) * FIELD_BITS)) & ((1 << FIELD_BITS) - 1)
-        codes = tl.where(ok, 2 * index - (2**BITS - 1), 0)
-    return codes.to(tl.int8)
-
-
-@triton.jit
-def load_mask_bits(ptr, rows, cols, ok, stride_row):
-    """The gradient-mask bits (int1) at broadcastable ``rows``/``cols`` from one-bit-per-element bytes."""
-    byte = tl.load(ptr + rows * stride_row + cols // 8, mask=ok, other=0).to(tl.int32)
-    return ((byte >> (cols % 8)) & 1) != 0
-
-
-@triton.jit
-def _pack_fields(fields, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, FIELD_BITS: tl.constexpr):
-    # [BLOCK_M, WIDTH] small non-negative ints → [BLOCK_M, WIDTH·FIELD_BITS/8] bytes, first element in the low bits.
-    PER_BYTE: tl.constexpr = 8 // FIELD_BITS
-    grouped = tl.reshape(fields, [BLOCK_M, WIDTH // PER_BYTE, PER_BYTE])
-    shifts = tl.arange(0, PER_BYTE) * FIELD_BITS
-    return tl.sum(grouped << shifts[None, None, :], axis=2).to(tl.uint8)
-
-
-@triton.autotune(
-    configs=_configs([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (4, 8)],
-                     triton.Config({"BLOCK_M": 64})),
-    key=["K", "BITS", "FIELD_BITS", "ROTATE", "DOT_BF16"],
+from bitlaw.kernels.triton.common import (
+    HADAMARD_BLOCK,
+    MAX_BITS,
+    capability,
+    check_device,
+    dot_mode,
+    dot_signs,
+    pack_pairs,
+    pick,
+    signs_for,
 )
+
+TILE_K = HADAMARD_BLOCK  # columns per step of the quantizer loop: one Hadamard block
+
+
+def launch_config(dtype: torch.dtype, capability: int) -> tuple[int, int, int]:
+    """(rows per program, warps, pipeline stages) of the quantizer for ``dtype`` input on a GPU of ``capability``.
+
+    Fixed per GPU generation, not autotuned: the kernel is bound by memory bandwidth, so the launch shape matters
+    little, and a fixed one keeps every DDP rank and every sequence length on the same code. Chosen by the static
+    profile (bitlaw.kernels.profile) to be spill-free: Hopper's wgmma reads the ±1 matrix from shared memory, while
+    Ampere's mma.sync holds it in registers, so fp32 rows there go 32 at a time without pipelining.
+    """
+    if capability >= 90:
+        return 64, 4, 3
+    return (32, 4, 1) if dtype == torch.float32 else (64, 8, 3)
+
+
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, step_ptr, mask_ptr, M, K, stride_x, stride_codes, stride_mask,
-                     row_len, gaussian_scale, mask_coef, inv_sqrt_block,
-                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, ROTATE: tl.constexpr, ONE_PASS: tl.constexpr,
-                     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr, M, K, stride_x, stride_codes,
+                     stride_packed, stride_mask, gaussian_scale, mask_coef, inv_sqrt_block,
+                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, WRITE_CODES: tl.constexpr, ROTATE: tl.constexpr,
+                     EVEN_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+    BLOCK_K: tl.constexpr = 128
+    first = tl.program_id(0) * BLOCK_M
+    local = tl.arange(0, BLOCK_M)
+    rows = first + local
     row_ok = rows < M
+    # 64-bit scalar bases per program, 32-bit offsets within its rows (launch checks BLOCK_M·stride < 2^31): sizes
+    # never overflow, and no register holds a 64-bit address per row.
+    x_rows = x_ptr + first.to(tl.int64) * stride_x + local[:, None] * stride_x
+    codes_rows = codes_ptr + first.to(tl.int64) * stride_codes + local[:, None] * stride_codes
+    packed_rows = packed_ptr + first.to(tl.int64) * stride_packed + local[:, None] * stride_packed
+    mask_rows = mask_ptr + first.to(tl.int64) * stride_mask + local[:, None] * stride_mask
     offs = tl.arange(0, BLOCK_K)
-    # The rotation is orthonormal, so the row's sum of squares can be taken before rotating (docs/numerics.md §3).
-    if ONE_PASS:  # the whole row is one tile: read it once
-        x_row = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :],
-                        mask=row_ok[:, None] & (offs[None, :] < K), other=0.0).to(tl.float32)
-        sumsq = tl.sum(x_row * x_row, axis=1)
-    else:  # first pass: sum of squares; the second pass re-reads the rows (mostly from L2)
-        sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                        mask=row_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
-            sumsq += tl.sum(x * x, axis=1)
-    # Same operation order as the reference: α = c·sqrt(mean), floored; step = 2α/(2^b − 1); T = coef·α.
-    mean_square = tl.math.div_rn(sumsq, tl.full([BLOCK_M], row_len, tl.float32))
+    # Pass 1: the row's sum of squares, accumulated elementwise and reduced once (no shuffles inside the loop).
+    squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs
+        if EVEN_K:
+            ok = row_ok[:, None]
+        else:
+            ok = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        squares += x * x
+    # Same operation order as the reference: α = c·sqrt(mean), floored; step = 2α/(2^b − 1).
+    mean_square = tl.math.div_rn(tl.sum(squares, axis=1), tl.full([BLOCK_M], 1.0, tl.float32) * K)
     alpha = tl.maximum(gaussian_scale * tl.sqrt_rn(mean_square), 1.1754943508222875e-38)
     step = tl.math.div_rn(2.0 * alpha, tl.full([BLOCK_M], 2**BITS - 1, tl.float32))
-    threshold = mask_coef * alpha
     tl.store(step_ptr + rows, step, mask=row_ok)
+    # An all-zero row has the floored α and a subnormal step whose reciprocal would overflow; a step floored at
+    # 2^-100 for the reciprocal alone still rounds its zeros to q = 0, as the reference's division does.
+    SAFE: tl.constexpr = 7.888609052210118e-31
     if ROTATE:
-        signs = hadamard_signs(BLOCK_K)
+        # The dot sums ±x (H·sqrt(128)): fold 1/sqrt(128) into the per-row reciprocal and the mask threshold.
+        inv_step = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32) * inv_sqrt_block, tl.maximum(step, SAFE))
+        threshold = mask_coef * alpha / inv_sqrt_block
+        # fp32 rows are multiplied in two halves of the block (rows of H split in two): the three bf16 parts
+        # of a half stay in registers where those of the whole block would spill.
+        HALF: tl.constexpr = BLOCK_K // 2
+        half = tl.arange(0, HALF)
+        if DOT == 2:
+            signs_top = tl.load(signs_ptr + half[:, None] * BLOCK_K + offs[None, :])
+            signs_bottom = tl.load(signs_ptr + (HALF + half)[:, None] * BLOCK_K + offs[None, :])
+        else:
+            signs = tl.load(signs_ptr + offs[:, None] * BLOCK_K + offs[None, :])
+    else:
+        inv_step = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.maximum(step, SAFE))
+        threshold = mask_coef * alpha
+    LOW: tl.constexpr = -(2 ** (BITS - 1))
+    HIGH: tl.constexpr = 2 ** (BITS - 1) - 1
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs
         col_ok = cols < K
-        if ONE_PASS:
-            x = x_row
+        if EVEN_K:
+            ok = row_ok[:, None]
         else:
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        if ROTATE:
-            # x · H with H = signs/sqrt(128): the ±1 dot has exact products; one fp32 scaling after it.
-            if DOT_BF16:
-                x = tl.dot(x.to(tl.bfloat16), signs.to(tl.bfloat16)) * inv_sqrt_block
-            else:
-                x = tl.dot(x, signs, input_precision=PRECISION) * inv_sqrt_block
-        # Correctly rounded division, as the reference's x_h / step (Triton's "/" may be approximate on GPU).
-        q = tl.floor(tl.math.div_rn(x, step[:, None]))
-        q = tl.minimum(tl.maximum(q, -(2 ** (BITS - 1))), 2 ** (BITS - 1) - 1).to(tl.int32)
-        keep = (tl.abs(x) <= threshold[:, None]) & col_ok[None, :]
-        if FIELD_BITS == 0:
-            tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], (2 * q + 1).to(tl.int8),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            ok = row_ok[:, None] & col_ok[None, :]
+        if ROTATE and DOT == 2:
+            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            a = dot_signs(tl.load(x_rows + (k0 + half)[None, :], mask=row_ok[:, None], other=0.0), signs_top, a, DOT)
+            a = dot_signs(tl.load(x_rows + (k0 + HALF + half)[None, :], mask=row_ok[:, None], other=0.0),
+                          signs_bottom, a, DOT)
+        elif ROTATE:
+            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+            a = dot_signs(x, signs, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT)
         else:
-            PER_BYTE: tl.constexpr = 8 // FIELD_BITS
+            a = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.floor(a * inv_step[:, None]), LOW), HIGH).to(tl.int32)
+        keep = (tl.abs(a) <= threshold[:, None]).to(tl.int32)
+        if not EVEN_K:
+            keep = tl.where(col_ok[None, :], keep, 0)
+        if WRITE_CODES:
+            tl.store(codes_rows + cols[None, :], (2 * q + 1).to(tl.int8), mask=ok)
+        if FIELD_BITS > 0:
             index = q + 2 ** (BITS - 1)  # the level index of docs/numerics.md §6
-            packed = _pack_fields(tl.where(col_ok[None, :], index, 0), BLOCK_M, BLOCK_K, FIELD_BITS)
-            byte_cols = k0 // PER_BYTE + tl.arange(0, BLOCK_K // PER_BYTE)
-            tl.store(codes_ptr + rows[:, None] * stride_codes + byte_cols[None, :], packed,
-                     mask=row_ok[:, None] & (byte_cols[None, :] < tl.cdiv(K, PER_BYTE)))
-        mask_bytes = _pack_fields(keep.to(tl.int32), BLOCK_M, BLOCK_K, 1)
-        byte_cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        tl.store(mask_ptr + rows[:, None] * stride_mask + byte_cols[None, :], mask_bytes,
-                 mask=row_ok[:, None] & (byte_cols[None, :] < tl.cdiv(K, 8)))
-
-
-@triton.jit
-def _dequantize_kernel(codes_ptr, step_ptr, out_ptr, R, K, stride_codes, stride_out, inv_sqrt_block,
-                       BITS: tl.constexpr, FIELD_BITS: tl.constexpr, ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ok = (rows[:, None] < R) & (cols[None, :] < K)
-    codes = load_codes(codes_ptr, rows[:, None], cols[None, :], ok, stride_codes, BITS, FIELD_BITS).to(tl.float32)
-    if ROTATE:
-        # Odd codes ≤ 127 times ±1 summed over 128 terms are exact integers in fp32 whatever the dot precision.
-        codes = tl.dot(codes, hadamard_signs(BLOCK_K), input_precision="tf32")
-        codes = codes * inv_sqrt_block
-    half_step = 0.5 * tl.load(step_ptr + rows, mask=rows < R, other=0.0)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], codes * half_step[:, None], mask=ok)
+            if not EVEN_K:
+                index = tl.where(col_ok[None, :], index, 0)  # the padding of a last partial byte is zero
+            WIDTH: tl.constexpr = BLOCK_K * FIELD_BITS // 8
+            byte_cols = k0 * FIELD_BITS // 8 + tl.arange(0, WIDTH)
+            packed = pack_pairs(index, BLOCK_M, BLOCK_K, FIELD_BITS).to(tl.uint8)
+            tl.store(packed_rows + byte_cols[None, :], packed,
+                     mask=row_ok[:, None] & (byte_cols < tl.cdiv(K * FIELD_BITS, 8))[None, :])
+        mask_cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        tl.store(mask_rows + mask_cols[None, :], pack_pairs(keep, BLOCK_M, BLOCK_K, 1).to(tl.uint8),
+                 mask=row_ok[:, None] & (mask_cols < tl.cdiv(K, 8))[None, :])
 
 
 @dataclass(frozen=True)
-class PackedRows:
+class QuantizedRows:
     """Rows quantized by :func:`quantize_rows`, in the rotated domain when ``rotated``.
 
-    codes: ``[R, K]`` int8 odd codes ``2q+1`` when not ``packed``, else ``[R, ceil(K·field_bits/8)]`` uint8
-           level-index fields (:mod:`bitlaw.kernels.packing`). Values are ``(2q+1) · step/2``.
-    step:  ``[R]`` fp32, ``2α/(2^bits − 1)``.
-    mask:  ``[R, ceil(K/8)]`` uint8, one bit per element, set where the gradient flows.
+    codes:  ``[R, K]`` int8 odd codes ``2q+1`` (the int8 GEMM's operand), or None when not asked for.
+    packed: ``[R, ceil(K·field_bits(2^bits)/8)]`` uint8 level-index fields (:mod:`bitlaw.kernels.packing`), or None.
+    step:   ``[R]`` fp32, ``2α/(2^bits − 1)``; values are ``(2q+1) · step/2``.
+    mask:   ``[R, ceil(K/8)]`` uint8, one bit per element, set where the gradient flows.
     """
 
-    codes: torch.Tensor
+    codes: torch.Tensor | None
+    packed: torch.Tensor | None
     step: torch.Tensor
     mask: torch.Tensor
     k: int
     bits: int
-    packed: bool
     rotated: bool
 
     @property
@@ -188,16 +167,21 @@ class PackedRows:
 
     @property
     def field_bits(self) -> int:
-        """Bits per stored code: the packed field width, or 0 for unpacked int8 odd codes (the kernels' flag)."""
-        return field_bits(2**self.bits) if self.packed else 0
+        """Bits per packed field: ``field_bits(2^bits)``."""
+        return field_bits(2**self.bits)
+
+    def without_codes(self) -> QuantizedRows:
+        """The same rows keeping only what backward needs (packed codes, step, mask)."""
+        return QuantizedRows(None, self.packed, self.step, self.mask, self.k, self.bits, self.rotated)
 
     def nbytes(self) -> int:
-        """Bytes held by the codes, steps and mask."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.step, self.mask))
+        """Bytes held by the tensors present."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.packed, self.step, self.mask)
+                   if t is not None)
 
     def unpacked_codes(self) -> torch.Tensor:
-        """Odd codes ``[R, K]`` int8."""
-        return unpack_codes(self.codes, self.bits, self.k) if self.packed else self.codes
+        """Odd codes ``[R, K]`` int8 (from ``codes``, else unpacked from ``packed``)."""
+        return self.codes if self.codes is not None else unpack_codes(self.packed, self.bits, self.k)
 
     def unpacked_mask(self) -> torch.Tensor:
         """Gradient mask ``[R, K]`` bool."""
@@ -233,62 +217,49 @@ def check_rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
-def check_device(x: torch.Tensor, what: str) -> None:
-    """Raise unless Triton can run on ``x``'s device (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(f"{what}: the Triton kernels need CUDA tensors (got device {x.device}); on CPU set "
-                           "TRITON_INTERPRET=1 before bitlaw.kernels.triton.quant is imported")
-
-
-def quantize_rows(x: torch.Tensor, spec: TensorSpec, pack: bool = False) -> PackedRows:
-    """Quantize each row of ``x`` ``[M, K]`` (fp32/bf16) by ``spec`` in one fused kernel. See :class:`PackedRows`.
+def quantize_rows(x: torch.Tensor, spec: TensorSpec, codes: bool = True, packed: bool = False) -> QuantizedRows:
+    """Quantize each row of ``x`` ``[M, K]`` (fp32/bf16) by ``spec`` in one fused kernel. See :class:`QuantizedRows`.
 
     ``spec`` must be an ``int1 … int7`` format with ``gaussian_rms`` scale and Hadamard block 128 (or no rotation);
-    when rotated ``K`` must be a multiple of 128. ``pack`` stores level-index fields instead of int8 odd codes.
+    when rotated ``K`` must be a multiple of 128. ``codes``/``packed`` choose which code tensors are written (at
+    least one).
     """
     reason = unsupported_reason(spec)
     if reason is not None:
-        raise ValueError(f"quantize_rows: {reason}; use kernels.quantizers.quantize for this spec")
+        raise ValueError(f"quantize_rows: {reason}; use bitlaw.kernels.quantizers.quantize for this spec")
+    if not (codes or packed):
+        raise ValueError("quantize_rows: ask for codes, packed codes or both")
     x = check_rows(x, "quantize_rows: x")
     m, k = x.shape
     if spec.rotated and k % HADAMARD_BLOCK:
         raise ValueError(f"quantize_rows: K={k} is not a multiple of the Hadamard block {HADAMARD_BLOCK} "
                          f"(x has shape {tuple(x.shape)}); allowed: K = 128·n, or rotation: none")
     bits = spec.fmt.bits
-    width = field_bits(2**bits) if pack else 0
-    codes = torch.empty(m, -(-k * width // 8) if pack else k, dtype=torch.uint8 if pack else torch.int8,
-                        device=x.device)
-    step = torch.empty(m, dtype=torch.float32, device=x.device)
-    mask = torch.empty(m, -(-k // 8), dtype=torch.uint8, device=x.device)
+    width = field_bits(2**bits)
+    device = x.device
+    out_codes = torch.empty(m, k, dtype=torch.int8, device=device) if codes else None
+    out_packed = torch.empty(m, -(-k * width // 8), dtype=torch.uint8, device=device) if packed else None
+    step = torch.empty(m, dtype=torch.float32, device=device)
+    mask = torch.empty(m, -(-k // 8), dtype=torch.uint8, device=device)
     if m and k:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-        _quantize_kernel[grid](
-            x, codes, step, mask, m, k, x.stride(0), codes.stride(0), mask.stride(0),
-            float(k), spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
-            BITS=bits, FIELD_BITS=width, ROTATE=spec.rotated, ONE_PASS=k <= TILE_K,
-            DOT_BF16=x.dtype == torch.bfloat16 and not INTERPRETED, PRECISION=FP32_DOT_PRECISION, BLOCK_K=TILE_K)
-    return PackedRows(codes, step, mask, k, bits, pack, spec.rotated)
-
-
-def dequantize_rows(rows: PackedRows, unrotate: bool = True) -> torch.Tensor:
-    """Values ``[R, K]`` fp32, rotated back to the original domain when ``unrotate`` and ``rows.rotated``."""
-    check_device(rows.step, "dequantize_rows")
-    r, k = rows.rows, rows.k
-    out = torch.empty(r, k, dtype=torch.float32, device=rows.step.device)
-    if r and k:
-        block_r = 64
-        grid = (triton.cdiv(r, block_r), triton.cdiv(k, TILE_K))
-        _dequantize_kernel[grid](rows.codes, rows.step, out, r, k, rows.codes.stride(0), out.stride(0),
-                                 1.0 / math.sqrt(HADAMARD_BLOCK), BITS=rows.bits, FIELD_BITS=rows.field_bits,
-                                 ROTATE=unrotate and rows.rotated, BLOCK_R=block_r, BLOCK_K=TILE_K)
-    return out
+        dot = dot_mode(x.dtype)
+        signs = signs_for(dot, device)
+        block_m, warps, stages = launch_config(x.dtype, capability(device))
+        # Unwritten outputs get a valid dummy pointer; the kernel never touches it (WRITE_CODES / FIELD_BITS = 0).
+        _quantize_kernel[(triton.cdiv(m, block_m),)](
+            x, signs, out_codes if codes else step, out_packed if packed else step, mask, step, m, k, x.stride(0),
+            out_codes.stride(0) if codes else 0, out_packed.stride(0) if packed else 0, mask.stride(0),
+            spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
+            BITS=bits, FIELD_BITS=width if packed else 0, WRITE_CODES=codes, ROTATE=spec.rotated,
+            EVEN_K=k % TILE_K == 0, DOT=dot, BLOCK_M=block_m, num_warps=pick(warps, 4), num_stages=stages)
+    return QuantizedRows(out_codes, out_packed, step, mask, k, bits, spec.rotated)
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 
 
-def masked_fraction(packed: torch.Tensor, k: int) -> torch.Tensor:
+def masked_fraction(packed_mask: torch.Tensor, k: int) -> torch.Tensor:
     """Share of elements with mask 0 (0-dim fp32) from a packed mask ``[R, ceil(k/8)]``; padding bits are 0."""
-    kept = _POPCOUNT.to(packed.device)[packed.long()].sum()
-    total = packed.shape[0] * k
+    kept = _POPCOUNT.to(packed_mask.device)[packed_mask.long()].sum()
+    total = packed_mask.shape[0] * k
     return (1.0 - kept.double() / max(total, 1)).float()

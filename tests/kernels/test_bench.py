@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bitlaw.kernels import bench
-from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.triton.common import INTERPRETED
 
 
-@pytest.mark.skipif(not triton_quant.INTERPRETED, reason="the interpreter mode of the kernel table")
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter mode of the kernel table")
 def test_kernel_table_runs_under_the_interpreter(capsys):
     bench.main(["--triton", "--shapes", "32x128x64", "--min-run-time", "0.01", "--recipes", "quest_w4a4"])
     out = capsys.readouterr().out

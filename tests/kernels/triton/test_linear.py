@@ -20,14 +20,14 @@ from bitlaw.kernels.linear import (
 )
 from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
-from bitlaw.kernels.triton import quant as triton_quant
+from bitlaw.kernels.triton.common import INTERPRETED
 from bitlaw.models.quant_linear import QuantLinear
 from tests.helpers import compose_train, small_overrides, train_losses, word_corpus
 
 from .test_quant import boundary_free
 
-DEVICE = "cpu" if triton_quant.INTERPRETED else "cuda"
-pytestmark = pytest.mark.skipif(not (triton_quant.INTERPRETED or torch.cuda.is_available()),
+DEVICE = "cpu" if INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 
 
@@ -212,7 +212,7 @@ def losses_by_backend(tmp_path, extra: list[str], steps: int) -> dict[str, dict[
     return losses
 
 
-@pytest.mark.skipif(not triton_quant.INTERPRETED, reason="the CPU training config; the gpu test covers CUDA")
+@pytest.mark.skipif(not INTERPRETED, reason="the CPU training config; the gpu test covers CUDA")
 def test_few_training_steps_give_the_same_losses_with_either_backend(tmp_path, triton_calls):
     # 2 × 32 tokens per step keeps the interpreted kernels to seconds.
     losses = losses_by_backend(tmp_path, ["global_batch=2"], steps=4)
@@ -232,3 +232,74 @@ def test_unknown_backend_in_the_config_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="backend='cuda' is not allowed; allowed: auto, reference, triton"):
         train(compose_train([*overrides, "backend=cuda"]))
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_under_autocast_every_projection_takes_and_returns_bf16(monkeypatch, backend):
+    """Operand flow under bf16 autocast (training's bf16-mixed): each quantized projection of a Llama receives
+    bf16 activations (RMSNorm hands it fp32) and its fp32 master weight, and returns bf16, like nn.Linear."""
+    from bitlaw.models.convert import convert, quantized_layers
+    from bitlaw.models.llama import LlamaConfig, LlamaModel
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    path = "_triton_linear" if backend == "triton" else "reference_linear"
+    original = getattr(linear, path)
+
+    def spy(x, weight, *args, **kwargs):
+        seen.append((x.dtype, weight.dtype))
+        return original(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(linear, path, spy)
+    model = LlamaModel(LlamaConfig(n_layer=1, d_model=128, n_head=1, vocab_size=64, max_seq_len=16)).to(DEVICE)
+    convert(model, load_recipe("quest_w4a4"))
+    outputs: dict[str, torch.dtype] = {}
+    for name, layer in quantized_layers(model).items():
+        layer.backend = backend
+        layer.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out.dtype))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        _, loss = model(tokens, tokens)
+    loss.backward()
+    assert len(seen) == 7 and set(seen) == {(torch.bfloat16, torch.float32)}
+    assert set(outputs.values()) == {torch.bfloat16}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    # Without autocast nothing is cast: fp32 in, fp32 out.
+    seen.clear()
+    model(tokens)
+    assert set(seen) == {(torch.float32, torch.float32)}
+
+
+def test_compiled_graph_keeps_the_triton_path_in_one_piece():
+    """The Triton path is a torch.library operator: torch.compile traces through it without a graph break
+    (fullgraph=True raises on one) and the compiled function computes what the eager one does."""
+    recipe = load_recipe("quest_w4a4")
+    x = boundary_free((37, 128), [recipe.input], 31).to(DEVICE)
+    w = boundary_free((64, 128), [recipe.weight], 32, scale=128**-0.5).to(DEVICE)
+
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(a, b, recipe, backend="triton")
+
+    def run(fn) -> tuple[torch.Tensor, ...]:
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(a, b)
+        y.square().sum().backward()  # the compiled graph's backward calls the operator's registered formula
+        return y.detach(), a.grad, b.grad
+
+    torch._dynamo.reset()
+    got = run(torch.compile(forward, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(got, run(forward), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_select_backend_names_the_path_and_why():
+    from bitlaw.kernels.linear import select_backend
+
+    recipe = load_recipe("quest_w4a4")
+    x, w = torch.randn(2, 128).to(DEVICE), torch.randn(4, 128).to(DEVICE)
+    assert select_backend(recipe, x, w, "triton") == linear.BackendChoice("triton", None)
+    assert select_backend(recipe, x, w, "reference").reason == "backend=reference requested (the backend argument)"
+    choice = select_backend(load_recipe("lsq_w4a4"), x, w, "triton")
+    assert choice.backend == "reference" and choice.reason.startswith("no Triton kernel: weight: scale 'lsq'")
+    if DEVICE == "cpu":
+        auto = select_backend(recipe, x, w, "auto")
+        assert auto == linear.BackendChoice("reference", "backend=auto on cpu tensors (the Triton kernels run on CUDA)")

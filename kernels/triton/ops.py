@@ -1,0 +1,137 @@
+"""The fused quantized linear as PyTorch custom operators (``torch.library``), with their autograd formulas.
+
+Registered as operators, the Triton path is one opaque node to ``torch.compile``: a compiled model keeps one graph
+through every quantized layer instead of breaking it around each kernel launch. Each operator has a fake (meta)
+implementation giving output shapes and dtypes, so tracing needs no real kernels.
+
+- ``bitlaw::quantized_linear``: both roles quantized; ``x [M, K]`` (fp32/bf16), ``weight [N, K]`` (read in its own
+  dtype, the fp32 master weight, once), optional ``bias [N]`` → ``y [M, N]`` in ``x``'s dtype, plus the packed
+  codes, steps and bit masks of both roles that backward keeps (no activation tensor).
+- ``bitlaw::quantized_linear_backward``: the gradients of docs/numerics.md §4 (:mod:`bitlaw.kernels.triton.backward`).
+- ``bitlaw::quantized_weight``: weight-only recipes; ``Q(w·H)·Hᵀ`` in fp32 and the mask.
+
+The recipe travels as its JSON text (operators take plain types only). Annotations are evaluated at definition (no
+``from __future__ import annotations``): torch.library reads them to build each operator's schema.
+"""
+
+import functools
+import json
+
+import torch
+
+from bitlaw.kernels.hadamard import block_hadamard
+from bitlaw.kernels.packing import field_bits, unpack_mask
+from bitlaw.kernels.recipe import Recipe
+from bitlaw.kernels.triton.backward import dequantize_rows, grad_input, grad_weight
+from bitlaw.kernels.triton.gemm import quantized_matmul
+from bitlaw.kernels.triton.quant import QuantizedRows, quantize_rows
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def recipe_of(text: str) -> Recipe:
+    """The :class:`Recipe` of its JSON text (cached: every layer of a model shares one)."""
+    return Recipe.from_dict(json.loads(text))
+
+
+@torch.compiler.assume_constant_result  # a compiled graph evaluates it once, at trace time
+def recipe_text(recipe: Recipe) -> str:
+    """The JSON text an operator takes for ``recipe``."""
+    return json.dumps(recipe.to_dict(), sort_keys=True)
+
+
+def _empty_like_rows(rows: int, k: int, bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    packed = torch.empty(rows, -(-k * field_bits(2**bits) // 8), dtype=torch.uint8, device=device)
+    return packed, torch.empty(rows, dtype=torch.float32, device=device), \
+        torch.empty(rows, -(-k // 8), dtype=torch.uint8, device=device)
+
+
+@torch.library.custom_op("bitlaw::quantized_linear", mutates_args=())
+def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """``(y, x_packed, x_step, x_mask, w_packed, w_step, w_mask)``; see the module docstring."""
+    spec = recipe_of(recipe)
+    xq = quantize_rows(x, spec.input, codes=True, packed=True)
+    wq = quantize_rows(weight, spec.weight, codes=True, packed=True)
+    y = quantized_matmul(xq, wq, bias, out_dtype=x.dtype)
+    return y, xq.packed, xq.step, xq.mask, wq.packed, wq.step, wq.mask
+
+
+@quantized_linear_op.register_fake
+def _(x, weight, bias, recipe):
+    spec = recipe_of(recipe)
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return (y, *_empty_like_rows(x.shape[0], x.shape[1], spec.input.fmt.bits, x.device),
+            *_empty_like_rows(weight.shape[0], weight.shape[1], spec.weight.fmt.bits, x.device))
+
+
+@torch.library.custom_op("bitlaw::quantized_linear_backward", mutates_args=())
+def quantized_linear_backward_op(grad_y: torch.Tensor, x_packed: torch.Tensor, x_step: torch.Tensor,
+                                 x_mask: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
+                                 w_mask: torch.Tensor, recipe: str, k: int, x_dtype: torch.dtype,
+                                 w_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x [M, K] in x_dtype, grad_w [N, K] in w_dtype)`` from the saved rows of both roles."""
+    spec = recipe_of(recipe)
+    xq = QuantizedRows(None, x_packed, x_step, x_mask, k, spec.input.fmt.bits, spec.input.rotated)
+    wq = QuantizedRows(None, w_packed, w_step, w_mask, k, spec.weight.fmt.bits, spec.weight.rotated)
+    grad_y = grad_y.contiguous()
+    if grad_y.dtype not in _KERNEL_DTYPES:
+        grad_y = grad_y.float()
+    return grad_input(grad_y, xq, wq, out_dtype=x_dtype), grad_weight(grad_y, xq, wq, out_dtype=w_dtype)
+
+
+@quantized_linear_backward_op.register_fake
+def _(grad_y, x_packed, x_step, x_mask, w_packed, w_step, w_mask, recipe, k, x_dtype, w_dtype):
+    return (grad_y.new_empty(x_step.shape[0], k, dtype=x_dtype),
+            grad_y.new_empty(w_step.shape[0], k, dtype=w_dtype))
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, bias, recipe = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.recipe, ctx.k = recipe, x.shape[1]
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward_linear(ctx, grad_y, *unused):
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_x, grad_w = quantized_linear_backward_op(grad_y, *ctx.saved_tensors, ctx.recipe, ctx.k, x_dtype, w_dtype)
+    grad_b = grad_y.float().sum(dim=0).to(b_dtype) if ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b, None
+
+
+quantized_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
+
+
+@torch.library.custom_op("bitlaw::quantized_weight", mutates_args=())
+def quantized_weight_op(weight: torch.Tensor, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q(w·H)·Hᵀ fp32 [N, K], bit mask [N, ceil(K/8)])`` for the weight role of ``recipe`` (weight-only recipes)."""
+    wq = quantize_rows(weight, recipe_of(recipe).weight, codes=False, packed=True)
+    return dequantize_rows(wq, torch.float32, unrotate=True), wq.mask
+
+
+@quantized_weight_op.register_fake
+def _(weight, recipe):
+    return weight.new_empty(weight.shape, dtype=torch.float32), \
+        weight.new_empty(weight.shape[0], -(-weight.shape[1] // 8), dtype=torch.uint8)
+
+
+def _setup_weight(ctx, inputs, output):
+    weight, recipe = inputs
+    ctx.save_for_backward(output[1])
+    ctx.k, ctx.rotated, ctx.dtype = weight.shape[1], recipe_of(recipe).weight.rotated, weight.dtype
+
+
+def _backward_weight(ctx, grad, unused):
+    (mask,) = ctx.saved_tensors
+    keep = unpack_mask(mask, ctx.k)
+    # The rotate-back is ŵ_h·H, whose adjoint is ·H again; then the trust mask and the inverse rotation.
+    grad = block_hadamard(grad) if ctx.rotated else grad.float()
+    grad = grad * keep
+    grad = block_hadamard(grad) if ctx.rotated else grad
+    return grad.to(ctx.dtype), None
+
+
+quantized_weight_op.register_autograd(_backward_weight, setup_context=_setup_weight)
