@@ -16,6 +16,7 @@ The recipe travels as its JSON text (operators take plain types only). Annotatio
 
 import functools
 import json
+from typing import Optional
 
 import torch
 
@@ -48,7 +49,7 @@ def _empty_like_rows(rows: int, k: int, bits: int, device: torch.device) -> tupl
 
 
 @torch.library.custom_op("bitlaw::quantized_linear", mutates_args=())
-def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: str
+def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: str  # noqa: UP045
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     """``(y, x_packed, x_step, x_mask, w_packed, w_step, w_mask)``; see the module docstring."""
