@@ -5,13 +5,16 @@
     bitlaw-prepare data=c4 force=true                # network: streams C4, rebuilds
 
 Prints the data set folder, train/val token counts, vocabulary size and the unigram entropy of the training
-tokens. Running it again with the same config reuses the verified data set.
+tokens. Running it again with the same config reuses the verified data set. Bad input (a config value, a data
+file, an unreachable hub data set or tokenizer, a read-only cache folder) ends with one line
+`bitlaw-prepare: <message>` and exit status 2, before anything is written; any other error keeps its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -22,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from bitlaw.data.config import DataConfig
 from bitlaw.data.shards import PreparedData, prepare_data
 from bitlaw.kernels.recipe import CONF_DIR
+
+PROG = "bitlaw-prepare"
 
 
 def to_data_config(node: DictConfig | dict[str, Any]) -> DataConfig:
@@ -64,13 +69,18 @@ def summary(prepared: PreparedData) -> str:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: compose conf/prepare.yaml, prepare the data set, print its summary."""
-    data_cfg = to_data_config(cfg.data)
-    data_cfg.cache_dir = _absolute(data_cfg.cache_dir)
-    data_cfg.paths = [_absolute(path) for path in data_cfg.paths]
-    if data_cfg.tokenizer.endswith(".json"):
-        data_cfg.tokenizer = _absolute(data_cfg.tokenizer)
-    prepared = prepare_data(data_cfg, force=bool(cfg.force), progress=bool(cfg.progress))
+    """Hydra entry point: compose conf/prepare.yaml, prepare the data set, print its summary; bad input (the
+    ValueError / FileNotFoundError of `to_data_config` and `prepare_data`) exits 2 with one line."""
+    try:
+        data_cfg = to_data_config(cfg.data)
+        data_cfg.cache_dir = _absolute(data_cfg.cache_dir)
+        data_cfg.paths = [_absolute(path) for path in data_cfg.paths]
+        if data_cfg.tokenizer.endswith(".json"):
+            data_cfg.tokenizer = _absolute(data_cfg.tokenizer)
+        prepared = prepare_data(data_cfg, force=bool(cfg.force), progress=bool(cfg.progress))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(summary(prepared))
 
 

@@ -18,7 +18,8 @@ class DataConfig:
     name: prefix of the data set folder (letters, digits, `.`, `_`, `-`).
     source: "embedded" (CPython docs, offline), "files" (local `paths`) or "hub" (streamed, network).
     paths: for source="files": `.txt` files (one document each), `.jsonl` / `.parquet` files (one document per
-        row, column `text_field`) or folders of them. Relative paths resolve against the current directory.
+        row, column `text_field`) or folders of them, all UTF-8 text. Relative paths resolve against the current
+        directory.
     text_field: the column holding the text in `.jsonl` / `.parquet` rows and hub rows.
     hub_path, hub_name, hub_split: the hub data set for source="hub" (e.g. "allenai/c4", "en", "train").
     max_tokens: stop after the document that brings the token count (train + val, EOS included) to this many;
@@ -31,7 +32,7 @@ class DataConfig:
     val_fraction: probability that a document is held out for validation (decided by a hash of its index and
         text, see `is_validation_document`). 0 gives no validation split.
     shard_tokens: tokens per shard file (the last shard of a split holds the rest).
-    cache_dir: folder holding prepared data sets.
+    cache_dir: folder holding prepared data sets; it must be writable unless the data set is already prepared there.
     seed: salt of the train/validation split hash.
     """
 

@@ -5,9 +5,10 @@ the prose of the standard-library sources: module, class and function docstrings
 are never imported) and blocks of consecutive full-line comments. No network, no download, no file written.
 The text differs across Python versions, so callers record `sys.version` next to the corpus sha256.
 
-Local files (`.txt`: one document per file; `.jsonl` / `.parquet`: one document per row) and hub data sets
-are streamed through `datasets.load_dataset(..., streaming=True)`, so nothing is copied into a cache.
-`datasets` is imported only when those sources are read (it is slow to import).
+Local files (`.txt`: one document per file; `.jsonl` / `.parquet`: one document per row) are read here, one
+file at a time, so that a bad file is reported with its name and line (or row). Hub data sets are streamed
+through `datasets.load_dataset(..., streaming=True)`, so nothing is copied into a cache; `datasets` is imported
+only when a hub data set is read (it is slow to import).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 import ast
 import gc
 import hashlib
+import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +32,6 @@ MIN_DOCSTRING_CHARS = 200
 """Docstrings shorter than this are mostly one-line summaries ("Return x."), too short to be documents."""
 MIN_COMMENT_CHARS = 120
 """Comment blocks shorter than this are mostly markers or commented-out code, not prose."""
-
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
-"""Allowed local file extensions and the `datasets` builder that reads each."""
 
 _DEFINITIONS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 # Statement fields that hold nested statements: definitions can sit inside `if`, `try`, `with`, loops.
@@ -171,12 +170,98 @@ def build_embedded_corpus(stdlib_dir: str | os.PathLike[str] | None = None) -> E
                           python_version=sys.version)
 
 
+def _not_utf8(where: str, error: UnicodeDecodeError, unit: str) -> ValueError:
+    """`error` decoding `unit` ("file", "line", "value") at `where`, as one line saying what is allowed."""
+    return ValueError(f"{where} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                      f"{error.start} of the {unit}): data files must be UTF-8 text")
+
+
+def _text_of(row: dict, text_field: str, where: str) -> str:
+    """The document text in `row[text_field]`; ValueError naming `where` if it is missing or not a str."""
+    if text_field not in row:
+        raise ValueError(f"{where} has no field {text_field!r} (data.text_field); that row has the fields "
+                         f"{sorted(row)}")
+    text = row[text_field]
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        raise ValueError(f"{where}: field {text_field!r} holds {kind}, expected a string")
+    return text
+
+
+def _read_txt(path: Path, text_field: str) -> Iterator[str]:
+    """The whole file as one document (universal newlines: "\\r\\n" and "\\r" read as "\\n")."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        line = error.object[:error.start].count(b"\n") + 1  # read() decodes the whole file at once
+        raise _not_utf8(f"data file {str(path)!r} line {line}", error, "file") from None
+    yield text
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    """`row[text_field]` of every line holding a JSON object, in order; blank lines are skipped."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"data file {str(path)!r} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(where, error, "line") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not JSON ({error.msg} at column {error.colno}): a .jsonl file "
+                                 "holds one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where} holds a JSON {type(row).__name__}, not an object with the field "
+                                 f"{text_field!r} (data.text_field)")
+            yield _text_of(row, text_field, where)
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """The column `text_field` of every row, in order, read one record batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"data file {str(path)!r} is not a Parquet file ({error})") from None
+    fields = parquet.schema_arrow.names
+    if text_field not in fields:  # a Parquet schema is shared by every row: name the file, not a row
+        raise ValueError(f"data file {str(path)!r} has no field {text_field!r} (data.text_field); its rows have "
+                         f"the fields {sorted(fields)}")
+    number = 0
+    for batch in parquet.iter_batches(columns=[text_field]):
+        column = batch.column(0)
+        try:
+            values = column.to_pylist()
+        except UnicodeDecodeError:
+            for offset in range(len(column)):  # only on failure: find the row to name
+                try:
+                    column[offset].as_py()
+                except UnicodeDecodeError as error:
+                    raise _not_utf8(f"data file {str(path)!r} row {number + offset + 1}", error, "value") from None
+            raise
+        for value in values:
+            number += 1
+            yield _text_of({text_field: value}, text_field, f"data file {str(path)!r} row {number}")
+
+
+FILE_READERS: dict[str, Callable[[Path, str], Iterator[str]]] = {
+    ".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+"""Allowed local file extensions and the reader of each: (path, text_field) -> documents in order."""
+
+
 def resolve_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """The local files named by `paths`, in the given order; a folder stands for its allowed files (recursive,
     sorted by relative path; files with other extensions in a folder are not part of the corpus).
 
     Raises FileNotFoundError naming every missing path, and ValueError naming every file whose extension is
-    not in FILE_BUILDERS, before anything is read.
+    not in FILE_READERS, before anything is read.
     """
     if isinstance(paths, (str, os.PathLike)):
         raise TypeError(f"paths must be a list of paths, got the single path {str(paths)!r}")
@@ -186,59 +271,65 @@ def resolve_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = [child for child in path.rglob("*") if child.is_file() and child.suffix in FILE_BUILDERS]
+            found = [child for child in path.rglob("*") if child.is_file() and child.suffix in FILE_READERS]
             found.sort(key=lambda child: child.relative_to(path).as_posix())
             if not found:
                 raise ValueError(f"folder {str(path)!r} holds no file with an allowed extension "
-                                 f"{sorted(FILE_BUILDERS)}")
+                                 f"{sorted(FILE_READERS)}")
             files.extend(found)
         else:
             files.append(path)
-    unsupported = [str(path) for path in files if path.suffix not in FILE_BUILDERS]
+    unsupported = [str(path) for path in files if path.suffix not in FILE_READERS]
     if unsupported:
         raise ValueError(f"unsupported data file extension(s) in {unsupported}; "
-                         f"allowed: {sorted(FILE_BUILDERS)}")
+                         f"allowed: {sorted(FILE_READERS)}")
     if not files:
         raise ValueError("paths is empty: source 'files' needs at least one .txt/.jsonl/.parquet file "
                          "or folder")
     return files
 
 
-def _text_of(row: dict, text_field: str, where: str) -> str:
-    """The document text in `row[text_field]`, with an error naming `where` if it is missing or not a str."""
-    if text_field not in row:
-        raise KeyError(f"{where} has no field {text_field!r}; fields are {sorted(row)} (set data.text_field)")
-    text = row[text_field]
-    if not isinstance(text, str):
-        raise TypeError(f"{where}: field {text_field!r} holds {type(text).__name__}, expected str")
-    return text
-
-
 def iter_file_documents(files: Sequence[Path], text_field: str) -> Iterator[str]:
-    """Documents of local files in order: a whole `.txt` file is one document, a `.jsonl`/`.parquet` row is
-    one document (its `text_field`). Runs of files with one extension are read by one streaming loader."""
+    """Documents of local files in order: a whole `.txt` file is one document, a `.jsonl` line or `.parquet`
+    row is one document (its `text_field`).
+
+    Raises ValueError naming the file and line (or row) when a file is not UTF-8 text, a `.jsonl` line is not
+    a JSON object, or a row lacks `text_field` or holds no string there.
+    """
+    for path in files:
+        yield from FILE_READERS[path.suffix](path, text_field)
+
+
+def hub_fetch_error(what: str, error: Exception, local_copy: str) -> ValueError:
+    """One line for a hub resource (`what`) that could not be fetched; a network failure names `local_copy`, what
+    to use offline instead."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    message = str(error).strip()
+    detail = type(error).__name__ + (f": {message.splitlines()[0]}" if message else "")
+    # huggingface_hub reports an unreachable host (or HF_HUB_OFFLINE) with a cache miss as LocalEntryNotFoundError.
+    if isinstance(error, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
+        return ValueError(f"{what} cannot be fetched ({detail}): it needs network access to the Hugging Face Hub, "
+                          f"or a local copy ({local_copy})")
+    return ValueError(f"{what} cannot be loaded ({detail})")
+
+
+def _hub_rows(path: str, name: str | None, split: str, what: str) -> Iterator[dict]:
+    """The rows of a hub data set, streamed; a failure to open or read it is one ValueError naming it."""
     import datasets
 
-    start = 0
-    while start < len(files):
-        builder = FILE_BUILDERS[files[start].suffix]
-        stop = start
-        while stop < len(files) and FILE_BUILDERS[files[stop].suffix] == builder:
-            stop += 1
-        group = [str(path) for path in files[start:stop]]
-        options = {"sample_by": "document"} if builder == "text" else {}
-        stream = datasets.load_dataset(builder, data_files=group, split="train", streaming=True, **options)
-        field = "text" if builder == "text" else text_field  # the text loader always names its column "text"
-        where = group[0] if len(group) == 1 else f"{builder} files {group[0]!r} .. {group[-1]!r}"
-        for row in stream:
-            yield _text_of(row, field, where)
-        start = stop
+    try:
+        yield from datasets.load_dataset(path, name, split=split, streaming=True)
+    except (OSError, ValueError) as error:  # unreachable host, offline mode, unknown data set, config or split
+        raise hub_fetch_error(what, error, "data=files 'data.paths=[...]'") from None
 
 
 def iter_hub_documents(path: str, name: str | None, split: str, text_field: str) -> Iterator[str]:
-    """Documents of a hub data set, streamed (network needed): `row[text_field]` of each row in order."""
-    import datasets
+    """Documents of a hub data set, streamed (network needed): `row[text_field]` of each row in order.
 
-    stream = datasets.load_dataset(path, name, split=split, streaming=True)
-    for row in stream:
-        yield _text_of(row, text_field, f"hub data set {path!r} ({name}, {split})")
+    Raises ValueError naming the data set when it cannot be fetched (e.g. offline), and naming the row when it
+    lacks `text_field` or holds no string there.
+    """
+    what = f"hub data set {path!r} ({name}, split {split})"
+    for number, row in enumerate(_hub_rows(path, name, split, what), start=1):
+        yield _text_of(row, text_field, f"{what} row {number}")

@@ -9,6 +9,7 @@ and mtime of local files, sha256 of a tokenizer file). Hydra-free: the CLI (:mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -29,7 +30,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from bitlaw.data.config import DataConfig
-from bitlaw.data.corpus import build_embedded_corpus, iter_file_documents, iter_hub_documents, resolve_files
+from bitlaw.data.corpus import (
+    build_embedded_corpus,
+    hub_fetch_error,
+    iter_file_documents,
+    iter_hub_documents,
+    resolve_files,
+)
 from bitlaw.data.windows import TokenStream
 
 FORMAT_VERSION = 1
@@ -39,6 +46,7 @@ VERIFY_MODES = ("auto", "full", "size")
 FULL_VERIFY_MAX_BYTES = 1 << 30
 """verify="auto" hashes every shard when the data set is smaller than this (1 GiB), else checks sizes only."""
 _ENCODE_CHUNK_DOCUMENTS = 256
+_NAMED_FILES = 10  # files named in a corpus description; more are counted
 _NOT_HASHED = ("name", "cache_dir")  # where the data set lives, not what is in it
 _META_KEYS = ("config_hash", "vocab_size", "eos_id", "dtype", "shards", "tokens", "tokenizer_file",
               "unigram_entropy")
@@ -96,7 +104,7 @@ def _documents(cfg: DataConfig) -> tuple[Callable[[], Iterator[str]], int | None
         return (lambda: iter(documents)), len(documents), corpus.description
     if cfg.source == "files":
         files = resolve_files(cfg.paths)
-        names = ", ".join(str(path) for path in files[:3]) + (", ..." if len(files) > 3 else "")
+        names = ", ".join(str(path) for path in files[:_NAMED_FILES]) + (", ..." if len(files) > _NAMED_FILES else "")
 
         def read() -> Iterator[str]:
             return iter_file_documents(files, cfg.text_field)
@@ -129,7 +137,11 @@ def _make_tokenizer(cfg: DataConfig, documents: Callable[[], Iterator[str]]) -> 
         return train_bpe(train_only, cfg.bpe_vocab_size, cfg.eos_token)
     if cfg.tokenizer.endswith(".json"):
         return Tokenizer.from_file(cfg.tokenizer)
-    return Tokenizer.from_pretrained(cfg.tokenizer)
+    try:
+        return Tokenizer.from_pretrained(cfg.tokenizer)
+    except OSError as error:  # huggingface_hub's network, offline-mode and not-found errors are all OSErrors
+        raise hub_fetch_error(f"hub tokenizer data.tokenizer={cfg.tokenizer!r}", error,
+                              "data.tokenizer=path/to/tokenizer.json") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -202,7 +214,8 @@ def _tokenize(cfg: DataConfig, tokenizer: Tokenizer, eos_id: int, directory: Pat
     n_tokens = 0
     corpus_digest = hashlib.sha256()  # equals documents_sha256() of the documents actually tokenized
     index = 0
-    bar = tqdm(total=total, unit="doc", desc=f"tokenizing {cfg.name}", disable=not progress)
+    # disable=None: a bar on a terminal only; in a log its carriage-return updates would be a screenful of lines.
+    bar = tqdm(total=total, unit="doc", desc=f"tokenizing {cfg.name}", disable=None if progress else True)
     try:
         while cfg.max_tokens is None or n_tokens < cfg.max_tokens:
             chunk = list(itertools.islice(documents, _ENCODE_CHUNK_DOCUMENTS))
@@ -265,29 +278,58 @@ def _publish(staging: Path, directory: Path) -> None:
         shutil.rmtree(retired)
 
 
+def _check_writable(cache_dir: Path) -> list[Path]:
+    """Raise ValueError naming `cache_dir` unless this process can create it or write into it; nothing is created.
+
+    Returns the folders of `cache_dir` that do not exist yet (itself and missing parents), deepest first.
+    """
+    missing: list[Path] = []
+    existing = cache_dir.absolute()
+    while not existing.exists():
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"data.cache_dir={str(cache_dir)!r}: {str(existing)!r} is a file, not a folder")
+    # access() also answers False on a read-only file system, for root too.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"data.cache_dir={str(cache_dir)!r} is not writable: {str(existing)!r} is read-only for "
+                         "this user; set data.cache_dir to a writable folder")
+    return missing
+
+
 def prepare_data(cfg: DataConfig, force: bool = False, progress: bool = True) -> PreparedData:
     """Tokenize the configured corpus into `dataset_dir(cfg)` unless it is already there; return it loaded.
 
     An existing data set with the same hash is verified (`load_prepared`, verify="auto") and returned without
-    re-tokenizing; one that fails verification raises (pass force=True to rebuild). Everything is written into
-    a temporary folder beside it, meta.json last, then moved into place: an interrupted prepare leaves any
-    earlier data set intact and no meta.json, so the next run rebuilds. Run it on one process only (rank 0).
+    re-tokenizing, also from a read-only cache_dir; one that fails verification raises (pass force=True to
+    rebuild). Otherwise, before anything is written: the config is validated, cache_dir must be writable, the
+    input must hold a document with text, a hub data set or tokenizer must be reachable, and a trained BPE
+    reads every document (so a bad data file fails here). Bad input raises ValueError / FileNotFoundError
+    naming it. Everything is then written into a temporary folder beside the data set, meta.json last, and
+    moved into place: an error or interruption (e.g. a bad line found while tokenizing with a pretrained
+    tokenizer) leaves any earlier data set intact, removes the temporary folder and the cache folders this call
+    created, and leaves no meta.json, so the next run rebuilds. Run it on one process only (rank 0).
     """
     cfg.validate()
     directory = dataset_dir(cfg)
     if not force and (directory / META_FILE).is_file():
         return dataclasses.replace(load_prepared(cfg, verify="auto"), reused=True)
+    new_folders = _check_writable(Path(cfg.cache_dir))
     documents, total, description = _documents(cfg)
+    if not any(text.strip() for text in documents()):  # stops at the first document with text
+        within = "" if cfg.max_documents is None else f" (the first data.max_documents={cfg.max_documents})"
+        raise ValueError(f"the input has no documents with text ({description}): every document{within} is "
+                         "empty or blank")
+    tokenizer = _make_tokenizer(cfg, documents)
+    eos_id = tokenizer.token_to_id(cfg.eos_token)
+    if eos_id is None:
+        raise ValueError(f"eos_token {cfg.eos_token!r} is not in the vocabulary of tokenizer "
+                         f"{cfg.tokenizer!r}; set data.eos_token to its end-of-text token")
     directory.parent.mkdir(parents=True, exist_ok=True)
     # A unique hidden sibling (mkdir honours the umask, unlike mkdtemp's 0700), renamed into place at the end.
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir()
     try:
-        tokenizer = _make_tokenizer(cfg, documents)
-        eos_id = tokenizer.token_to_id(cfg.eos_token)
-        if eos_id is None:
-            raise ValueError(f"eos_token {cfg.eos_token!r} is not in the vocabulary of tokenizer "
-                             f"{cfg.tokenizer!r}; set data.eos_token to its end-of-text token")
         tokenizer.save(str(staging / TOKENIZER_FILE))
         stats = _tokenize(cfg, tokenizer, eos_id, staging, documents(), total, progress)
         meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg),
@@ -300,6 +342,9 @@ def prepare_data(cfg: DataConfig, force: bool = False, progress: bool = True) ->
         _publish(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # only our own half-written copy; the error propagates
+        for folder in new_folders:  # deepest first; one that another process has written into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return load_prepared(directory, verify="size")  # just hashed while writing
 

@@ -6,7 +6,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+import bitlaw.data.corpus as corpus
 import bitlaw.data.shards as data
 from bitlaw.data.config import DataConfig
-from bitlaw.data.corpus import EmbeddedCorpus, build_embedded_corpus, documents_sha256
+from bitlaw.data.corpus import EmbeddedCorpus, build_embedded_corpus, documents_sha256, hub_fetch_error
 from bitlaw.data.shards import (
     dataset_dir,
     is_validation_document,
@@ -319,6 +322,150 @@ def test_crash_mid_prepare_keeps_previous_data(local_corpus, prepared_local, mon
     assert not prepare_data(fresh, progress=False).reused
 
 
+# ------------------------------------------------------------------------------------- bad input files
+
+def _fails_writing_nothing(cfg: DataConfig, match: str, new_root: Path) -> str:
+    """prepare_data(cfg) raises ValueError matching `match`, and `new_root` (above cfg.cache_dir, absent
+    before) is still absent: nothing was written, or what was written is gone. Returns the message."""
+    assert not new_root.exists()
+    with pytest.raises(ValueError, match=match) as error:
+        prepare_data(cfg, progress=False)
+    assert not new_root.exists(), f"left behind: {sorted(new_root.rglob('*'))}"
+    assert len(str(error.value).splitlines()) == 1
+    return str(error.value)
+
+
+def test_non_utf8_data_files_are_named_with_their_line(local_corpus, prepared_local, monkeypatch,
+                                                       tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths, _, _ = local_corpus
+    new_root = tmp_path / "new"
+
+    def cfg(files: list[Path], **overrides: object) -> DataConfig:  # good .txt files, then the bad ones
+        return _files_config([*paths[:12], *map(str, files)], new_root / "cache", **overrides)
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("first line\nCafé crème\n".encode("latin-1"))
+    _fails_writing_nothing(cfg([latin]), rf"data file '{re.escape(str(latin))}' line 2 is not UTF-8 text "
+                           r"\(byte 0xe9 at offset 14 of the file\): data files must be UTF-8 text", new_root)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "one"}\n{"text": "two"}\n{"text": "caf\xe9"}\n{"text": "four"}\n')
+    message = rf"data file '{re.escape(str(rows))}' line 3 is not UTF-8 text .*must be UTF-8 text"
+    _fails_writing_nothing(cfg([rows]), message, new_root)
+    # With a tokenizer file the bad line is met while tokenizing, after shards were written: they are removed.
+    monkeypatch.setattr(data, "_ENCODE_CHUNK_DOCUMENTS", 1)
+    _fails_writing_nothing(cfg([rows], tokenizer=str(prepared_local.tokenizer_path)), message, new_root)
+    # A Parquet string column holding invalid UTF-8 (written as raw buffers: pyarrow validates its own strings).
+    offsets, values = np.array([0, 2, 6], dtype=np.int32).tobytes(), b"okcaf\xe9"
+    column = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+    table = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"text": column}), table)
+    _fails_writing_nothing(cfg([table]), rf"'{re.escape(str(table))}' row 2 is not UTF-8 text", new_root)
+
+
+def test_rows_without_the_text_field_are_named(local_corpus, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths, _, _ = local_corpus
+    new_root = tmp_path / "new"
+
+    def cfg(files: list[Path], **overrides: object) -> DataConfig:  # good .txt files, then the bad ones
+        return _files_config([*paths[:12], *map(str, files)], new_root / "cache", **overrides)
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "one"}\n\n{"body": "two", "id": 2}\n', encoding="utf-8")
+    _fails_writing_nothing(cfg([rows]), rf"data file '{re.escape(str(rows))}' line 3 has no field 'text' "
+                           r"\(data.text_field\); that row has the fields \['body', 'id'\]$", new_root)
+    _fails_writing_nothing(cfg([rows], text_field="body"), r"line 1 has no field 'body'.*\['text'\]", new_root)
+    for line, problem in [('{"text": null}', "line 1: field 'text' holds null, expected a string"),
+                          ('{"text": 5}', "line 1: field 'text' holds int, expected a string"),
+                          ('["text"]', "line 1 holds a JSON list, not an object with the field 'text'"),
+                          ('{"text": "unterminated', "line 1 is not JSON")]:
+        rows.write_text(line + "\n", encoding="utf-8")
+        _fails_writing_nothing(cfg([rows]), re.escape(f"'{rows}' {problem}"), new_root)
+    table = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"body": ["a b c"], "n": [1]}), table)
+    _fails_writing_nothing(cfg([table]), rf"data file '{re.escape(str(table))}' has no field 'text' "
+                           r"\(data.text_field\); its rows have the fields \['body', 'n'\]", new_root)
+    pq.write_table(pa.table({"text": ["a b c", None]}), table)
+    _fails_writing_nothing(cfg([table]), "row 2: field 'text' holds null", new_root)
+    table.write_bytes(b"not parquet at all")
+    _fails_writing_nothing(cfg([table]), rf"'{re.escape(str(table))}' is not a Parquet file", new_root)
+
+
+def test_hub_rows_without_the_text_field_are_named(monkeypatch) -> None:
+    monkeypatch.setattr(corpus, "_hub_rows", lambda *args: iter([{"text": "a"}, {"content": "b", "url": "u"}]))
+    documents = corpus.iter_hub_documents("org/set", "en", "train", "text")
+    assert next(documents) == "a"
+    with pytest.raises(ValueError, match=r"hub data set 'org/set' \(en, split train\) row 2 has no field 'text' "
+                                         r"\(data.text_field\); that row has the fields \['content', 'url'\]"):
+        next(documents)
+
+
+def test_input_without_text_says_so_and_names_the_files(local_corpus, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(data, "train_bpe", lambda *args: pytest.fail("trained a tokenizer on no documents"))
+    new_root = tmp_path / "new"
+    empty_txt, blank_jsonl = tmp_path / "empty.txt", tmp_path / "blank.jsonl"
+    empty_txt.write_text("", encoding="utf-8")
+    blank_jsonl.write_text('\n{"text": ""}\n{"text": "  \\n"}\n', encoding="utf-8")
+    message = _fails_writing_nothing(
+        _files_config([str(empty_txt), str(blank_jsonl)], new_root / "cache"),
+        re.escape(f"the input has no documents with text (2 local file(s): {empty_txt}, {blank_jsonl}): every "
+                  "document is empty or blank"), new_root)
+    assert "validation" not in message
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    _fails_writing_nothing(_files_config([str(tmp_path / "empty.jsonl")], new_root / "cache"),
+                           "the input has no documents with text", new_root)
+    paths, _, _ = local_corpus  # text after the first max_documents does not count
+    _fails_writing_nothing(_files_config([str(empty_txt), *paths], new_root / "cache", max_documents=1),
+                           r"every document \(the first data.max_documents=1\) is empty", new_root)
+
+
+def test_read_only_cache_dir_fails_before_tokenizing(local_corpus, prepared_local, monkeypatch,
+                                                     tmp_path: Path) -> None:
+    paths, _, _ = local_corpus
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copytree(prepared_local.directory, cache / prepared_local.directory.name)
+    cache.chmod(0o555)
+    try:
+        if os.access(cache, os.W_OK):  # root ignores permission bits: answer as they would for other users
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: real_access(path, mode, **kwargs)
+                                and not (mode & os.W_OK and Path(path) == cache))
+        assert prepare_data(_files_config(paths, cache), progress=False).reused, "reading needs no writing"
+        monkeypatch.setattr(data, "_documents", lambda *args: pytest.fail("read documents for a read-only cache"))
+        for cache_dir in (cache, cache / "sub" / "dir"):
+            with pytest.raises(ValueError, match=rf"^data.cache_dir='{re.escape(str(cache_dir))}' is not "
+                                                 rf"writable: '{re.escape(str(cache))}' is read-only"):
+                prepare_data(_files_config(paths, cache_dir, seed=5), progress=False)
+        assert [path.name for path in cache.iterdir()] == [prepared_local.directory.name]
+    finally:
+        cache.chmod(0o755)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=rf"data.cache_dir='{re.escape(str(a_file / 'c'))}': .* is a file"):
+        prepare_data(_files_config(paths, a_file / "c"), progress=False)
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002], ids=["umask027", "umask002"])
+def test_written_files_and_folders_follow_the_umask(local_corpus, tmp_path: Path, umask: int) -> None:
+    paths, _, _ = local_corpus
+    root = tmp_path / "cache"
+    previous = os.umask(umask)
+    try:
+        prepared = prepare_data(_files_config(paths[:13], root / "nested"), progress=False)
+    finally:
+        os.umask(previous)
+    written = [root, *root.rglob("*")]
+    assert {path.name for path in prepared.directory.iterdir()} >= {"meta.json", "tokenizer.json", "train_000.bin"}
+    modes = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in written}
+    assert modes == {str(path): oct((0o777 if path.is_dir() else 0o666) & ~umask) for path in written}
+
+
 # ----------------------------------------------------------------------------------------- windows
 
 def _window_ids(x: torch.Tensor, seq_len: int) -> list[int]:
@@ -403,6 +550,25 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, timeout=120)
 
 
+# One interpreter (imports take seconds) for both hub resources: a hub tokenizer through prepare_data, then
+# `bitlaw-prepare data=c4` (hub data set and tokenizer) through the CLI, which exits.
+_OFFLINE_SCRIPT = """
+import sys
+from bitlaw.data.cli import main
+from bitlaw.data.config import DataConfig
+from bitlaw.data.shards import prepare_data
+
+text_file, cache = sys.argv[1:]
+try:
+    prepare_data(DataConfig(source="files", paths=[text_file], tokenizer="openai-community/gpt2", cache_dir=cache),
+                 progress=False)
+except ValueError as error:
+    print(error)
+sys.argv = ["bitlaw-prepare", "data=c4", f"data.cache_dir={cache}"]
+main()
+"""
+
+
 def test_cli_prepares_with_relative_paths_and_writes_nothing_else(local_corpus, tmp_path: Path) -> None:
     paths, documents, _ = local_corpus
     work = tmp_path / "work"
@@ -430,5 +596,28 @@ def test_cli_rejects_an_unknown_key() -> None:
     assert result.returncode != 0
     assert "vocab" in result.stderr and "not in struct" in result.stderr
     result = _run_cli(["+data.vocab=3"], cwd=REPO_ROOT)
-    assert result.returncode != 0
-    assert "invalid data config at data.vocab" in result.stderr and "bpe_vocab_size" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("bitlaw-prepare: invalid data config at data.vocab")
+    assert "bpe_vocab_size" in result.stderr
+
+
+def test_hub_sources_offline_fail_with_one_line_before_writing(tmp_path: Path) -> None:
+    text_file, cache = tmp_path / "a.txt", tmp_path / "cache"
+    text_file.write_text("some text", encoding="utf-8")
+    # An empty hub cache: nothing downloaded earlier can stand in for the network. Offline mode fails at once.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-c", _OFFLINE_SCRIPT, str(text_file), str(cache)], cwd=tmp_path,
+                            env=env, text=True, capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.startswith("hub tokenizer data.tokenizer='openai-community/gpt2' cannot be fetched (")
+    assert result.stdout.rstrip().endswith("it needs network access to the Hugging Face Hub, or a local copy "
+                                           "(data.tokenizer=path/to/tokenizer.json)")
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("bitlaw-prepare: hub data set 'allenai/c4' (en, split train) cannot be fetched (")
+    assert line.endswith("it needs network access to the Hugging Face Hub, or a local copy "
+                         "(data=files 'data.paths=[...]')")
+    assert not cache.exists()
+    # A failure that is not the network's says only what failed.
+    assert str(hub_fetch_error("hub data set 'x/y'", FileNotFoundError("no such data set"), "data=files")) == \
+        "hub data set 'x/y' cannot be loaded (FileNotFoundError: no such data set)"
