@@ -1,12 +1,15 @@
 """``bitlaw-eval``: loss, perplexity and bits per byte of a checkpoint or an export on held-out text.
 
-    bitlaw-eval runs/tiny-bf16-seed0/checkpoints/last.ckpt                 # the run's validation split
+    bitlaw-eval runs/tiny-bf16-seed0                       # the whole validation split of the run's data set
+    bitlaw-eval runs/tiny-bf16-seed0 --windows training    # the windows training validated on: run.json's val_loss
     bitlaw-eval exports/tiny-w4a4 --data-dir data_cache/embedded-0123abcd4567 --max-batches 8
     bitlaw-eval exports/tiny-hf --text notes.txt --seq-len 256 --json
 
 The token stream is cut into non-overlapping windows of seq_len + 1 tokens exactly as the training run's
-validation does (``bitlaw.data.windows.val_batches``: window i starts at token i * seq_len), so with the run's seq_len,
-global_batch as batch size and val_batches as max batches the loss equals the run record's ``val_loss``.
+validation does (``bitlaw.data.windows.val_batches``: window i starts at token i * seq_len). By default every whole
+window is evaluated; training validates on the first val_batches batches of global_batch windows only, which
+``--windows training`` selects (with the run's seq_len), so that the loss equals the run record's ``val_loss``.
+The summary line and the JSON say which windows were evaluated.
 Bits per byte divide the summed loss (in bits) by the UTF-8 size of the text the target tokens decode to, which
 makes models with different tokenizers comparable.
 """
@@ -28,11 +31,14 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from bitlaw.data.shards import load_prepared
 from bitlaw.data.windows import TokenStream, val_batches
 from bitlaw.deploy.generate import check_source
+from bitlaw.deploy.load import check_device, load_model, source_notes, tokenizer_file
 
 PROG = "bitlaw-eval"
 _RUN_RECORD = "run.json"
+WINDOWS = ("all", "training")
 
 
 def _batches(tokens: Sequence[int] | np.ndarray | TokenStream, seq_len: int, batch_size: int,
@@ -92,25 +98,25 @@ def evaluate(model: nn.Module, tokens: Sequence[int] | np.ndarray | TokenStream,
     window scores its last seq_len tokens given the ones before, within the window.
 
     Returns ``loss`` (mean cross-entropy, nats/token, accumulated in float64), ``perplexity`` (exp(loss)),
-    ``tokens`` (target tokens scored), ``windows``, and with a tokenizer ``bytes`` (UTF-8 bytes of the text
+    ``tokens`` (target tokens scored), ``windows`` (windows evaluated), ``windows_total`` (whole windows in
+    ``tokens``), and with a tokenizer ``bytes`` (UTF-8 bytes of the text
     the target tokens decode to; special tokens count 0) and ``bits_per_byte`` = loss · tokens / (ln 2 · bytes);
     without one both are None.
     """
     if seq_len < 1 or batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise ValueError(f"need seq_len >= 1, batch_size >= 1 and max_batches >= 1 or None; got seq_len={seq_len}, "
                          f"batch_size={batch_size}, max_batches={max_batches}")
-    n_windows = max(len(tokens) - 1, 0) // seq_len
-    if n_windows == 0:
+    total = max(len(tokens) - 1, 0) // seq_len
+    if total == 0:
         raise ValueError(f"{len(tokens)} tokens hold no window of seq_len={seq_len} + 1 tokens: use a shorter "
                          "--seq-len or more text")
-    if max_batches is not None:
-        n_windows = min(n_windows, max_batches * batch_size)
+    n_windows = total if max_batches is None else min(total, max_batches * batch_size)
     device = next(model.parameters()).device
     counter = _ByteCounter(tokenizer) if tokenizer is not None else None
     loss_sum, count = 0.0, 0
     batches = _batches(tokens, seq_len, batch_size, n_windows)
     for x, y in tqdm(batches, total=math.ceil(n_windows / batch_size), desc="evaluating", unit="batch",
-                     disable=not progress):
+                     disable=None if progress else True):  # None: only on a terminal
         out = model(x.to(device))
         logits = out[0] if isinstance(out, tuple) else out
         # float32 softmax as in training; the running sum in float64 so long evaluations do not drift.
@@ -122,32 +128,57 @@ def evaluate(model: nn.Module, tokens: Sequence[int] | np.ndarray | TokenStream,
     loss = loss_sum / count
     n_bytes = counter.finish() if counter is not None else None
     bits_per_byte = loss_sum / (math.log(2) * n_bytes) if n_bytes else None
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "windows": n_windows, "bytes": n_bytes,
-            "bits_per_byte": bits_per_byte}
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "windows": n_windows,
+            "windows_total": total, "bytes": n_bytes, "bits_per_byte": bits_per_byte}
+
+
+def run_record_path(source: Path) -> Path | None:
+    """Where the run record (``run.json``) of a checkpoint's training run is: ``<run_dir>/run.json`` for a
+    checkpoint at ``<run_dir>/checkpoints/<name>.ckpt``; None for anything else (exports, loose checkpoints)."""
+    if not source.is_file() or source.parent.name != "checkpoints":
+        return None
+    return source.parent.parent / _RUN_RECORD
 
 
 def run_record_for(source: Path) -> dict[str, Any] | None:
-    """The run record (``run.json``) of the training run a checkpoint belongs to, or None when there is none
-    (exports and loose checkpoint files): a checkpoint lives at ``<run_dir>/checkpoints/<name>.ckpt``."""
-    path = source.parent.parent / _RUN_RECORD
-    if not source.is_file() or not path.is_file():
+    """The run record of the training run a checkpoint belongs to (:func:`run_record_path`), or None when there
+    is none (exports, loose checkpoint files, runs that have not finished)."""
+    path = run_record_path(source)
+    if path is None or not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_run_record(path)
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    """``run.json`` at ``path``; ValueError naming the file when it is not a JSON object (truncated, edited)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a readable run record ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a run record (a JSON object)")
+    return record
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Loss, perplexity and bits per byte of a bitlaw checkpoint or export.")
-    parser.add_argument("source", help="a training checkpoint (*.ckpt), a native export or a Hugging Face export")
+    parser.add_argument("source", help="a training checkpoint (*.ckpt), a run directory (its last checkpoint), a "
+                                       "native export or a Hugging Face export")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--text", help="a UTF-8 text file to evaluate on (tokenized with the model's tokenizer)")
     where.add_argument("--data-dir", help="a prepared data set folder (meta.json); its validation split is used. "
                                           "Default: the data set recorded in the run's run.json")
+    parser.add_argument("--windows", choices=WINDOWS, default="all",
+                        help="all: every whole window (default); training: the windows training validated on (the "
+                             "first val_batches batches of global_batch windows of seq_len, from run.json), so the "
+                             "loss equals run.json's val_loss")
     parser.add_argument("--tokenizer", help="tokenizer.json for --text and bytes, instead of the model's one")
     parser.add_argument("--seq-len", type=int, help="window length (default: the run's seq_len, else max_seq_len)")
     parser.add_argument("--batch-size", type=int, help="windows per batch (default: the run's global_batch, else 8)")
     parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: all windows)")
-    parser.add_argument("--device", default="cpu", help="torch device to run the model on (cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on: cpu, cuda, cuda:N, mps "
+                                                        "(cpu)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout (summary to stderr)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -164,6 +195,51 @@ def _load_tokenizer(path: Path | None, what: str) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+def _training_windows(args: argparse.Namespace, source: Path) -> dict[str, Any]:
+    """The run record whose validation ``--windows training`` reproduces; ValueError when an option would change
+    those windows or the record is missing or lacks a field."""
+    given = [f"--{name.replace('_', '-')}" for name in ("text", "data_dir", "seq_len", "batch_size", "max_batches")
+             if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"--windows training takes the data set, seq_len, global_batch and val_batches from the "
+                         f"run's {_RUN_RECORD}: drop {', '.join(given)}")
+    path = run_record_path(source)
+    if path is None or not path.is_file():
+        where = f"{path} does not exist" if path is not None else f"{source} is not a checkpoint in a run directory"
+        raise ValueError(f"--windows training needs the run record of the checkpoint's training run: {where} (a run "
+                         f"writes {_RUN_RECORD} when it finishes)")
+    record = read_run_record(path)
+    missing = [key for key in ("seq_len", "global_batch", "val_batches") if not isinstance(record.get(key), int)]
+    if missing or not (record.get("data") or {}).get("directory"):
+        raise ValueError(f"{path} lacks {missing or ['data.directory']}: --windows training cannot know the windows "
+                         "training validated on")
+    return record
+
+
+def _no_data_reason(source: Path) -> str:
+    path = run_record_path(source)
+    if path is None:
+        return f"{source} is not a checkpoint in a run directory, so no run.json names its data set"
+    if not path.is_file():
+        return f"{path} does not exist (the run has not finished, or the checkpoint was moved out of its run)"
+    return f"{path} names no data set"
+
+
+def describe_windows(results: dict[str, Any], seq_len: int, batch_size: int, where: str,
+                     record: dict[str, Any] | None) -> tuple[str, str]:
+    """``(selection, description)`` of the windows ``results`` (from :func:`evaluate`) covered: selection is
+    "training" (``record`` given: the run's validation windows), "all" or "first" (the first of them only)."""
+    n, total = results["windows"], results["windows_total"]
+    if record is not None:
+        val_loss = f", run.json val_loss {record['val_loss']:.4f}" if isinstance(record.get("val_loss"), float) else ""
+        return "training", (f"the first {n} windows ({record['val_batches']} batches of {record['global_batch']}, "
+                            f"seq_len {seq_len}) of {where}, as training's validation{val_loss}")
+    if n == total:
+        return "all", f"all {n} windows (seq_len {seq_len}) of {where}"
+    return "first", (f"the first {n} of {total} windows ({math.ceil(n / batch_size)} batches of {batch_size}, seq_len "
+                     f"{seq_len}) of {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load the model and the evaluation tokens, print the results; 0 on success, 2 on bad
     input (with a one-line message on stderr)."""
@@ -172,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("seq_len", "batch_size", "max_batches"):
             _check_positive(name.replace("_", "-"), getattr(args, name))
         source = check_source(args.source, args.tokenizer)
+        check_device(args.device)
         if args.text is not None and not Path(args.text).is_file():
             raise FileNotFoundError(f"--text {args.text!r}: no such file")
-        record = run_record_for(source)
+        training = _training_windows(args, source) if args.windows == "training" else None
+        record = training or run_record_for(source)
         data_dir = None
         if args.text is None:
             if args.data_dir is not None:
@@ -182,46 +260,51 @@ def main(argv: list[str] | None = None) -> int:
             elif record is not None and record.get("data", {}).get("directory"):
                 data_dir = Path(record["data"]["directory"])
             else:
-                raise ValueError(f"no validation data known for {source} (no run.json beside it naming the data "
-                                 "set): pass --data-dir DIR or --text FILE")
+                raise ValueError(f"no validation data known for {source}: {_no_data_reason(source)}; pass "
+                                 "--data-dir DIR or --text FILE")
             if not (data_dir / "meta.json").is_file():
                 raise FileNotFoundError(f"data directory {str(data_dir)!r} is not a prepared data set (no "
                                         "meta.json): pass --data-dir with a folder written by bitlaw-prepare")
-        from bitlaw.data.shards import load_prepared  # here, not at import: only needed for the validation split
-        from bitlaw.deploy.load import load_model
-
         loaded = load_model(source, args.device)
+        for note in source_notes(args.source, loaded):
+            print(note, file=sys.stderr)
         if data_dir is not None:
             data = load_prepared(data_dir)
             tokens: Sequence[int] | np.ndarray | TokenStream = data.val_tokens
             tokenizer = _load_tokenizer(Path(args.tokenizer) if args.tokenizer else data.tokenizer_path,
                                         f"data set {data_dir}")
             vocab_size, what = data.vocab_size, f"data set {data_dir}"
+            where = f"the validation split of {data_dir}"
         else:
-            tokenizer_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
-            tokenizer = _load_tokenizer(tokenizer_path, str(source))
+            tokenizer_path = tokenizer_file(loaded, args.tokenizer)
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
             text = Path(args.text).read_text(encoding="utf-8")
             tokens = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
             vocab_size, what = tokenizer.get_vocab_size(with_added_tokens=True), f"tokenizer {tokenizer_path}"
+            where = str(args.text)
         if vocab_size > loaded.config.vocab_size:
             raise ValueError(f"{what} has {vocab_size} token ids, more than the model's vocab_size="
                              f"{loaded.config.vocab_size}: it was not trained with this tokenizer")
-        seq_len = args.seq_len or (record or {}).get("seq_len") or loaded.config.max_seq_len
-        batch_size = args.batch_size or (record or {}).get("global_batch") or 8
+        if training is not None:
+            seq_len, batch_size, max_batches = training["seq_len"], training["global_batch"], training["val_batches"]
+        else:
+            seq_len = args.seq_len or (record or {}).get("seq_len") or loaded.config.max_seq_len
+            batch_size = args.batch_size or (record or {}).get("global_batch") or 8
+            max_batches = args.max_batches
         if seq_len > loaded.config.max_seq_len:
             raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={loaded.config.max_seq_len}")
-        results = evaluate(loaded.model, tokens, seq_len, batch_size, args.max_batches, tokenizer,
+        results = evaluate(loaded.model, tokens, seq_len, batch_size, max_batches, tokenizer,
                            progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
+    selection, evaluated = describe_windows(results, seq_len, batch_size, where, training)
     results.update(source=str(source), kind=loaded.kind, recipe=loaded.recipe.name,
                    data=str(data_dir) if data_dir is not None else None, text=args.text, seq_len=seq_len,
-                   batch_size=batch_size, max_batches=args.max_batches)
+                   batch_size=batch_size, max_batches=max_batches, selection=selection, evaluated=evaluated)
     bpb = f"{results['bits_per_byte']:.4f}" if results["bits_per_byte"] is not None else "n/a"
     summary = (f"loss {results['loss']:.4f} nats/token | perplexity {results['perplexity']:.3f} | bits/byte {bpb} | "
-               f"{results['tokens']:,} tokens, {results['bytes'] or 0:,} bytes | {results['windows']} windows of "
-               f"seq_len {seq_len} | {loaded.kind} {source}")
+               f"{results['tokens']:,} tokens, {results['bytes'] or 0:,} bytes | {evaluated} | {loaded.kind} {source}")
     if args.json:
         print(summary, file=sys.stderr)
         print(json.dumps(results, indent=2))

@@ -2,6 +2,7 @@
 
     bitlaw-generate runs/tiny-bf16-seed0/checkpoints/last.ckpt --prompt "The list" --max-new-tokens 50
     bitlaw-generate exports/tiny-w4a4 --prompt "def " --greedy
+    bitlaw-generate runs/tiny-bf16-seed0 --prompt "The" --device cuda      # a run directory: its last checkpoint
 
 The library function :func:`generate` does the decoding; :class:`TextStream` turns the growing list of token ids
 into printable text increments.
@@ -18,6 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from bitlaw.deploy.load import check_device, load_model, resolve_source, source_notes, tokenizer_file
 from bitlaw.models.llama import LlamaModel
 
 EOS_TOKEN = "<|endoftext|>"
@@ -25,11 +27,9 @@ PROG = "bitlaw-generate"
 
 
 def check_source(source: str, tokenizer: str | None) -> Path:
-    """``source`` as a Path; FileNotFoundError naming what is missing when it or the ``tokenizer`` file is absent."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"source {str(path)!r} does not exist (allowed: a *.ckpt file, a native "
-                                "export directory or a Hugging Face export directory)")
+    """The path to load for ``source`` (:func:`bitlaw.deploy.load.resolve_source`: a run directory means its last
+    checkpoint); FileNotFoundError naming what is missing when it or the ``tokenizer`` file is absent."""
+    path = resolve_source(source)
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"--tokenizer {tokenizer!r}: no such file")
     return path
@@ -169,7 +169,8 @@ class TextStream:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Generate text from a bitlaw checkpoint or export.")
-    parser.add_argument("source", help="a training checkpoint (*.ckpt), a native export or a Hugging Face export")
+    parser.add_argument("source", help="a training checkpoint (*.ckpt), a run directory (its last checkpoint), a "
+                                       "native export or a Hugging Face export")
     parser.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (100)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, > 0 (0.8)")
@@ -191,13 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
         source = check_source(args.source, args.tokenizer)
-        from bitlaw.deploy.load import load_model  # here, not at import: loading pulls in safetensors
-
+        check_device(args.device)
         loaded = load_model(source, args.device)
-        tokenizer_path = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
-        if tokenizer_path is None or not tokenizer_path.is_file():
-            raise FileNotFoundError(f"no tokenizer for {source} (recorded: {loaded.tokenizer_path}); pass "
-                                    "--tokenizer PATH/tokenizer.json")
+        for note in source_notes(args.source, loaded):
+            print(note, file=sys.stderr)
+        tokenizer_path = tokenizer_file(loaded, args.tokenizer)
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
         if tokenizer.get_vocab_size(with_added_tokens=True) > loaded.config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size(with_added_tokens=True)} "

@@ -1,5 +1,9 @@
 """The Hugging Face export: a ``transformers.LlamaForCausalLM`` directory with the quantized weights dequantized and
 rotated back (weight-only semantics), and its loader.
+
+The directory holds ``config.json``, ``model.safetensors``, ``tokenizer.json`` and ``tokenizer_config.json`` (unless
+exported without a tokenizer) and ``bitlaw.json``, the manifest (:mod:`bitlaw.deploy.manifest`, format
+``bitlaw-hf`` version 1) with the size and sha256 of every other file; ``transformers`` ignores it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitlaw.deploy.load import LoadedModel
-from bitlaw.deploy.native import TENSOR_FILE
-from bitlaw.deploy.staging import prepare_out, publish
+from bitlaw.deploy.manifest import HF_FORMAT, MANIFEST_FILE, verify_export
+from bitlaw.deploy.native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_tokenizer, write_manifest
+from bitlaw.deploy.staging import staged
 from bitlaw.kernels.quantizers import quantize, unrotate
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import quantized_layers
@@ -56,31 +61,33 @@ def hf_config(config: LlamaConfig, eos_id: int | None) -> dict[str, Any]:
 
 
 def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list[str]:
-    """Write a directory ``transformers.LlamaForCausalLM`` loads offline; return notes for the user."""
+    """Write a directory ``transformers.LlamaForCausalLM`` loads offline; return notes for the user.
+
+    The tokenizer is ``loaded.tokenizer_path`` (None: none, recorded as such). ``out`` follows
+    :func:`bitlaw.deploy.staging.check_out` (``loaded.source`` is protected) and is replaced only once the new
+    export is complete.
+    """
     out = Path(out)
+    tokenizer = export_tokenizer(loaded)
     notes = []
     if loaded.recipe.input.quantized:
         notes.append(f"recipe {loaded.recipe.name!r} quantizes activations ({loaded.recipe.input.format}); the Hugging "
                      "Face export has weight-only semantics: activations run in high precision there")
-    staging = prepare_out(out, force)
-    try:
+    with staged(out, force, loaded.source) as staging:
         eos_id = None
-        if loaded.tokenizer_path is not None and loaded.tokenizer_path.is_file():
+        if tokenizer is not None:
             from tokenizers import Tokenizer
 
-            eos_id = Tokenizer.from_file(str(loaded.tokenizer_path)).token_to_id("<|endoftext|>")
-            shutil.copyfile(loaded.tokenizer_path, staging / "tokenizer.json")
+            eos_id = Tokenizer.from_file(str(tokenizer)).token_to_id("<|endoftext|>")
+            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
             (staging / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                 "model_max_length": loaded.config.max_seq_len}, indent=2) + "\n")
         else:
-            notes.append("no tokenizer recorded for this model: tokenizer files were not written")
+            notes.append(NO_TOKENIZER_NOTE)
         save_file(hf_state_dict(loaded), str(staging / TENSOR_FILE), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config(loaded.config, eos_id), indent=2) + "\n")
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_manifest(staging, loaded, HF_FORMAT, TOKENIZER_FILE if tokenizer else None)
     return notes
 
 
@@ -100,19 +107,28 @@ class _HFWrapper(nn.Module):
 
 
 def load_hf(directory: str | Path, device: str = "cpu") -> LoadedModel:
-    """A Hugging Face export directory, loaded offline with ``transformers`` (the ``hf`` extra)."""
+    """A Hugging Face export directory, loaded offline with ``transformers`` (the ``hf`` extra).
+
+    One written by bitlaw (it holds ``bitlaw.json``) is verified first — every file's size and sha256 — and
+    ValueError / FileNotFoundError name a modified, truncated or missing file; a directory from elsewhere (no
+    manifest) is loaded as it is, with ``verified=False``.
+    """
+    directory = Path(directory)
+    meta = verify_export(directory, HF_FORMAT, ("config.json", TENSOR_FILE)) if (
+        directory / MANIFEST_FILE).is_file() else None
     try:
         from transformers import LlamaForCausalLM
     except ImportError as err:
         raise ImportError("loading a Hugging Face export needs transformers: pip install 'bitlaw[hf]'") from err
-    directory = Path(directory)
     hf_model = LlamaForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
-    c = hf_model.config
-    config = LlamaConfig(n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
-                         vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
-                         mlp_hidden=c.intermediate_size)
-    tokenizer = directory / "tokenizer.json"
-    return LoadedModel(_HFWrapper(hf_model).to(device).eval(), config, Recipe(name="bf16"),
-                       tokenizer if tokenizer.is_file() else None, "hf")
-
-
+    if meta is not None:
+        config = LlamaConfig.from_dict(meta["model"])
+        tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
+    else:
+        c = hf_model.config
+        config = LlamaConfig(n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
+                             vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
+                             mlp_hidden=c.intermediate_size)
+        tokenizer = directory / TOKENIZER_FILE if (directory / TOKENIZER_FILE).is_file() else None
+    return LoadedModel(_HFWrapper(hf_model).to(device).eval(), config, Recipe(name="bf16"), tokenizer, "hf",
+                       directory, meta is not None)

@@ -5,9 +5,10 @@ A directory with:
   per quantized layer, ``<layer>.weight.codes`` (uint8 level-index fields of ``field_bits(levels)`` bits, the one
   encoding of :mod:`bitlaw.kernels.packing`), ``<layer>.weight.step`` (int formats, fp32 ``[out, 1]``) or
   ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale`` when the input scale is learned;
-- ``bitlaw.json``: format name and version, model config, recipe, per-layer code layout, sha256 of the tensor
-  file (checked before loading), and the tokenizer file name;
-- ``tokenizer.json`` when the run recorded one.
+- ``tokenizer.json`` unless the export was made without one;
+- ``bitlaw.json``, the manifest (:mod:`bitlaw.deploy.manifest`, format ``bitlaw-native`` version 2): model config,
+  recipe, per-layer code layout (``layers``), the tokenizer file name (or null) and the size and sha256 of every
+  other file, all checked before any tensor is read.
 Loading rebuilds the weight values with the training arithmetic, so the logits equal the training model's
 quantized forward bitwise on CPU with the reference backend.
 """
@@ -23,19 +24,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitlaw.data.shards import sha256_file
 from bitlaw.deploy.load import LoadedModel
-from bitlaw.deploy.staging import prepare_out, publish
+from bitlaw.deploy.manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
+from bitlaw.deploy.staging import staged
 from bitlaw.kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
 from bitlaw.kernels.quantizers import dequantize, quantize, reference_linear_given_weight
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import quantized_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 
-NATIVE_FORMAT = "bitlaw-native"
-NATIVE_VERSION = 1
-META_FILE = "bitlaw.json"
 TENSOR_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+NO_TOKENIZER_NOTE = ("exported without a tokenizer: generating text with this export, or evaluating it on --text, "
+                     "needs --tokenizer PATH/tokenizer.json")
 
 
 class QuantizedWeightLinear(nn.Module):
@@ -53,12 +54,35 @@ class QuantizedWeightLinear(nn.Module):
         return reference_linear_given_weight(x, self.weight_values, self.recipe, None, self.input_lsq_scale)
 
 
+def export_tokenizer(loaded: LoadedModel) -> Path | None:
+    """The tokenizer file an export of ``loaded`` copies: ``loaded.tokenizer_path`` (None: the export has none);
+    FileNotFoundError naming it when it is set but missing, raised before anything is written."""
+    path = loaded.tokenizer_path
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"tokenizer {str(path)!r} recorded for {loaded.source} does not exist (moved or "
+                                "deleted data set?): pass --tokenizer PATH/tokenizer.json, or --no-tokenizer to "
+                                "export without one (nothing was written)")
+    return path
+
+
+def write_manifest(staging: Path, loaded: LoadedModel, fmt: str, tokenizer: str | None, **extra: Any) -> None:
+    """Write ``bitlaw.json`` into the finished ``staging`` directory, listing every file already in it."""
+    meta = {"format": fmt, "version": FORMATS[fmt], "model": loaded.config.to_dict(),
+            "recipe": loaded.recipe.to_dict(), "tokenizer": tokenizer, **extra, "files": file_records(staging)}
+    (staging / MANIFEST_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """Write the native export of ``loaded`` (a checkpoint model) to ``out``; return a size report (bytes)."""
+    """Write the native export of ``loaded`` (a checkpoint model) to ``out``; return a size report (bytes).
+
+    The tokenizer is ``loaded.tokenizer_path`` (None: none, recorded as such). ``out`` follows
+    :func:`bitlaw.deploy.staging.check_out` (``loaded.source`` is protected) and is replaced only once the new
+    export is complete.
+    """
     out = Path(out)
-    staging = prepare_out(out, force)
-    try:
-        model, recipe = loaded.model, loaded.recipe
+    tokenizer = export_tokenizer(loaded)
+    model, recipe = loaded.model, loaded.recipe
+    with staged(out, force, loaded.source) as staging:
         qlayers = quantized_layers(model)
         skip = {f"{name}.{p}" for name in qlayers for p in ("weight", "weight_lsq_scale", "input_lsq_scale",
                                                             "lsq_initialized")}
@@ -79,18 +103,9 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> 
             block_bytes += tensors[f"{name}.weight.codes"].numel() + 4 * values.numel()
             block_elems += layer.weight.numel()
         save_file(tensors, str(staging / TENSOR_FILE))
-        tokenizer = None
-        if loaded.tokenizer_path is not None and loaded.tokenizer_path.is_file():
-            shutil.copyfile(loaded.tokenizer_path, staging / "tokenizer.json")
-            tokenizer = "tokenizer.json"
-        meta = {"format": NATIVE_FORMAT, "version": NATIVE_VERSION, "model": loaded.config.to_dict(),
-                "recipe": recipe.to_dict(), "layers": layers, "tokenizer": tokenizer,
-                "sha256": {TENSOR_FILE: sha256_file(staging / TENSOR_FILE)}}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
+        write_manifest(staging, loaded, NATIVE_FORMAT, TOKENIZER_FILE if tokenizer else None, layers=layers)
     if not qlayers:
         block_elems = sum(m.weight.numel() for n, m in model.named_modules()
                           if isinstance(m, nn.Linear) and n.startswith("layers."))
@@ -100,22 +115,11 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> 
 
 
 def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load a native export, verifying its format version and checksum before reading any tensor."""
+    """Load a native export after verifying its manifest (format version, and the size and sha256 of every file)
+    before reading any tensor; ValueError / FileNotFoundError naming the file otherwise."""
     directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a native export: {META_FILE} is missing")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != NATIVE_FORMAT or meta.get("version") != NATIVE_VERSION:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
-                         f"supported; this loader reads {NATIVE_FORMAT!r} version {NATIVE_VERSION}")
+    meta = verify_export(directory, NATIVE_FORMAT, (TENSOR_FILE,))
     tensor_path = directory / TENSOR_FILE
-    if not tensor_path.is_file():
-        raise FileNotFoundError(f"{tensor_path} is missing")
-    actual = sha256_file(tensor_path)
-    if actual != meta["sha256"][TENSOR_FILE]:
-        raise ValueError(f"{tensor_path} is truncated or modified: sha256 {actual} does not match "
-                         f"{meta['sha256'][TENSOR_FILE]} recorded in {META_FILE}")
     tensors = load_file(str(tensor_path))
     config, recipe = LlamaConfig.from_dict(meta["model"]), Recipe.from_dict(meta["recipe"])
     with torch.device("meta"):
@@ -136,4 +140,4 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
     if unexpected or [k for k in missing if not k.endswith(("weight_values", "input_lsq_scale"))]:
         raise ValueError(f"{tensor_path}: tensors do not match the model: missing {missing}, unexpected {unexpected}")
     tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
-    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native")
+    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native", directory, True)

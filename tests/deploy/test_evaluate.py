@@ -135,23 +135,63 @@ def test_cli_on_a_text_file(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert 0 < bpb < loss / math.log(2)
 
 
-def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_windows_training_reproduces_the_run_record_and_every_summary_says_which_windows(run_dir: Path,
+                                                                                        capsys) -> None:
+    record = json.loads((run_dir / "run.json").read_text())
+    data = record["data"]["directory"]
+    assert main([str(run_dir), "--windows", "training", "--json", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    training = json.loads(captured.out)
+    assert training["loss"] == pytest.approx(record["val_loss"], rel=1e-6)
+    assert training["selection"] == "training" and training["source"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert training["windows"] == record["val_batches"] * record["global_batch"] == 16
+    assert f"using {run_dir / 'checkpoints' / 'last.ckpt'}, the last checkpoint of run directory {run_dir}\n" in (
+        captured.err)
+    assert (f"| the first 16 windows (2 batches of 8, seq_len 32) of the validation split of {data}, as training's "
+            f"validation, run.json val_loss {record['val_loss']:.4f} |") in captured.err
+
+    assert main([str(run_dir), "--json", "--no-progress"]) == 0  # the default: the whole split
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["selection"] == "all" and whole["windows"] == whole["windows_total"] > 16
+    assert whole["evaluated"] == f"all {whole['windows']} windows (seq_len 32) of the validation split of {data}"
+    assert whole["loss"] != pytest.approx(record["val_loss"], rel=1e-6)  # other windows, another number
+
+    assert main([str(run_dir), "--max-batches", "3", "--no-progress"]) == 0
+    assert (f"| the first 24 of {whole['windows']} windows (3 batches of 8, seq_len 32) of the validation split of "
+            f"{data} |") in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     loose = tmp_path / "loose.ckpt"  # a checkpoint outside its run directory: no run.json to find the data
     shutil.copyfile(ckpt, loose)
+    unfinished = tmp_path / "unfinished"  # a run directory without run.json: the run has not finished
+    (unfinished / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(ckpt, unfinished / "checkpoints" / "last.ckpt")
+    shutil.copyfile(run_dir / "config.yaml", unfinished / "config.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [
-        ([str(tmp_path / "missing.ckpt")], "missing.ckpt' does not exist (allowed: a *.ckpt file"),
+        ([str(tmp_path / "missing.ckpt")], "missing.ckpt' does not exist (allowed: a *.ckpt file, a run directory"),
         ([str(ckpt), "--text", str(tmp_path / "absent.txt")], "--text '" + str(tmp_path / "absent.txt")),
         ([str(ckpt), "--data-dir", str(tmp_path / "nodata")], "nodata' is not a prepared data set (no meta.json)"),
-        ([str(loose)], "no validation data known for " + str(loose)),
+        ([str(loose)], f"no validation data known for {loose}: {loose} is not a checkpoint in a run directory"),
+        ([str(unfinished)], f"{unfinished / 'run.json'} does not exist (the run has not finished"),
         ([str(ckpt), "--seq-len", "0"], "--seq-len=0 must be >= 1"),
         ([str(ckpt), "--seq-len", "4096"], "--seq-len=4096 exceeds the model's max_seq_len=256"),
+        ([str(run_dir), "--windows", "training", "--seq-len", "16", "--max-batches", "1"],
+         "--windows training takes the data set, seq_len, global_batch and val_batches from the run's run.json: "
+         "drop --seq-len, --max-batches"),
+        ([str(loose), "--windows", "training"], f"needs the run record of the checkpoint's training run: {loose} is "
+                                                "not a checkpoint in a run directory"),
+        ([str(unfinished), "--windows", "training"], f"{unfinished / 'run.json'} does not exist"),
+        ([str(ckpt), "--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"),
+        ([str(ckpt), "--device", "gpu0"], "--device 'gpu0' is not a device name (allowed: cpu, cuda, cuda:N, mps)"),
     ]
     for argv, message in cases:
         assert main(argv + ["--no-progress"]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith("bitlaw-eval: ") and message in captured.err, captured.err
-        assert captured.out == ""
+        assert captured.out == "" and captured.err.count("\n") == 1
     with pytest.raises(SystemExit):  # argparse: --text and --data-dir exclude each other
         main([str(ckpt), "--text", "a.txt", "--data-dir", "d"])
     with pytest.raises(ValueError, match="8 tokens hold no window of seq_len=16"):

@@ -1,8 +1,10 @@
-"""Export: native round trip is bitwise, Hugging Face parity, sizes, and clear errors that overwrite nothing."""
+"""Export: native round trip is bitwise, Hugging Face parity, sizes, exports from elsewhere and old versions, and
+clear errors that overwrite nothing. Corrupted exports are in tests/test_faults.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,29 +12,16 @@ import torch
 
 from bitlaw.deploy.export import main
 from bitlaw.deploy.hf import export_hf
-from bitlaw.deploy.load import load_checkpoint, load_model
+from bitlaw.deploy.load import load_checkpoint, load_model, source_notes
 from bitlaw.deploy.native import export_native
-from bitlaw.kernels.recipe import Recipe, load_recipe
+from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import convert
-from bitlaw.train.module import LitLlama
-
-MODEL = {"n_layer": 2, "d_model": 128, "n_head": 1, "vocab_size": 96, "max_seq_len": 64}
+from tests.deploy.checkpoints import small_checkpoint
+from tests.deploy.checkpoints import tokens as _tokens
 
 
 def _checkpoint(tmp_path: Path, recipe_name: str, seed: int = 0) -> Path:
-    """A checkpoint in bitlaw-train's layout, with trained-looking (random, LSQ-initialised) weights."""
-    recipe = load_recipe(recipe_name)
-    module = LitLlama(MODEL, recipe.to_dict(), {}, 10, {"seed": seed, "seq_len": 32, "global_batch": 2})
-    module.model(torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(seed)))  # LSQ init
-    path = tmp_path / f"{recipe_name}.ckpt"
-    ckpt = {"state_dict": module.state_dict(), "global_step": 1, "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(ckpt)
-    torch.save(ckpt, path)
-    return path
-
-
-def _tokens(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(seed))
+    return small_checkpoint(tmp_path, recipe_name, seed)
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "quest_w4a4", "quest_w1a1", "quest_w4", "lsq_w4a4", "quest_fp4",
@@ -80,38 +69,54 @@ def test_hf_export_matches_weight_only_forward(tmp_path, recipe):
         torch.testing.assert_close(via_loader.model(_tokens()), theirs)
 
 
-def test_tampered_truncated_and_unknown_version_are_refused(tmp_path):
+def test_a_hugging_face_directory_from_elsewhere_loads_unverified(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    export_hf(load_checkpoint(_checkpoint(tmp_path, "quest_w2")), tmp_path / "hf")
+    (tmp_path / "hf" / "bitlaw.json").unlink()  # as if written by another tool
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.kind == "hf" and not loaded.verified and loaded.tokenizer_path is None
+    assert source_notes(tmp_path / "hf", loaded) == [
+        f"{tmp_path / 'hf'} has no bitlaw.json (not written by bitlaw-export): its files were not verified"]
+
+
+def test_unknown_version_old_exports_and_foreign_file_names_are_refused(tmp_path: Path) -> None:
     export_native(load_checkpoint(_checkpoint(tmp_path, "quest_w4a4")), tmp_path / "e")
-    tensors = tmp_path / "e" / "model.safetensors"
-    original = tensors.read_bytes()
-    tampered = bytearray(original)
-    tampered[-10] ^= 0xFF
-    tensors.write_bytes(bytes(tampered))
-    with pytest.raises(ValueError, match="truncated or modified: sha256"):
-        load_model(tmp_path / "e")
-    tensors.write_bytes(original[: len(original) // 2])
-    with pytest.raises(ValueError, match="truncated or modified"):
-        load_model(tmp_path / "e")
-    tensors.write_bytes(original)
     meta_path = tmp_path / "e" / "bitlaw.json"
-    meta = json.loads(meta_path.read_text())
+    good = meta_path.read_text()
+    meta = json.loads(good)
     meta["version"] = 99
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="version 99 is not supported; this loader reads 'bitlaw-native' version 1"):
+    with pytest.raises(ValueError, match="version 99 is not supported; this loader reads 'bitlaw-native' version 2"):
+        load_model(tmp_path / "e")
+    meta["version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 1 is not supported.*written by an earlier bitlaw"):
+        load_model(tmp_path / "e")
+    meta = json.loads(good)
+    meta["files"]["../outside"] = {"bytes": 0, "sha256": ""}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lists the file name '../outside', which is not a plain file name"):
+        load_model(tmp_path / "e")
+    meta_path.write_text("{not json")
+    with pytest.raises(ValueError, match="bitlaw.json is not valid JSON"):
         load_model(tmp_path / "e")
 
 
 def test_cli_refuses_to_overwrite_and_reports_sizes(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path, "quest_w4a4")
     out = tmp_path / "out"
-    assert main([str(ckpt), "--format", "native", "--out", str(out)]) == 0
+    assert main([str(ckpt), "--format", "native", "--out", str(out), "--no-tokenizer"]) == 0
     assert "x of bf16" in capsys.readouterr().out
     stamp = (out / "model.safetensors").read_bytes()
-    assert main([str(ckpt), "--format", "hf", "--out", str(out)]) == 2
+    assert main([str(ckpt), "--format", "hf", "--out", str(out), "--no-tokenizer"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == stamp
-    assert main([str(ckpt), "--format", "hf", "--out", str(out), "--force"]) == 0
+    assert main([str(ckpt), "--format", "hf", "--out", str(out), "--force", "--no-tokenizer"]) == 0
     assert "activations run in high precision" in capsys.readouterr().out
-    assert (out / "config.json").is_file() and not (out / "bitlaw.json").exists()
+    assert (out / "config.json").is_file() and json.loads((out / "bitlaw.json").read_text())["format"] == "bitlaw-hf"
     assert main([str(tmp_path / "missing.ckpt"), "--format", "native", "--out", str(tmp_path / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "missing.ckpt' does not exist (allowed: a *.ckpt file, a run directory" in capsys.readouterr().err
+    shutil.copytree(out, tmp_path / "copy")
+    assert main([str(tmp_path / "copy"), "--format", "native", "--out", str(tmp_path / "x")]) == 2
+    assert "copy is not a training checkpoint: bitlaw-export reads a *.ckpt file or a run directory" in (
+        capsys.readouterr().err)

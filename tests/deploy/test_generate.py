@@ -159,19 +159,31 @@ def test_cli_sampling_is_seeded_and_native_export_generates_the_same(run_dir: Pa
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     export_native(load_model(ckpt), tmp_path / "native")
     outputs = []
-    for source in (ckpt, tmp_path / "native", ckpt):
+    for source in (ckpt, tmp_path / "native", ckpt, run_dir):
         assert main([str(source), "--prompt", "a lazy", "--max-new-tokens", "12", "--seed", "7"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0].startswith("a lazy") and len(outputs[0]) > len("a lazy\n")
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
     assert main([str(ckpt), "--prompt", "a lazy", "--max-new-tokens", "12", "--seed", "8"]) == 0
     assert capsys.readouterr().out != outputs[0]
 
 
-def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_a_run_directory_says_which_checkpoint_it_used(run_dir: Path, capsys) -> None:
+    assert main([str(run_dir), "--prompt", "a lazy", "--max-new-tokens", "2", "--greedy"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"using {run_dir / 'checkpoints' / 'last.ckpt'}, the last checkpoint of run directory "
+                            f"{run_dir}\n")
+    assert captured.out.startswith("a lazy")
+
+
+def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [
         ([str(tmp_path / "missing.ckpt"), "--prompt", "x"], "missing.ckpt' does not exist (allowed: a *.ckpt file"),
+        ([ckpt, "--prompt", "x", "--device", "cuda"], "--device 'cuda': CUDA is not available on this machine "
+                                                      "(torch.cuda.is_available() is False); use --device cpu"),
+        ([ckpt, "--prompt", "x", "--device", "cuda:x"], "--device 'cuda:x' is not a device name"),
         ([ckpt, "--prompt", "x", "--temperature", "0"], "temperature=0.0 must be > 0 when sampling"),
         ([ckpt, "--prompt", "x", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
         ([ckpt, "--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
@@ -181,6 +193,6 @@ def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith("bitlaw-generate: ") and message in captured.err, captured.err
-        assert captured.out == ""
+        assert captured.out == "" and captured.err.count("\n") == 1
     assert main([ckpt, "--prompt", "x", "--temperature", "0", "--greedy", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("x")  # --greedy makes temperature irrelevant

@@ -1,5 +1,7 @@
-"""bitlaw-info: exact counts, grouped digits, bytes per recipe, clear errors."""
+"""bitlaw-info: exact counts, grouped digits, bytes per recipe, the vocabulary and where it came from, clear
+errors."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from bitlaw.deploy.info import main
+from tests.helpers import TINY_RUN_RECIPE, small_overrides, tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY_N = 3_410_176  # non-embedding parameters of the tiny preset
 
 
 def test_counts_and_bytes(capsys):
@@ -29,11 +33,48 @@ def test_bf16_and_one_bit(capsys):
     assert "0.063x of bf16" in capsys.readouterr().out
 
 
+def test_the_vocabulary_and_where_it_came_from(tmp_path, capsys):
+    assert main(["model=tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size 32,000: the model's default; training takes it from its data set's tokenizer (pass " \
+           "data=<source> or model.vocab_size=N)" in out
+    assert f"total parameters: {TINY_N + 2 * 32000 * 256:,}" in out
+
+    assert main(["model=tiny", "model.vocab_size=4096"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size 4,096: model.vocab_size on the command line" in out
+    assert f"total parameters: {TINY_N + 2 * 4096 * 256:,}" in out
+
+    cache = tmp_path / "cache"  # nothing prepared there: the BPE's target size, said to be one
+    assert main(["model=tiny", "data=embedded", f"data.cache_dir={cache}"]) == 0
+    out = capsys.readouterr().out
+    assert f"vocab_size 4,096: data.bpe_vocab_size of data=embedded data.cache_dir={cache}, the BPE's target size; " \
+           f"data=embedded data.cache_dir={cache} is not prepared yet (no {cache}/embedded-" in out
+    assert f"total parameters: {TINY_N + 2 * 4096 * 256:,}" in out
+
+    assert main(["model=tiny", "data=c4", f"data.cache_dir={cache}"]) == 2
+    assert "bitlaw-info: vocab_size unknown: data=c4" in capsys.readouterr().err
+
+
+def test_a_prepared_data_set_gives_what_training_trains(corpus, tmp_path_factory, capsys):
+    base = tmp_path_factory.getbasetemp()
+    run_dir = tiny_run(corpus, base)
+    record = json.loads((run_dir / "run.json").read_text())
+    overrides = [o for o in small_overrides(corpus, base / "cache", run_dir, TINY_RUN_RECIPE)
+                 if o.startswith(("data", "model.", "quant="))]
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    assert f"vocab_size {record['model']['vocab_size']:,}: the prepared data set of data=files" in out
+    assert f"total parameters: {record['params_total']:,}" in out
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["model=31m"], "Could not find 'model/31m'"),
     (["quant=quest_w5a5"], "Could not find 'quant/quest_w5a5'"),
     (["model.n_layr=3"], "Could not override 'model.n_layr'"),
     (["model=tiny", "model.d_model=200", "model.n_head=2", "quant=quest_w4a4"], "block=128 does not divide"),
+    (["model=tiny", "model.vocab_size=many"], "model.vocab_size='many' must be an integer >= 1"),
+    (["data=nonesuch"], "Could not find 'data/nonesuch'"),
 ])
 def test_errors(args, message, capsys):
     assert main(args) == 2
