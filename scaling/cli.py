@@ -1,14 +1,15 @@
 """``bitlaw-fit`` (also ``python -m bitlaw.scaling``): fit precision scaling laws to runs, predict losses, redraw plots.
 
     bitlaw-fit RUNS... --out DIR [--forms decoupled gmse kumar] [--delta 1e-3] [--bootstrap 100] [--seed 0]
-    bitlaw-fit predict --fit DIR/fit.json --recipe R --N n --D d [--form gmse]
+    bitlaw-fit predict --fit DIR/fit.json --recipe R --N n --D d [--form F]
     bitlaw-fit predict --fit DIR/fit.json --memory-bytes M --D d [--recipes R...]
     bitlaw-fit predict --fit DIR/fit.json --compute-flops C [--ratio 100 | --D d] [--cost bits|flat] [--recipes R...]
     bitlaw-fit plot --fit DIR/fit.json [--runs DIR/runs.csv] --out DIR
 
 RUNS are run directories (searched for run.json), run.json files, CSV files (N, D, loss, recipe) or
-wandb:[entity/]project. ``fit`` may be written explicitly (``bitlaw-fit fit RUNS...``). Errors exit with status 2
-and a one-line message.
+wandb:[entity/]project. ``fit`` may be written explicitly (``bitlaw-fit fit RUNS...``). ``predict`` uses the form
+report.md calls "(best)" (lowest RMSE) unless ``--form`` names another, and says on stderr which form and why, and
+warns there about any capacity it uses that lies outside (0, 1]. Errors exit with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 
 from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
 from bitlaw.scaling.fit import DEFAULT_DELTA, DEFAULT_REFINE, IdentifiabilityWarning, fit_forms
-from bitlaw.scaling.laws import FORMS, capacity, predict_loss
+from bitlaw.scaling.laws import FORMS, capacity, capacity_in_range, capacity_range_warning, predict_loss
 from bitlaw.scaling.predict import COST_MODELS, rank_recipes
-from bitlaw.scaling.report import read_fit_json, write_report
+from bitlaw.scaling.report import primary_form, read_fit_json, write_report
 from bitlaw.scaling.runs import load_runs, read_csv
 
 COMMANDS = ("fit", "predict", "plot")
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="predicted loss of a recipe, or the best recipe at a budget")
     predict.add_argument("--fit", required=True, type=Path, help="a fit.json written by bitlaw-fit")
-    predict.add_argument("--form", choices=FORMS, help="law form (default: gmse if fitted, else the first)")
+    predict.add_argument("--form", choices=FORMS,
+                         help="law form (default: the one report.md calls best, the lowest RMSE)")
     predict.add_argument("--recipe", help="recipe (conf/quant preset or a fitted recipe name) for one prediction")
     predict.add_argument("--N", type=_positive_float, help="non-embedding parameters")
     predict.add_argument("--D", type=_positive_float, help="training tokens")
@@ -117,11 +119,38 @@ def _resolve(name: str, entry: dict[str, Any]) -> Recipe:
                      f"or a conf/quant preset ({', '.join(recipe_names())})")
 
 
+def choose_form(requested: str | None, entries: dict[str, dict[str, Any]], path: Path) -> tuple[str, str]:
+    """(form, why) for ``bitlaw-fit predict``: ``requested`` (``--form``) when given, else the form report.md calls
+    "(best)" (:func:`scaling.report.primary_form`, lowest RMSE), so a prediction and the report it sits beside
+    speak of one fit. ValueError when ``requested`` was not fitted, or when there is no best form to default to
+    because an entry of ``path`` records no finite ``rmse``."""
+    if requested is not None:
+        if requested not in entries:
+            raise ValueError(f"--form {requested} was not fitted in {path}; allowed: {', '.join(entries)}")
+        return requested, f"form {requested}: chosen with --form"
+    if len(entries) == 1:
+        form = next(iter(entries))
+        return form, f"form {form}: the only form in {path.name}"
+    missing = [form for form, entry in entries.items()
+               if not (isinstance(entry.get("rmse"), int | float) and math.isfinite(entry["rmse"]))]
+    if missing:
+        raise ValueError(f"{path}: form(s) {', '.join(missing)} record no finite rmse, so there is no best form to "
+                         f"default to; pass --form (allowed: {', '.join(entries)})")
+    form = primary_form(entries)
+    return form, f"form {form}: the best by RMSE in report.md; --form to choose"
+
+
+def _warn_out_of_range(form: str, capacities: dict[str, float]) -> None:
+    """A warning line on stderr per capacity used that lies outside (0, 1] (only a fit.json written without the
+    bounds, or edited, holds one)."""
+    for name, rho in capacities.items():
+        if not capacity_in_range(rho):
+            print(f"bitlaw-fit: warning: {capacity_range_warning(form, name, rho)}", file=sys.stderr)
+
+
 def run_predict(args: argparse.Namespace) -> None:
     entries = read_fit_json(args.fit)
-    form = args.form or ("gmse" if "gmse" in entries else next(iter(entries)))
-    if form not in entries:
-        raise ValueError(f"--form {form} was not fitted in {args.fit}; allowed: {', '.join(entries)}")
+    form, why = choose_form(args.form, entries, args.fit)
     entry, params = entries[form], entries[form]["params"]
     modes = [name for name, value in (("--recipe/--N", args.N), ("--memory-bytes", args.memory_bytes),
                                       ("--compute-flops", args.compute_flops)) if value is not None]
@@ -133,8 +162,11 @@ def run_predict(args: argparse.Namespace) -> None:
             raise ValueError("a single prediction needs --recipe, --N and --D")
         recipe = _resolve(args.recipe, entry)
         loss = predict_loss(form, params, recipe, args.N, args.D)
-        print(f"{loss:.4f}  predicted loss (nats/token), {form} law: recipe {args.recipe} (ρ "
-              f"{capacity(form, params, recipe):.4f}), N {args.N:.4g}, D {args.D:.4g}")
+        rho = capacity(form, params, recipe)
+        print(f"bitlaw-fit: {why}", file=sys.stderr)  # after every check, so bad input still gets one line
+        _warn_out_of_range(form, {args.recipe: rho})
+        print(f"{loss:.4f}  predicted loss (nats/token), {form} law: recipe {args.recipe} (ρ {rho:.4f}), "
+              f"N {args.N:.4g}, D {args.D:.4g}")
         return
     if args.recipe is not None:
         raise ValueError("--recipe is for one prediction (with --N and --D); rank candidates with --recipes")
@@ -156,6 +188,8 @@ def run_predict(args: argparse.Namespace) -> None:
         what = (f"compute {args.compute_flops:.4g} bf16-equivalent FLOPs (cost model {args.cost}), "
                 + (f"D {args.D:.4g}" if args.D is not None else f"D/N {ratio:g}"))
     rows = rank_recipes(form, params, {name: _resolve(name, entry) for name in names}, **budget)
+    print(f"bitlaw-fit: {why}", file=sys.stderr)
+    _warn_out_of_range(form, {row.name: row.rho for row in rows})
     print(f"{form} law at {what}:")
     print(f"{'rank':>4} {'recipe':>14} {'bits_w':>6} {'bits_a':>6} {'N':>10} {'D':>10} {'rho':>7} {'loss':>8}")
     for rank, row in enumerate(rows, start=1):

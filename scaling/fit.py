@@ -18,7 +18,9 @@ Identifiability is checked before fitting: warnings (Python ``warnings`` with :c
 and the result's ``warnings`` list) when all runs share one D/N ratio (α and E), there are fewer than 3 distinct
 sizes or token counts (values within 10 % count as one), or the recipes cannot pin the form's own parameters;
 ValueError when there are fewer runs than free parameters. After fitting, a parameter at a bound of its search
-range or with a very wide bootstrap interval is warned about too (:func:`fitted_warnings`).
+range or with a very wide bootstrap interval is warned about too (:func:`fitted_warnings`), and so is a capacity
+the runs pull past ρ = 1 by more than their noise (:func:`cap_warnings`; the bounds keep every fitted ρ in (0, 1],
+see :mod:`scaling.laws`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.stats import chi2
 
-from bitlaw.scaling.laws import FORMS, SHARED, SHARED_PUBLIC, Law, make_law
+from bitlaw.kernels.recipe import Recipe
+from bitlaw.scaling.laws import FORMS, RHO_MAX, SHARED, SHARED_PUBLIC, UNCAPPED_MAX, Law, make_law
 from bitlaw.scaling.runs import Run, check_recipe_names, levels, recipes_of
 
 DEFAULT_DELTA = 1e-3
@@ -47,6 +51,7 @@ SHARED_BOUNDS = [(None, None), (0.0, 4.0), (None, None), (0.0, 4.0), (-10.0, 5.0
 DEFAULT_REFINE = 16
 MIN_DISTINCT = 3  # sizes / token counts below which α or β is only weakly identified
 _SCREEN_CHUNK = 2_000_000  # elements per vectorised screening block (memory bound, ~16 MB per array)
+CAP_TEST_LEVEL = 0.05  # p-value below which the runs' pull past ρ = 1 is more than their noise (cap_warnings)
 
 
 class IdentifiabilityWarning(UserWarning):
@@ -147,10 +152,13 @@ class _Problem:
         psi = np.clip(residual, -self.delta, self.delta) / self.delta
         return float(self.huber(residual) @ weights), -(weights * psi) @ grad[0]
 
-    def refine(self, theta0: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
-        """L-BFGS-B from internal ``theta0``; returns (internal theta, scaled objective)."""
+    def refine(self, theta0: np.ndarray, weights: np.ndarray,
+               bounds: list[tuple[float | None, float | None]] | None = None) -> tuple[np.ndarray, float]:
+        """L-BFGS-B from internal ``theta0`` within ``bounds`` (default: the fit's); returns (internal theta,
+        scaled objective)."""
         result = minimize(self.value_and_grad, theta0, args=(weights,), jac=True, method="L-BFGS-B",
-                          bounds=self.bounds, options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10})
+                          bounds=self.bounds if bounds is None else bounds,
+                          options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10})
         return result.x, float(result.fun)
 
 
@@ -285,7 +293,8 @@ def _fit(runs: Sequence[Run], law: Law, recipes: dict, names: list[str], message
             capacity_intervals[recipe_name] = [float(v) for v in np.percentile(values, [15.865, 84.135])]
     log_l, _ = problem.log_pred(best_theta[None, :])
     rmse = float(np.sqrt(np.mean((np.exp(log_l[0]) - np.exp(problem.log_loss)) ** 2)))
-    messages = [*messages, *fitted_warnings(problem, best_theta, params, intervals)]
+    messages = [*messages, *fitted_warnings(problem, best_theta, params, intervals),
+                *cap_warnings(problem, best_theta, recipes)]
     return FitResult(form=law.name, params=params, intervals=intervals, sigma=sigma, capacity=capacity,
                      capacity_intervals=capacity_intervals, rmse=rmse, objective=best_value * delta,
                      n_runs=len(runs), n_params=len(names), delta=float(delta), bootstrap=bootstrap, seed=seed,
@@ -298,13 +307,17 @@ def fitted_warnings(problem: _Problem, theta: np.ndarray, params: dict[str, floa
 
     - a parameter with no effect: moving it by 10 % (0.1 for log A, log B, log E) moves no predicted log loss by
       a tenth of δ, e.g. ρ or γ once α is 0 (its bootstrap interval collapses, so only this says it);
-    - a parameter at (within 1 % of) a bound of its search range (its interval collapses there too);
+    - a parameter at (within 1 % of) a bound of its search range (its interval collapses there too), except a
+      capped parameter at its cap ρ ≤ 1 (``Law.capped``): that bound is the definition of ρ, not the end of a
+      search, and :func:`cap_warnings` says whether the runs pull past it;
     - a 1σ interval spanning more than a factor 10 (A, B, E) or wider than the value itself (the rest).
 
     ``theta`` is the internal optimum; ``params``/``intervals`` public, in the same order."""
     base = problem.log_pred(theta[None, :])[0][0]
     out = []
     for index, (name, (low, high)) in enumerate(zip(params, problem.bounds, strict=True)):
+        if name in problem.law.capped:
+            high = None  # its upper bound is the cap: cap_warnings, not "the runs do not pin it"
         value = params[name]
         step = 0.1 if index in (0, 2, 4) else 0.1 * max(abs(theta[index]), 0.1)
         moves = []
@@ -325,6 +338,60 @@ def fitted_warnings(problem: _Problem, theta: np.ndarray, params: dict[str, floa
             if (hi > 10 * lo) if name in ("A", "B", "E") else (hi - lo > abs(value)):
                 out.append(f"{name} = {value:.4g} is poorly identified (1σ interval [{lo:.4g}, {hi:.4g}])")
     return [f"{problem.law.name}: {message}" for message in out]
+
+
+def cap_warnings(problem: _Problem, theta: np.ndarray, recipes: dict[str, Recipe]) -> list[str]:
+    """A message when the runs pull a capacity past ρ = 1 by more than their noise; else none.
+
+    The capped parameters (``Law.capped``) that end within 1 % of their cap are freed up to
+    :data:`scaling.laws.UNCAPPED_MAX` and refitted once from ``theta`` (the internal optimum, all runs). Whether
+    the freed fit is better by more than the noise is the robust likelihood-ratio ("drop in dispersion") test of
+    Schrader & Hettmansperger (1980) for Huber fits: S = 2·(H_capped − H_free)/τ, with H the Huber objective and
+    τ = E[ψ²]/E[ψ'] from the freed fit's residuals r, ψ = clip(r, −δ, δ). E[ψ²] is Σψ²/(n − p); E[ψ'], the share
+    of residuals within δ, is 2Φ(δ/σ̂) − 1 with σ̂ = 1.4826·median|r| rather than a count, because with δ far below
+    the noise (δ = 1e-4) only a run or two fall within δ and a count made the test fire on noise. S is ΔSSR/σ̂²
+    when every residual is within δ and the least-absolute-deviation test when none is.
+    S is compared with χ² on k degrees of freedom, k the freed parameters that moved past the cap;
+    with the true value on the cap the null law is a mixture of χ² with fewer degrees of freedom, so the p-value
+    would be conservative if the asymptotics held; at 75 runs they hold roughly: of 100 synthetic tables with
+    every truth on the cap (0.3 % noise), 2 % (decoupled) and 5 % (gmse, whose L_c, F, C are strongly
+    correlated) gave p < 0.05. Below :data:`CAP_TEST_LEVEL` the message names each freed parameter and its free
+    value and every recipe of ``recipes`` whose ρ would exceed 1, so a pull of 1.01 reads as what it is.
+
+    Why not always warn: a recipe that costs nothing (ρ = 1) or the published L_c = 1.0 puts the truth on the
+    cap, and half of such fits end there by noise alone.
+    """
+    law, ones = problem.law, np.ones(len(problem.log_loss))
+    capped = [5 + law.extra_names.index(name) for name in law.capped]
+    at_cap = [i for i in capped if theta[i] >= 0.99 * RHO_MAX]  # L-BFGS-B may stop just short of a bound
+    if not at_cap:
+        return []
+    bounds = [(low, UNCAPPED_MAX) if i in at_cap else (low, high) for i, (low, high) in enumerate(problem.bounds)]
+    free_theta, free_value = problem.refine(theta, ones, bounds)
+    moved = [i for i in at_cap if free_theta[i] > RHO_MAX]
+    if not moved:
+        return []
+    residual = problem.log_loss - problem.log_pred(free_theta[None, :])[0][0]
+    psi = np.clip(residual, -problem.delta, problem.delta)
+    scale = 1.4826 * float(np.median(np.abs(residual)))  # Gaussian σ from the median absolute residual
+    inside = math.erf(problem.delta / (scale * math.sqrt(2.0))) if scale > 0 else 1.0  # 2Φ(δ/σ̂) − 1
+    tau = (psi @ psi / max(len(residual) - len(theta), 1)) / inside
+    drop = (problem.value_and_grad(theta, ones)[0] - free_value) * problem.delta  # unscaled Huber objectives
+    statistic = 2.0 * drop / tau if tau > 0 else math.inf
+    p_value = float(chi2.sf(statistic, len(moved)))
+    if p_value >= CAP_TEST_LEVEL:
+        return []
+    free = _public(problem.to_external(free_theta), law)
+    names = [law.extra_names[i - 5] for i in moved]
+    # A freed value that ends at UNCAPPED_MAX is only a lower limit of where the runs would put it.
+    values = ", ".join(f"{name} ≥ {UNCAPPED_MAX:g} (the end of the search)" if free[name] >= 0.99 * UNCAPPED_MAX
+                       else f"{name} = {free[name]:.4g}" for name in names)
+    over = {name: law.capacity(free, recipe) for name, recipe in recipes.items()}
+    over_text = ", ".join(f"{name} ({rho:.4g})" for name, rho in over.items() if rho > RHO_MAX)
+    return [f"{law.name}: {', '.join(names)} held at {RHO_MAX:g}, the upper bound that keeps ρ ≤ 1 (no recipe is "
+            f"worth more parameters than bf16); without it the runs give {values}, i.e. ρ above 1 for "
+            f"{over_text or 'formats finer than the fitted ones'} (robust likelihood-ratio test p = {p_value:.2g}): "
+            "quantized runs better than bf16 at equal N and D point to weak bf16 runs, not to a better recipe"]
 
 
 def fit_forms(runs: Sequence[Run], forms: Sequence[str] = FORMS, **kwargs: Any) -> dict[str, FitResult]:

@@ -12,6 +12,25 @@ Forms of ρ:
 - ``kumar`` (Kumar et al.): ρ(R) = Π_x (1 − e^(−P_x/γ_x)) over x ∈ {weight, input}, P_x the storage bits of
   that role's format; a bf16 role contributes 1. Fitted: ``gamma_w``, ``gamma_a``.
 
+Capacity range: ρ is the fraction of bf16's parameters a recipe is worth, so ρ ∈ (0, 1]. Each form keeps it there
+by construction, for every recipe it can be asked about (fitted or not), rather than flagging values outside: a flag
+beside a ρ above 1 would still let a prediction rank a quantized recipe above bf16.
+
+- ``decoupled``: ``rho[...]`` is searched in [1e-4, 1]; the parameter *is* the capacity, so its bound is the range.
+- ``gmse``: ``L_c`` is searched in [1e-3, 1]. GMSE < 1 makes F · log_{1/4} GMSE positive, so tanh(…)^C ∈ (0, 1)
+  and every spec's ρ ∈ (0, L_c], formats never fitted included. L_c is the capacity of the error-free limit
+  (ρ → L_c as GMSE → 0); L_c > 1 would make a fine format (int8) worth more than bf16, whose ρ is 1 by
+  definition. The published L_c = 1.0 ± 0.7 (docs/scaling-laws.md §3) puts the central value on this bound: its
+  upper half is what their runs could not exclude, not evidence for L_c > 1, and the bound removes only values
+  that contradict the definition. Its cost: when the runs are consistent with L_c ≈ 1, about half the fits end at
+  L_c = 1 with a one-sided bootstrap interval; the fit then tests whether the runs pull past the bound by more
+  than their noise and says so when they do (:func:`scaling.fit.cap_warnings`).
+- ``kumar``: 1 − e^(−P/γ) ∈ (0, 1) for every γ > 0, so ρ ∈ (0, 1) without any bound.
+
+``Law.capped`` names the parameters whose upper bound is this cap. A ``fit.json`` written before these bounds (or
+edited) can still hold a ρ outside (0, 1]; :func:`capacity_range_warning` is the message ``bitlaw-fit predict``
+and the report give for one.
+
 A :class:`Law` is built for the distinct recipes of a run table and evaluates log ρ and its gradient for many
 parameter vectors at once (the fit screens thousands of starting points in one pass).
 """
@@ -32,6 +51,22 @@ SHARED = ("a", "alpha", "b", "beta", "e")  # fitted coordinates; reported as A =
 SHARED_PUBLIC = ("A", "alpha", "B", "beta", "E")
 ROLES = ("weight", "input")
 PUBLISHED_GMSE = {"L_c": 1.0, "F": 0.41, "C": 1.39}  # Llama / C4, scalar quantization (docs/scaling-laws.md §1)
+RHO_MAX = 1.0  # ρ(bf16) = 1 and no recipe is worth more parameters than bf16: the upper end of (0, 1]
+UNCAPPED_MAX = 10.0  # a capped parameter's upper bound when the fit measures how far the runs pull past RHO_MAX
+
+
+def capacity_in_range(rho: float) -> bool:
+    """Whether ``rho`` lies in (0, 1], the range of a capacity (False for NaN)."""
+    return 0.0 < rho <= RHO_MAX
+
+
+def capacity_range_warning(form: str, recipe: str, rho: float) -> str:
+    """The message for a capacity ``rho`` of ``recipe`` under ``form`` that lies outside (0, 1].
+
+    The fit cannot produce one (module docstring), so it comes from a ``fit.json`` written without the bounds or
+    edited by hand."""
+    return (f"{form}: ρ = {rho:.4g} for {recipe} is outside (0, 1], the range of a capacity (a fraction of bf16's "
+            "parameters); this fit.json was written without the bound ρ ≤ 1 or edited: refit it")
 
 
 def log_quarter(x: float | np.ndarray) -> float | np.ndarray:
@@ -85,13 +120,16 @@ class Law(ABC):
     """One capacity form over a fixed list of distinct recipes.
 
     ``extra_names``/``bounds``/``starts`` describe the form's own parameters (beyond a, α, b, β, e); ``starts`` is a
-    ``[K, P]`` array of starting values the fit crosses with its grid of shared parameters.
+    ``[K, P]`` array of starting values the fit crosses with its grid of shared parameters. ``capped`` names the
+    parameters whose upper bound is :data:`RHO_MAX` because it keeps ρ ≤ 1 (module docstring), not because the
+    search has to stop somewhere.
     """
 
     name = ""
     extra_names: list[str]
     bounds: list[tuple[float, float]]
     starts: np.ndarray
+    capped: list[str]
 
     def __init__(self, recipes: Sequence[Recipe]):
         if not recipes:
@@ -114,7 +152,8 @@ class Law(ABC):
 
 
 class Decoupled(Law):
-    """One free efficiency ``rho[name]`` per quantized recipe; bf16 (no quantized role) is fixed to 1."""
+    """One free efficiency ``rho[name]`` per quantized recipe, in [1e-4, 1]; bf16 (no quantized role) is fixed
+    to 1."""
 
     name = "decoupled"
     min_runs_per_recipe = 3
@@ -123,7 +162,8 @@ class Decoupled(Law):
         super().__init__(recipes)
         self.free = [i for i, r in enumerate(self.recipes) if r.quantized]
         self.extra_names = [f"rho[{self.names[i]}]" for i in self.free]
-        self.bounds = [(1e-4, 10.0)] * len(self.free)
+        self.bounds = [(1e-4, RHO_MAX)] * len(self.free)
+        self.capped = list(self.extra_names)
         self.starts = np.array([[v] * len(self.free) for v in (0.3, 0.6, 0.9)]).reshape(3, len(self.free))
 
     def log_capacity(self, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,11 +199,13 @@ class Decoupled(Law):
 
 
 class GMSE(Law):
-    """ρ(R) = Π over quantized roles of L_c · tanh(F · log_{1/4} GMSE(spec))^C."""
+    """ρ(R) = Π over quantized roles of L_c · tanh(F · log_{1/4} GMSE(spec))^C, with L_c ≤ 1 so that every
+    format's ρ ≤ 1 (module docstring)."""
 
     name = "gmse"
     extra_names = ["L_c", "F", "C"]
-    bounds = [(1e-3, 10.0), (1e-3, 20.0), (1e-3, 20.0)]
+    bounds = [(1e-3, RHO_MAX), (1e-3, 20.0), (1e-3, 20.0)]
+    capped = ["L_c"]
     starts = np.array([[1.0, f, c] for f in (0.2, 0.4, 0.8) for c in (0.7, 1.4, 2.1)])
 
     def __init__(self, recipes: Sequence[Recipe]):
@@ -200,11 +242,13 @@ class GMSE(Law):
 
 
 class Kumar(Law):
-    """ρ(R) = Π_x (1 − e^(−P_x/γ_x)), x ∈ {weight, input}; bf16 roles contribute 1."""
+    """ρ(R) = Π_x (1 − e^(−P_x/γ_x)), x ∈ {weight, input}; bf16 roles contribute 1. ρ < 1 for any γ > 0, so
+    nothing is capped."""
 
     name = "kumar"
     extra_names = ["gamma_w", "gamma_a"]
     bounds = [(1e-2, 50.0), (1e-2, 50.0)]
+    capped = []
     starts = np.array([[w, a] for w in (0.7, 1.5, 3.0) for a in (0.7, 1.5, 3.0)])
 
     def __init__(self, recipes: Sequence[Recipe]):

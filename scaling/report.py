@@ -26,7 +26,15 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullForma
 
 from bitlaw.kernels.formats import gmse
 from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.scaling.laws import PUBLISHED_GMSE, capacity, chinchilla_loss, recipe_bits, tanh_capacity
+from bitlaw.scaling.laws import (
+    PUBLISHED_GMSE,
+    capacity,
+    capacity_in_range,
+    capacity_range_warning,
+    chinchilla_loss,
+    recipe_bits,
+    tanh_capacity,
+)
 from bitlaw.scaling.runs import Run, levels, recipes_of, write_csv
 
 PLOTS = ("loss_vs_N.png", "capacity_vs_gmse.png", "capacity_per_bit.png")
@@ -51,8 +59,17 @@ def read_fit_json(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def primary_form(entries: dict[str, dict[str, Any]]) -> str:
-    """The form with the lowest RMSE (first in file order on ties)."""
+    """The form with the lowest RMSE (first in file order on ties): the one report.md marks "(best)", whose curves
+    the plots draw, and the one ``bitlaw-fit predict`` uses unless told otherwise."""
     return min(entries, key=lambda form: entries[form]["rmse"])
+
+
+def entry_warnings(form: str, entry: dict[str, Any]) -> list[str]:
+    """The fit's own warnings for ``form``, then one per capacity outside (0, 1]: the fit keeps every ρ in range,
+    so such a value comes from a fit.json written without the bounds or edited, and must not be shown silently."""
+    return [*entry.get("warnings", []),
+            *(capacity_range_warning(form, name, rho) for name, rho in entry["capacity"].items()
+              if not capacity_in_range(rho))]
 
 
 def _recipes(entries: dict[str, dict[str, Any]]) -> dict[str, Recipe]:
@@ -91,7 +108,7 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
     for form, entry in entries.items():
         mark = " (best)" if form == best else ""
         lines.append(f"| {form}{mark} | {entry['n_params']} | {entry['rmse']:.4g} | {entry['objective']:.4g} | "
-                     f"{len(entry['warnings'])} |")
+                     f"{len(entry_warnings(form, entry))} |")
     lines += ["", "## Parameters (value, bootstrap 1σ interval)", ""]
     for form, entry in entries.items():
         lines += [f"### {form}", "", "| parameter | value | 1σ interval |", "|---|---:|---:|"]
@@ -115,13 +132,14 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
                      f"{_fmt(gmse(recipe.weight.format))} | {_fmt(gmse(recipe.input.format))} | "
                      + " | ".join("—" if v is None else f"{v:.4f}" for v in rho) + f" | {per_bit[name]:.4f} |")
     top = max(per_bit, key=per_bit.get)
-    caveat = (f" The {best} fit has {len(entries[best]['warnings'])} warning(s) below: read its figures with them."
-              if entries[best]["warnings"] else "")
+    best_warnings = entry_warnings(best, entries[best])
+    caveat = (f" The {best} fit has {len(best_warnings)} warning(s) below: read its figures with them."
+              if best_warnings else "")
     lines += ["", f"Most memory-efficient recipe ({best}): **{top}** ({per_bit[top]:.4f} effective parameters "
               f"per weight bit).{caveat}", "", "## Warnings", ""]
     # Form-specific messages already start with their form; the shared ones (D/N, sizes) get it here.
     messages = [f"- {m}" if m.startswith(f"{form}:") else f"- {form}: {m}"
-                for form, entry in entries.items() for m in entry["warnings"]]
+                for form, entry in entries.items() for m in entry_warnings(form, entry)]
     lines += messages or ["none"]
     lines += ["", *throughput_section(runs)]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
@@ -173,7 +191,7 @@ def _ratio_groups(runs: Sequence[Run]) -> list[tuple[float, list[Run]]]:
 
 def _warned(entries: dict[str, dict[str, Any]], form: str) -> str:
     """A title suffix pointing at the form's warnings, so a plot of an unidentified fit does not look clean."""
-    count = len(entries[form].get("warnings", []))
+    count = len(entry_warnings(form, entries[form]))
     return f" — {count} fit warning{'s' if count > 1 else ''}, see report" if count else ""
 
 

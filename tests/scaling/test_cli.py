@@ -7,8 +7,11 @@ import json
 import matplotlib.image
 import pytest
 
+from bitlaw.kernels.recipe import Recipe, load_recipe
 from bitlaw.scaling.cli import main
-from bitlaw.scaling.report import PLOTS
+from bitlaw.scaling.laws import capacity
+from bitlaw.scaling.report import PLOTS, markdown_report
+from bitlaw.scaling.runs import read_csv
 
 from .synthetic import make_runs, true_loss, write_csv
 
@@ -46,12 +49,13 @@ def test_fit_writes_fit_json_report_and_plots(fitted):
 
 def test_predict_one_run_and_the_best_recipe_at_a_budget(fitted, capsys):
     params = json.loads((fitted / "fit.json").read_text())["gmse"]["params"]
-    main(["predict", "--fit", str(fitted / "fit.json"), "--recipe", "quest_w3a3", "--N", "5e7", "--D", "2e9"])
+    main(["predict", "--fit", str(fitted / "fit.json"), "--form", "gmse", "--recipe", "quest_w3a3", "--N", "5e7",
+          "--D", "2e9"])
     out = capsys.readouterr().out
     assert float(out.split()[0]) == pytest.approx(true_loss("gmse", params, "quest_w3a3", 5e7, 2e9), abs=6e-5)
     assert "recipe quest_w3a3" in out
 
-    main(["predict", "--fit", str(fitted / "fit.json"), "--memory-bytes", "2e7", "--D", "1e10",
+    main(["predict", "--fit", str(fitted / "fit.json"), "--form", "gmse", "--memory-bytes", "2e7", "--D", "1e10",
           "--recipes", "bf16", "quest_w4a4", "quest_w8a8"])
     out = capsys.readouterr().out
     losses = {name: true_loss("gmse", params, name, 8 * 2e7 / bits, 1e10)
@@ -63,6 +67,69 @@ def test_predict_one_run_and_the_best_recipe_at_a_budget(fitted, capsys):
     out = capsys.readouterr().out
     assert out.startswith("kumar law at compute 1e+19 bf16-equivalent FLOPs (cost model bits), D/N 100")
     assert out.count("\n") == 2 + 5 + 1  # header lines, the five fitted recipes, the verdict
+
+
+def _write_entries(entries, path):
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def _report(entries, fitted):
+    """report.md as ``bitlaw-fit plot`` would write it for ``entries`` (without drawing the plots)."""
+    known = {name: Recipe.from_dict(data) for entry in entries.values() for name, data in entry["recipes"].items()}
+    return markdown_report(entries, read_csv(fitted / "runs.csv", known))
+
+
+def test_predict_defaults_to_the_form_report_md_calls_best_and_says_so(fitted, tmp_path, capsys):
+    """kumar is given the lowest RMSE, so report.md calls it "(best)"; predict must use it by default (the old
+    default was gmse whenever fitted) and say on stderr which form it used and why."""
+    entries = json.loads((fitted / "fit.json").read_text())
+    entries["kumar"]["rmse"] = min(entry["rmse"] for entry in entries.values()) / 2
+    path = _write_entries(entries, tmp_path / "fit.json")
+    assert "| kumar (best) |" in _report(entries, fitted)
+
+    main(["predict", "--fit", path, "--compute-flops", "1e19"])
+    out, err = capsys.readouterr()
+    assert err == "bitlaw-fit: form kumar: the best by RMSE in report.md; --form to choose\n"
+    assert out.startswith("kumar law at compute 1e+19")
+
+    main(["predict", "--fit", path, "--form", "gmse", "--recipe", "quest_w4a4", "--N", "1e8", "--D", "1e10"])
+    out, err = capsys.readouterr()
+    assert err == "bitlaw-fit: form gmse: chosen with --form\n" and "gmse law: recipe quest_w4a4" in out
+
+    # A fit.json with one form (hand-written, e.g. from published constants) needs no RMSE to pick it.
+    single = _write_entries({"gmse": {k: v for k, v in entries["gmse"].items() if k != "rmse"}},
+                            tmp_path / "published.json")
+    main(["predict", "--fit", single, "--recipe", "quest_w4a4", "--N", "1e8", "--D", "1e10"])
+    assert capsys.readouterr().err == "bitlaw-fit: form gmse: the only form in published.json\n"
+
+
+def test_capacities_outside_0_1_in_a_fit_json_are_flagged_by_predict_and_the_report(fitted, tmp_path, capsys):
+    """A fit.json written before L_c was bounded by 1 (or edited) holds ρ > 1: predict must print a warning line
+    per capacity it uses outside (0, 1], and report.md must list them among the warnings."""
+    entries = json.loads((fitted / "fit.json").read_text())
+    old = entries["gmse"]
+    old["params"]["L_c"] = 1.4  # inside the published 1.0 ± 0.7, and what the unbounded search allowed
+    old["capacity"] = {name: capacity("gmse", old["params"], Recipe.from_dict(data))
+                       for name, data in old["recipes"].items()}
+    above = {name: rho for name, rho in old["capacity"].items() if rho > 1}
+    assert set(above) == {"quest_w4a4"}  # (1.4 · 0.82)² = 1.32; the int2 and int1 recipes stay below 1
+    path = _write_entries(entries, tmp_path / "fit.json")
+
+    main(["predict", "--fit", path, "--form", "gmse", "--recipe", "quest_w8a8", "--N", "1e8", "--D", "1e10"])
+    err = capsys.readouterr().err.splitlines()
+    rho = capacity("gmse", old["params"], load_recipe("quest_w8a8"))
+    assert err[1] == (f"bitlaw-fit: warning: gmse: ρ = {rho:.4g} for quest_w8a8 is outside (0, 1], the range of a "
+                      "capacity (a fraction of bf16's parameters); this fit.json was written without the bound "
+                      "ρ ≤ 1 or edited: refit it")
+
+    main(["predict", "--fit", path, "--form", "gmse", "--memory-bytes", "2e7", "--D", "1e10"])
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bitlaw-fit: warning: ")]
+    assert {line.split(" for ")[1].split()[0] for line in warned} == set(above)
+
+    report = _report(entries, fitted)
+    for name, value in above.items():
+        assert f"- gmse: ρ = {value:.4g} for {name} is outside (0, 1]" in report
 
 
 def test_plot_redraws_from_fit_json(fitted, tmp_path, capsys):
@@ -79,10 +146,16 @@ def test_plot_redraws_from_fit_json(fitted, tmp_path, capsys):
     (["predict", "--fit", "{fit}", "--D", "1e9"], "give exactly one of --recipe R --N n --D d"),
     (["predict", "--fit", "{fit}", "--memory-bytes", "1e9"], "--memory-bytes needs --D"),
     (["predict", "--fit", "{tmp}/none.json", "--recipe", "bf16", "--N", "1", "--D", "1"], "no such fit file"),
+    (["predict", "--fit", "{tmp}/no_rmse.json", "--compute-flops", "1e19"],
+     "no_rmse.json: form(s) decoupled, gmse, kumar record no finite rmse, so there is no best form to default to; "
+     "pass --form (allowed: decoupled, gmse, kumar)"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(fitted, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     write_csv(make_runs("gmse")[:6], tmp_path / "few.csv")
+    entries = json.loads((fitted / "fit.json").read_text())
+    _write_entries({form: {k: v for k, v in entry.items() if k != "rmse"} for form, entry in entries.items()},
+                   tmp_path / "no_rmse.json")
     args = [a.format(tmp=tmp_path, fit=fitted / "fit.json") for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(args)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
 import pytest
 
+from bitlaw.kernels.recipe import load_recipe
 from bitlaw.scaling import fit as scaling_fit
 from bitlaw.scaling.fit import DEFAULT_DELTA, IdentifiabilityWarning, fit_law
+from bitlaw.scaling.laws import capacity
 
 from .synthetic import EXTRA, SHARED, make_runs, true_loss
 
@@ -143,3 +146,37 @@ def test_parameters_the_runs_cannot_pin_are_named_after_the_fit():
     assert all(m.endswith("the runs do not pin it") or "poorly identified" in m for m in messages)
     assert result.warnings == messages  # the same messages are kept in fit.json
     assert all(rho == pytest.approx(1.0, abs=0.02) for rho in result.capacity.values())
+
+
+def test_capacities_stay_in_0_1_and_runs_that_pull_past_1_are_named():
+    """ρ is a fraction of bf16's parameters. Runs in which W4A4 beats bf16 (true ρ = 1.3, as a weak bf16 baseline
+    would show) made the unbounded fits report ρ(W4A4) = 1.31 (decoupled) and L_c = 1.91, so ρ(W8A8) = 2.8 (gmse),
+    without a warning: every form must stay in (0, 1], for unfitted recipes too, and the fit must say where the
+    runs pulled, with values."""
+    runs = make_runs("decoupled", params={**SHARED, **EXTRA["decoupled"], "rho[quest_w4a4]": 1.3})
+    for form in ("decoupled", "gmse", "kumar"):
+        result, messages = _fit_quietly(runs, form, bootstrap=4, refine=4)
+        assert all(0 < rho <= 1 for rho in result.capacity.values()), (form, result.capacity)
+        assert all(0 < low <= high <= 1 for low, high in result.capacity_intervals.values()), form
+        if form != "decoupled":  # gmse and kumar also predict recipes that were never fitted
+            assert 0 < capacity(form, result.params, load_recipe("quest_w8a8")) <= 1, form
+        pulled = [m for m in messages if "held at 1, the upper bound that keeps ρ ≤ 1" in m]
+        assert set(pulled) <= set(result.warnings)  # kept for fit.json and report.md too
+        if form == "kumar":  # 1 − e^(−P/γ) < 1 by construction: nothing to hold
+            assert pulled == []
+            continue
+        assert len(pulled) == 1 and "ρ above 1 for quest_w4a4 (" in pulled[0], (form, messages)
+        held = "rho[quest_w4a4]" if form == "decoupled" else "L_c"
+        assert pulled[0].startswith(f"{form}: {held} held at 1,") and result.params[held] == 1.0
+        free = float(re.search(r"ρ above 1 for quest_w4a4 \(([0-9.]+)\)", pulled[0]).group(1))
+        assert free == pytest.approx(1.3, abs=0.03)  # the unbounded value the runs point to
+        assert not any("sits at the bound" in m for m in messages)  # ρ ≤ 1 is the definition, not a search limit
+
+
+def test_a_capacity_on_one_within_the_noise_is_not_warned_about():
+    """A recipe that costs nothing has ρ = 1 on the bound; half of such fits end there by noise alone, and that
+    is no finding (the significance test of the pull past 1 is what keeps them quiet)."""
+    lossless = {**SHARED, **{name: 1.0 for name in EXTRA["decoupled"]}}
+    result, messages = _fit_quietly(make_runs("decoupled", params=lossless), "decoupled", bootstrap=4, refine=4)
+    assert max(result.capacity.values()) == 1.0 and result.params["rho[quest_w4a4]"] == 1.0  # on the bound
+    assert messages == [] and result.warnings == []
