@@ -6,6 +6,8 @@ import csv
 import functools
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -54,6 +56,12 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     """``{step: train/loss}`` from a run directory's metrics.csv."""
     with open(run_dir / "metrics.csv") as fh:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(fh) if row["train/loss"]}
+
+
+def train_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``bitlaw-train *args`` in a fresh process (``python -m bitlaw.train``), output captured as text."""
+    return subprocess.run([sys.executable, "-m", "bitlaw.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 def compose_train(overrides: list[str]):

@@ -5,10 +5,17 @@
   tensor-core peaks for Hopper.
 - :class:`NonFiniteLossStop`: stops every rank together at the first non-finite training loss, without a host
   synchronisation per step and before any checkpoint could store corrupted weights.
+- :class:`Preemption`: SIGTERM, SIGINT, SIGUSR1 → a checkpoint at the next step boundary and a non-zero exit
+  (requeued under SLURM).
+- :class:`StepProgress`: progress in optimizer steps, a bar on a terminal and plain lines in a log.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +25,10 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.throughput import Throughput as _Throughput
 from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tqdm import tqdm
 
 # Dense (no structured sparsity) peak FLOP/s of one GPU by compute dtype, from NVIDIA's datasheets. Lightning's own
 # table lists H100 NVL and H200 at their 2:4-sparse peaks (2x the dense rate) and misses "NVIDIA H200" names.
@@ -59,6 +68,12 @@ class Checkpoints(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int, **kwargs: Any):
         super().__init__(every_n_train_steps=every_n_train_steps, save_last=True, **kwargs)
         self.every = every_n_train_steps
+
+    @property
+    def state_key(self) -> str:
+        # One key whatever the cadence: checkpoint cadence may change between attempts of a run (it does not change
+        # the result), and Lightning warns about "callbacks used to create the checkpoint" when the key differs.
+        return type(self).__name__
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         with warnings.catch_warnings():
@@ -167,3 +182,128 @@ class NonFiniteLossStop(Callback):
         if step < 2**62:
             last = self.checkpoint_dir / "last.ckpt" if self.checkpoint_dir else None
             raise NonFiniteLossError(step, last if last is not None and last.is_file() else None)
+
+
+class Interrupted(Exception):
+    """Training stopped by ``signal_name`` after ``step`` optimizer steps, with ``checkpoint`` written there."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, requeued: bool):
+        self.signal_name, self.step, self.checkpoint, self.requeued = signal_name, step, checkpoint, requeued
+        self.exit_code = 128 + signal.Signals[signal_name].value  # the shell's convention for "killed by"
+        then = "the job was requeued and resumes there" if requeued else "run the same command to resume"
+        kept = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written (no Preemption callback)"
+        super().__init__(f"stopped by {signal_name} after step {step}; {kept}; {then}")
+
+
+class Preemption(Callback):
+    """SIGTERM, SIGINT and SIGUSR1 stop training at the next step boundary with a checkpoint, every rank together.
+
+    Lightning turns SIGTERM into a stop after the current batch, agreed on by all ranks (it broadcasts the flag at
+    each batch). This callback routes SIGINT (Ctrl-C) and SIGUSR1 (what SLURM sends before a time limit or a
+    preemption, with ``--signal=USR1@<seconds>``) into that same path, writes ``last.ckpt`` when the stop happens
+    (the step boundary: batches of an unfinished step are replayed on resume), and, under SLURM with ``requeue``,
+    asks SLURM to requeue the job (``scontrol requeue``), which then resumes from that checkpoint. ``bitlaw-train``
+    then exits non-zero (128 + the signal's number), so ``bitlaw-train && bitlaw-export`` never exports a
+    half-trained model.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self, checkpoint_dir: str, requeue: bool = True):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.requeue = requeue
+        self.received: int | None = None
+        self.interruption: Interrupted | None = None  # set when a signal stopped training
+        self._previous: dict[int, Any] = {}
+        self._active = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        # Lightning registers its SIGTERM handler after setup and keeps ours in it; it restores the handlers it
+        # found (these) after fit, so once inactive they hand every signal to what was there before.
+        self._active = True
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame) -> None:
+        if not self._active:
+            self._delegate(number, frame)
+            return
+        self.received = self.received or number
+        if number != signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)  # into Lightning's path: stop after this batch, ranks agreeing
+
+    def _delegate(self, number: int, frame) -> None:
+        previous = self._previous.get(number, signal.SIG_DFL)
+        if callable(previous):
+            previous(number, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        last = self.checkpoint_dir / "last.ckpt"
+        trainer.save_checkpoint(last, weights_only=False)  # every rank stops at the same batch: collective is safe
+        requeued = False
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.requeue and job and trainer.is_global_zero and self.received == signal.SIGUSR1:
+            requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True).returncode == 0
+        name = signal.Signals(self.received or signal.SIGTERM).name
+        # Raised by bitlaw-train once Lightning has torn the run down (raising here would skip its teardown).
+        self.interruption = Interrupted(name, trainer.global_step, last, requeued)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._active = False
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+
+class StepProgress(ProgressBar):
+    """Progress in optimizer steps: a tqdm bar on a terminal, a plain line every ``print_every`` steps otherwise
+    (a log file gets readable lines instead of carriage returns). Shows the step, the training loss, the last
+    validation loss and tokens/s."""
+
+    def __init__(self, print_every: int = 50):
+        super().__init__()
+        self.print_every = print_every
+        self._enabled = True
+        self._bar = None
+        self._interactive = sys.stdout.isatty()
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _line(self, trainer: L.Trainer) -> str:
+        metrics = trainer.progress_bar_metrics
+        parts = [f"{key} {metrics[key]:.4f}" for key in ("train/loss", "val/loss") if key in metrics]
+        speed = trainer.logged_metrics.get("train/device/items_per_sec")  # where ThroughputMonitor writes it
+        if speed is not None:
+            parts.append(f"{float(speed) * trainer.world_size:,.0f} tokens/s")
+        return " | ".join(parts)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled and self._interactive and trainer.is_global_zero:
+            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", desc="training",
+                             dynamic_ncols=True, file=sys.stdout)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        if self._bar is not None:
+            self._bar.n = trainer.global_step
+            self._bar.set_postfix_str(self._line(trainer), refresh=False)
+            self._bar.refresh()
+        elif trainer.global_step % self.print_every == 0 and trainer.global_step:
+            print(f"step {trainer.global_step}/{trainer.max_steps} | {self._line(trainer)}", flush=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

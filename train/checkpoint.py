@@ -10,11 +10,14 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from bitlaw.train.settings import refuse_changed
+
 
 def atomic_write_bytes(path: str | os.PathLike[str], write) -> None:
     """Call ``write(fh)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
 
-    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on POSIX).
+    A crash mid-write leaves the previous file intact (``os.replace`` is atomic on POSIX). The file gets the mode a
+    plain ``open`` would give it (``0o666`` less the umask), not mkstemp's private ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,11 +26,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], write) -> None:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,21 +51,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, lambda fh: torch.save(checkpoint, fh))
 
 
-def check_resumable(path: str | os.PathLike[str], model: dict[str, Any], recipe: dict[str, Any],
-                    run: dict[str, Any]) -> int:
-    """Raise ValueError unless the checkpoint at ``path`` was written by a run with the same model shape,
-    recipe and batch geometry (``run``: seq_len, global_batch, seed); return its ``global_step``.
+def check_resumable(path: str | os.PathLike[str], settings: dict[str, Any]) -> int:
+    """Raise ValueError unless the checkpoint at ``path`` was written by a run with these ``settings``
+    (:func:`bitlaw.train.settings.run_settings`), naming each that differs; return its ``global_step``.
 
     The checkpoint is memory-mapped, so only what is read is loaded."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    saved = ckpt.get("hyper_parameters", {})
-    checks = [("model", saved.get("model_config"), model), ("quant", saved.get("recipe"), recipe)]
-    checks += [(key, saved.get("run", {}).get(key), value) for key, value in run.items()]
-    for key, old, new in checks:
-        if old != new:
-            raise ValueError(f"checkpoint {path} does not fit this run: {key} was {old!r} there, is {new!r} now; "
-                             "use another run directory, resume=never, or the original settings")
+        reason = " ".join(str(err).split())
+        raise ValueError(f"cannot read checkpoint {path} ({reason}): it is truncated or corrupt; resume from an "
+                         "earlier one (resume=<path>), or resume=never to train from scratch") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        raise ValueError(f"{path} is not a bitlaw-train checkpoint (no global_step)")
+    refuse_changed(f"checkpoint {path}", ckpt.get("bitlaw", {}).get("settings"), settings)
     return int(ckpt["global_step"])

@@ -5,16 +5,22 @@ written; :func:`prepare_run_data` tokenizes the corpus once (or reuses it); a fi
 model, the data module and the Lightning trainer are built (:func:`build_trainer` instantiates the ``logger`` and
 ``callbacks`` groups), ``fit`` runs, and :func:`final_record` writes ``run.json``.
 
-Bad input (configuration, data files, a checkpoint of another run) raises :class:`UsageError`: ``bitlaw-train``
-prints it as one line and exits with status 2. A non-finite loss stops every rank
-(:class:`~bitlaw.train.callbacks.NonFiniteLossError`, one line, status 1). Anything else is a bug or a fault of the
-machine and keeps its traceback.
+Bad input (configuration, data files, a checkpoint or record of a run with other settings) raises
+:class:`UsageError`: ``bitlaw-train`` prints it as one line and exits with status 2. A non-finite loss stops every
+rank (:class:`~bitlaw.train.callbacks.NonFiniteLossError`, one line, status 1). SIGTERM, SIGINT or SIGUSR1 stop it
+at the next step boundary with a checkpoint (:class:`~bitlaw.train.callbacks.Interrupted`, one line, status 128 +
+the signal's number); running the same command resumes. Anything else is a bug or a fault of the machine and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +31,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate, to_absolute_path
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from bitlaw.data.config import DataConfig
@@ -34,12 +43,13 @@ from bitlaw.kernels.linear import BACKENDS
 from bitlaw.kernels.recipe import CONF_DIR, Recipe
 from bitlaw.models.convert import convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
-from bitlaw.train.callbacks import NonFiniteLossError, Throughput
+from bitlaw.train.callbacks import Interrupted, NonFiniteLossError, Preemption, Throughput
 from bitlaw.train.checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
 from bitlaw.train.config import max_steps, register_configs
 from bitlaw.train.datamodule import TokenDataModule
 from bitlaw.train.module import LitLlama
 from bitlaw.train.record import code_version, finished_record, write_record
+from bitlaw.train.settings import run_settings
 
 PROG = "bitlaw-train"
 
@@ -87,14 +97,71 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             raise ValueError(f"backend={cfg.backend!r} is not allowed; allowed: {', '.join(BACKENDS)} (or null: "
                              "$BITLAW_BACKEND, else auto)")
         max_steps(cfg, model_cfg.params_non_embedding)
+        _check_machine(cfg)
         data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
         data.cache_dir = to_absolute_path(data.cache_dir)
         data.paths = [to_absolute_path(p) for p in data.paths]
         data.validate()
         run_dir = Path(cfg.run_dir)
+        _check_writable(run_dir)
         return RunPlan(cfg, run_dir, model, recipe, data, _resume_path(cfg, run_dir))
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+
+
+def _check_machine(cfg: DictConfig) -> None:
+    """Refuse settings this machine cannot run, before anything is prepared."""
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator!r} needs a CUDA GPU and this machine has none; "
+                         "allowed here: trainer=cpu")
+    if cfg.backend == "triton" and cfg.trainer.accelerator not in ("gpu", "cuda") and not interpreted_triton():
+        raise ValueError("backend='triton' runs the Triton kernels, which need a CUDA GPU (trainer=gpu), or "
+                         "TRITON_INTERPRET=1 to run them slowly on the CPU; allowed here: backend=auto or reference")
+
+
+def interpreted_triton() -> bool:
+    """True when Triton kernels would run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_writable(run_dir: Path) -> None:
+    problem = unwritable(run_dir)
+    if problem:
+        raise ValueError(f"{problem}; choose another run directory (run_dir=... or hydra.run.dir=...)")
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be created or written (its nearest existing ancestor is a file, or refuses a new
+    entry: tried, not guessed from permission bits, which do not bind root), or None when it can."""
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"cannot create the directory {directory}: {existing} is a file"
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".bitlaw-write-check-").cleanup()
+    except OSError as err:
+        return f"cannot write the directory {directory}: {existing} refuses new files ({err.strerror})"
+    return None
+
+
+class RunDirectoryCheck(HydraCallback):
+    """Hydra callback (``conf/train.yaml``): a run or sweep directory that cannot be written is one line and exit
+    status 2, before Hydra creates it (Hydra's own failure would be a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        HydraConfig.instance().set_config(config)  # the directory's interpolations read Hydra's runtime values
+        problem = unwritable(Path(str(OmegaConf.select(config, key))))
+        if problem:
+            print(f"{PROG}: {problem}; choose another with {key}=...", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -118,10 +185,11 @@ def prepare_run_data(plan: RunPlan) -> PreparedData:
 
 
 class _DropTips(logging.Filter):
-    """Lightning's advertisements ("💡 Tip: … litlogger …") are not about this run."""
+    """Lightning's advertisements ("💡 Tip: … litlogger …") are not about this run, and its "`Trainer.fit`
+    stopped: `max_steps=…` reached" repeats what bitlaw-train's last line says (and breaks a progress bar)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps="))
 
 
 def quiet_lightning() -> None:
@@ -136,14 +204,20 @@ def quiet_lightning() -> None:
 
 def build_trainer(cfg: DictConfig, steps: int) -> L.Trainer:
     """A Lightning trainer from ``cfg.trainer``, with the loggers and callbacks of the ``logger`` and ``callbacks``
-    groups instantiated (Hydra ``_target_``)."""
+    groups instantiated (Hydra ``_target_``; the ``progress`` entry only when ``trainer.enable_progress_bar``)."""
     quiet_lightning()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["max_steps"] = steps
     loggers = [instantiate(node) for node in cfg.logger.values()]
-    callbacks = [instantiate(node) for node in cfg.callbacks.values()]
+    callbacks = [instantiate(node) for name, node in cfg.callbacks.items()
+                 if name != "progress" or trainer_kwargs["enable_progress_bar"]]
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # The Preemption callback checkpoints at a step boundary and requeues; Lightning's own SLURM requeue (an
+        # extra checkpoint and an scontrol call from inside a signal handler) would do it a second time.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(**trainer_kwargs, default_root_dir=cfg.run_dir, logger=loggers, callbacks=callbacks,
-                     plugins=[AtomicCheckpointIO()], gradient_clip_val=cfg.optim.grad_clip or None,
+                     plugins=plugins, gradient_clip_val=cfg.optim.grad_clip or None,
                      val_check_interval=cfg.val_every * trainer_kwargs["accumulate_grad_batches"],
                      check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
                      max_epochs=-1)
@@ -155,31 +229,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data = prepare_run_data(plan)
     model_cfg = LlamaConfig.from_dict({**plan.model, "vocab_size": data.vocab_size})
     steps = max_steps(cfg, model_cfg.params_non_embedding)
-    settings = {"model": model_cfg.to_dict(), "recipe": plan.recipe.to_dict(), "steps": steps, **plan.geometry}
-    try:
-        start_step = 0
-        if plan.resume_from is not None:
-            start_step = check_resumable(plan.resume_from, model_cfg.to_dict(), plan.recipe.to_dict(), plan.geometry)
-        if cfg.resume != "never":
-            finished = finished_record(plan.run_dir, settings)
-            if finished is not None:
-                print(f"{PROG}: skipped {plan.run_dir}: already finished (run.json, val_loss "
-                      f"{finished['val_loss']:.4f}); resume=never trains it again from scratch")
-                return finished
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    settings = run_settings(model_cfg.to_dict(), plan.recipe.to_dict(), data.meta["config_hash"],
+                            OmegaConf.to_container(cfg.optim, resolve=True), cfg.seed, cfg.seq_len, cfg.global_batch,
+                            steps, cfg.val_batches, cfg.trainer.precision)
+    start_step = _check_continuation(plan, settings)
+    if isinstance(start_step, dict):
+        return start_step  # a finished run with these settings: skipped
     if cfg.resume == "never":
         # Retraining from scratch: the old record and metrics must not be mistaken for this run's.
         for name in ("run.json", "metrics.csv"):
             (plan.run_dir / name).unlink(missing_ok=True)
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_bytes(plan.run_dir / "config.yaml", lambda fh: fh.write(resolved.encode()))
+    _write_config(cfg, plan.run_dir, data.vocab_size)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LitLlama(model_cfg.to_dict(), plan.recipe.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True),
                       steps, plan.geometry, mask_stats_every=cfg.mask_stats_every, compile=cfg.compile,
-                      backend=cfg.backend)
+                      backend=cfg.backend, settings=settings)
     module.tokenizer_path = str(data.tokenizer_path)
     datamodule = TokenDataModule(data, cfg.seq_len, cfg.global_batch, cfg.seed, steps, cfg.val_batches)
     trainer = build_trainer(cfg, steps)
@@ -188,17 +254,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
               f"{model_cfg.params_non_embedding:,} non-embedding parameters, recipe {plan.recipe.name}; {steps} steps "
               f"of {cfg.global_batch} × {cfg.seq_len} tokens" + (f", resuming at step {start_step}" if start_step
                                                                 else "") + f"; run directory {plan.run_dir}")
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
-    fit_seconds = time.perf_counter() - started
-    val_loss = float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
-    record = final_record(cfg, trainer, module, data, model_cfg, plan.recipe, val_loss,
-                          (trainer.global_step - start_step) * cfg.global_batch * cfg.seq_len / fit_seconds)
+    evaluate = None  # the checkpoint to evaluate, when there is nothing left to train
+    wall_tokens_per_s = None
+    if start_step < steps:
+        started = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=datamodule,
+                        ckpt_path=str(plan.resume_from) if plan.resume_from else None)
+        except SIGTERMException:
+            preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+            if preemption is not None and preemption.interruption is not None:
+                raise preemption.interruption from None
+            raise Interrupted("SIGTERM", trainer.global_step, None, False) from None
+        wall_tokens_per_s = ((steps - start_step) * cfg.global_batch * cfg.seq_len
+                             / (time.perf_counter() - started))
+    else:
+        evaluate = str(plan.resume_from)  # stopped after its last step, before the record was written
+    val_loss = float(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluate, verbose=False)[0]["val/loss"])
+    record = final_record(cfg, trainer, module, data, model_cfg, plan.recipe, val_loss, steps, wall_tokens_per_s)
+    record["settings"] = settings
     if trainer.is_global_zero:
         path = write_record(plan.run_dir, record)
-        print(f"final validation loss {val_loss:.4f} nats/token; unigram entropy of the corpus "
-              f"{data.unigram_entropy_nats:.4f} nats/token; {record['tokens']:,} tokens in {trainer.global_step} "
-              f"steps; run record {path}")
+        print(f"final validation loss {val_loss:.4f} nats/token (the first {cfg.val_batches} × {cfg.global_batch} "
+              f"windows of the validation split); unigram entropy of the corpus {data.unigram_entropy_nats:.4f} "
+              f"nats/token; {record['tokens']:,} tokens in {steps} steps; run record {path}")
         for kind, choice in record["backends"].items():
             if choice["backend"] != "triton":
                 print(f"{PROG}: {kind} ran the {choice['backend']} path: {choice['reason']}")
@@ -206,16 +285,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def _check_continuation(plan: RunPlan, settings: dict[str, Any]) -> int | dict[str, Any]:
+    """The step this run starts at (0, or the checkpoint's when resuming), or the record of a finished run with
+    these settings (to skip). A checkpoint or record written with other settings raises :class:`UsageError`
+    naming each difference (the settings compared: :data:`bitlaw.train.settings.SETTINGS_DOC`)."""
+    try:
+        if plan.cfg.resume != "never":
+            finished = finished_record(plan.run_dir, settings)
+            if finished is not None:
+                print(f"{PROG}: skipped {plan.run_dir}: already finished (run.json, val_loss "
+                      f"{finished['val_loss']:.4f}); resume=never trains it again from scratch")
+                return finished
+        return 0 if plan.resume_from is None else check_resumable(plan.resume_from, settings)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _write_config(cfg: DictConfig, run_dir: Path, vocab_size: int) -> None:
+    """``config.yaml``: the resolved config with the values the run uses (the tokenizer's vocabulary size)."""
+    used = OmegaConf.to_container(cfg, resolve=True)
+    used["model"]["vocab_size"] = vocab_size
+    text = OmegaConf.to_yaml(OmegaConf.create(used))
+    atomic_write_bytes(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
+
+
 def final_record(cfg: DictConfig, trainer: L.Trainer, module: LitLlama, data: PreparedData, model_cfg: LlamaConfig,
-                 recipe: Recipe, val_loss: float, wall_tokens_per_s: float) -> dict[str, Any]:
-    """The run record (``run.json``) of a finished run; tokens/s from the ``Throughput`` callback (training steps
-    only) when it ran, else from the wall time of ``fit`` (validation and checkpoints included), as ``throughput``
-    says."""
+                 recipe: Recipe, val_loss: float, steps: int, wall_tokens_per_s: float | None) -> dict[str, Any]:
+    """The run record (``run.json``) of a run finished after ``steps`` optimizer steps; tokens/s of this attempt
+    from the ``Throughput`` callback (training steps only) when it ran, else from the wall time of ``fit``
+    (validation and checkpoints included; None when this attempt trained no step), as ``throughput`` says."""
     tokens_per_step = cfg.global_batch * cfg.seq_len
     monitor = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
-    throughput: dict[str, Any] = {"source": "wall clock of fit", "tokens_per_s": wall_tokens_per_s, "mfu": None,
-                                  "peak_flops": None}
-    if monitor is not None and monitor.summary:
+    throughput: dict[str, Any] = {"source": "wall clock of fit" if wall_tokens_per_s else
+                                  "none: this attempt trained no step (resumed at the final step)",
+                                  "tokens_per_s": wall_tokens_per_s, "mfu": None, "peak_flops": None}
+    if monitor is not None and monitor.summary and wall_tokens_per_s:
         summary = monitor.summary
         per_device = summary["tokens_per_device"] / summary["seconds"]
         flops_per_token = module.flops_per_batch / (tokens_per_step / trainer.world_size
@@ -227,9 +331,12 @@ def final_record(cfg: DictConfig, trainer: L.Trainer, module: LitLlama, data: Pr
     return {
         "params_non_embedding": model_cfg.params_non_embedding,
         "params_total": model_cfg.params_total,
-        "tokens": trainer.global_step * tokens_per_step,
-        "steps": trainer.global_step,
+        "tokens": steps * tokens_per_step,
+        "steps": steps,
         "val_loss": val_loss,
+        "val_windows": (f"training's validation windows: the first {cfg.val_batches} batches of {cfg.global_batch} "
+                        f"windows (seq_len {cfg.seq_len}) of the validation split; bitlaw-eval <run> --windows "
+                        "training evaluates the same ones, bitlaw-eval <run> the whole split"),
         "recipe": recipe.to_dict(),
         "model": model_cfg.to_dict(),
         "model_preset": HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None,
@@ -255,16 +362,40 @@ def main() -> None:
     _hydra_main()
 
 
+def _discard_attempt() -> None:
+    """Remove what Hydra wrote for this attempt before bad input stopped it: its ``.hydra/<time>`` record, an empty
+    log, and the run directory and its parents up to the working directory when that leaves them empty. Nothing an
+    earlier attempt wrote is touched."""
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.output_subdir:
+        shutil.rmtree(out / hydra_cfg.output_subdir, ignore_errors=True)
+    log = out / f"{hydra_cfg.job.name}.log"
+    if log.is_file() and log.stat().st_size == 0:
+        log.unlink()
+    folders = [out / ".hydra", out]
+    cwd = Path.cwd().resolve()
+    if out.resolve().is_relative_to(cwd):
+        folders += [p for p in out.parents if p.resolve() != cwd and p.resolve().is_relative_to(cwd)]
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only ever removes an empty directory
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except UsageError as err:
+        _discard_attempt()
         print(f"{PROG}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLossError as err:
         print(f"{PROG}: stopped: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Interrupted as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":

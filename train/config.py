@@ -11,12 +11,13 @@ Hydra instantiates (``conf/logger/``, ``conf/callbacks/``), so a user adds one w
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bitlaw.data.config import DataConfig
 from bitlaw.models.llama import LlamaConfig
@@ -88,6 +89,20 @@ def register_configs() -> None:
     the tests). Storing it again replaces it with the same schema.
     """
     ConfigStore.instance().store(name="train_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("bitlaw_suffix", run_dir_suffix, replace=True)
+
+
+def run_dir_suffix(overrides: str, limit: int = 120) -> str:
+    """What ``conf/train.yaml``'s default run directory appends for Hydra's ``override_dirname`` (the
+    result-defining overrides, ``key=value`` joined by commas): nothing when there are none, else ``--`` and the
+    overrides with ``/`` as ``_`` (one directory level, whatever the values); beyond ``limit`` characters, the first
+    ones and a hash of the whole (file names are at most 255 bytes)."""
+    if not overrides:
+        return ""
+    text = overrides.replace("/", "_")
+    if len(text) > limit:
+        text = f"{text[:limit - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return f"--{text}"
 
 
 def max_steps(cfg: RunConfig | DictConfig, params_non_embedding: int) -> int:

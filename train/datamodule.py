@@ -29,7 +29,13 @@ class StepBatches(Dataset):
 
 
 class FromIndex(Sampler[int]):
-    """Indices ``start, start+1, …, stop-1``: a resumed run continues at its first unseen micro-batch."""
+    """Indices ``start, start+1, …, stop-1``: a resumed run continues at its first unseen micro-batch.
+
+    Its length is ``stop``, the whole run's micro-batches, not the ``stop - start`` it yields: Lightning restores
+    how many batches of the (single, endless) epoch were already read and ends the epoch when that count reaches
+    the loader's length. With ``stop - start`` a run resumed before its midpoint would end the epoch early and start
+    the loader again from ``start``, training its last steps on repeated batches.
+    """
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
@@ -38,7 +44,20 @@ class FromIndex(Sampler[int]):
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return self.stop
+
+
+class ReplayLoader(DataLoader):
+    """The training loader: its position is a function of the trainer's restored ``global_step`` (see
+    :class:`FromIndex`), so it resumes exactly by construction. It carries Lightning's stateful-loader protocol to say
+    so: ``state_dict`` records where this attempt started, and ``load_state_dict`` has nothing to restore beyond the
+    global step the checkpoint already restores."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"first_index": self.sampler.start, "stop_index": self.sampler.stop}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Nothing to restore: :meth:`TokenDataModule.train_dataloader` starts at the restored step."""
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -60,7 +79,7 @@ class TokenDataModule(L.LightningDataModule):
         accumulate = trainer.accumulate_grad_batches
         dataset = StepBatches(self.sampler, trainer.global_rank, trainer.world_size, accumulate)
         order = FromIndex(trainer.global_step * accumulate, self.total_steps * accumulate)
-        return DataLoader(dataset, sampler=order, batch_size=None, num_workers=0)
+        return ReplayLoader(dataset, sampler=order, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         batches = val_batches(self.data.val_tokens, self.seq_len, self.global_batch, self.n_val_batches)

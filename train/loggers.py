@@ -25,7 +25,8 @@ class MetricsCSVLogger(Logger):
 
     Rows already in the file (an earlier attempt of the same run) are read on the first write and kept; values
     logged again for a step overwrite that step's earlier values. The file is rewritten atomically every
-    ``flush_every`` steps and when the run ends, so a crash leaves the previous complete file.
+    ``flush_every`` steps, after each checkpoint and when the run ends, so a crash leaves the previous complete file
+with every step up to the last checkpoint.
     Hyperparameters are not written here (the run directory holds ``config.yaml``).
     """
 
@@ -37,6 +38,7 @@ class MetricsCSVLogger(Logger):
         self._rows: dict[int, dict[str, float]] | None = None
         self._last_flush_step = -1
         self._dirty = False
+        self._flush_next = False
 
     @property
     def name(self) -> str:
@@ -71,9 +73,17 @@ class MetricsCSVLogger(Logger):
 
     @rank_zero_only
     def save(self) -> None:
-        # Lightning calls save() after every log_metrics; write every flush_every steps.
-        if self._dirty and self._rows and max(self._rows) - self._last_flush_step >= self.flush_every:
+        # Lightning calls save() after every log_metrics; write every flush_every steps and after a checkpoint.
+        due = self._rows and max(self._rows) - self._last_flush_step >= self.flush_every
+        if self._dirty and (due or self._flush_next):
             self._write()
+            self._flush_next = False
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        # Lightning checkpoints a step before it logs that step's metrics: write at the next save(), which follows
+        # them, so every step up to the checkpoint is on disk and a run killed later loses no row it will not replay.
+        self._flush_next = True
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

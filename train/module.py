@@ -59,12 +59,13 @@ class LitLlama(L.LightningModule):
     must share: ``seed`` (model init and data order), ``seq_len``, ``global_batch`` (sequences per step, all ranks).
     ``backend`` goes to every quantized layer (``QuantLinear.backend``); None follows ``$BITLAW_BACKEND``.
     Which path each kind of quantized layer took is logged as ``backend/<kind>`` (1 Triton, 0 reference) and
-    kept, with the reason for a fallback, in :meth:`backend_report`.
+    kept, with the reason for a fallback, in :meth:`backend_report`. ``settings`` (the run's defining settings,
+    :func:`bitlaw.train.settings.run_settings`) go into every checkpoint, to be compared when resuming.
     """
 
     def __init__(self, model_config: dict[str, Any], recipe: dict[str, Any], optim: dict[str, Any],
                  total_steps: int, run: dict[str, Any], mask_stats_every: int = 50, compile: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, settings: dict[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_config = LlamaConfig.from_dict(model_config)
@@ -75,6 +76,7 @@ class LitLlama(L.LightningModule):
         self.tokens_per_step = run["global_batch"] * run["seq_len"]
         self.mask_stats_every = mask_stats_every
         self.global_batch = run["global_batch"]
+        self.settings = settings  # what defines the run (bitlaw.train.settings), kept in every checkpoint
         # The model is built here, seeded, so every rank and every resumed run starts from the same weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run["seed"])
@@ -119,17 +121,25 @@ class LitLlama(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         self.log("tokens_seen", float((step + 1) * self.tokens_per_step))
+        sampled: dict[str, float] = {}
         for name, layer in layers.items():
             for key, value in layer.stats.items():
-                self.log(f"mask/{name}.{key.removesuffix('_masked_fraction')}", value)
+                sampled[f"mask/{name}.{key.removesuffix('_masked_fraction')}"] = float(value)
             layer.track_stats = False
         if sample_masks or not self._backends:
-            self._record_backends(log=sample_masks)
+            sampled.update(self._record_backends())
+        if sample_masks:
+            # Straight to the loggers, for this step only: a value given to self.log on some steps is written
+            # again on every later step until the next one, which would read as a measurement that was not made.
+            for logger in self.loggers:
+                logger.log_metrics(sampled, step=step)
         return loss
 
-    def _record_backends(self, log: bool) -> None:
-        """Note which path each kind of quantized layer took in the forward just run (and log it if ``log``)."""
+    def _record_backends(self) -> dict[str, float]:
+        """Note which path each kind of quantized layer took in the forward just run; return ``backend/<kind>``
+        metrics (the fraction of that kind's layers on the Triton path)."""
         kinds: dict[str, set[tuple[str, str | None]]] = {}
+        metrics: dict[str, float] = {}
         for name, layer in quantized_layers(self.model).items():
             if layer.last_backend is not None:
                 kind = re.sub(r"^layers\.\d+\.", "", name)
@@ -139,8 +149,8 @@ class LitLlama(L.LightningModule):
             reasons = sorted({reason for _, reason in choices if reason})
             self._backends[kind] = {"backend": backends[0] if len(backends) == 1 else "mixed",
                                     "reason": "; ".join(reasons) or None}
-            if log:
-                self.log(f"backend/{kind}", sum(b == "triton" for b, _ in choices) / len(choices))
+            metrics[f"backend/{kind}"] = sum(b == "triton" for b, _ in choices) / len(choices)
+        return metrics
 
     def backend_report(self) -> dict[str, dict[str, str | None]]:
         """``{layer kind (e.g. "self_attn.q_proj"): {"backend": "triton" | "reference" | "mixed", "reason": why not
@@ -153,6 +163,8 @@ class LitLlama(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self(x, y)
+        if not self._backends:  # evaluating a checkpoint without training first: the same layers, the same paths
+            self._record_backends()
         self._val_sum += loss.item() * y.numel()
         self._val_count += y.numel()
 
@@ -174,4 +186,4 @@ class LitLlama(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bitlaw"] = {"model": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
-                                "tokenizer": self.tokenizer_path}
+                                "tokenizer": self.tokenizer_path, "settings": self.settings}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bitlaw.train.checkpoint import atomic_write_bytes
+from bitlaw.train.settings import refuse_changed
 
 RECORD_FILE = "run.json"
 
@@ -35,19 +36,17 @@ def code_version() -> str:
 def finished_record(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The record in ``run_dir`` when this run already finished there, else None (no run.json).
 
-    ``settings`` are the record's keys that define the run (model, recipe, steps, seed, seq_len, global_batch);
-    raises ValueError when the record holds another value for one of them: skipping would silently keep the wrong
-    run.
+    Raises ValueError, naming each differing setting with its two values, when the record was written by a run
+    with other settings (:func:`run_settings`): skipping would silently return the wrong run's result.
     """
     path = run_dir / RECORD_FILE
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
-    for key, value in settings.items():
-        if record.get(key) != value:
-            raise ValueError(f"{path} records a finished run with {key} {record.get(key)!r}, this run has {value!r}; "
-                             "use another run directory, the original settings, or resume=never to train again "
-                             "from scratch")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a readable run record ({err}); move it away or resume=never") from None
+    refuse_changed(f"the finished run {path}", record.get("settings"), settings)
     return record
 
 

@@ -32,12 +32,13 @@ def test_finished_run_is_skipped_mismatch_is_refused_and_resume_never_retrains(t
     assert {name: (run_dir / name).read_bytes() for name in written} == written
     assert f"skipped {run_dir}: already finished" in capsys.readouterr().out
 
-    with pytest.raises(ValueError, match=r"run.json records a finished run with steps 12, this run has 16"):
+    changed = r"run.json was written with other settings than this run \(steps: 12 → 16\); run with the original"
+    with pytest.raises(ValueError, match=changed):
         train(compose_train([*base, "trainer.max_steps=16"]))
     # Checkpoints deleted to save disk (common after a sweep): the record alone still decides.
     shutil.rmtree(run_dir / "checkpoints")
     assert train(compose_train(base)) == again
-    with pytest.raises(ValueError, match=r"records a finished run with seed 0, this run has 1"):
+    with pytest.raises(ValueError, match=r"other settings than this run \(seed: 0 → 1\)"):
         train(compose_train([*base, "seed=1"]))
     assert steps == [] and (run_dir / "run.json").read_bytes() == written["run.json"]
 
