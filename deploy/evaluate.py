@@ -35,6 +35,7 @@ from bitlaw.data.shards import load_prepared
 from bitlaw.data.windows import TokenStream, val_batches
 from bitlaw.deploy.generate import check_source
 from bitlaw.deploy.load import check_device, load_model, source_notes, tokenizer_file
+from bitlaw.deploy.manifest import read_json_object
 
 PROG = "bitlaw-eval"
 _RUN_RECORD = "run.json"
@@ -151,13 +152,8 @@ def run_record_for(source: Path) -> dict[str, Any] | None:
 
 def read_run_record(path: Path) -> dict[str, Any]:
     """``run.json`` at ``path``; ValueError naming the file when it is not a JSON object (truncated, edited)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a readable run record ({err})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} is not a run record (a JSON object)")
-    return record
+    return read_json_object(path, "the run record is damaged; train the run again (resume=never) or pass the data "
+                                  "with --data-dir or --text")
 
 
 def _parser() -> argparse.ArgumentParser:

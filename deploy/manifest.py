@@ -46,13 +46,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a bitlaw export: {MANIFEST_FILE} is missing")
+    return read_json_object(path, "the export is damaged; export it again")
+
+
+def read_json_object(path: Path, remedy: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file, what is wrong and ``remedy`` when it is not valid
+    JSON (truncated, edited) or not an object."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the export is damaged; export it again") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} holds a {type(meta).__name__}, not a JSON object: the export is damaged")
-    return meta
+        raise ValueError(f"{path} is not valid JSON ({err}): {remedy}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object: {remedy}")
+    return value
 
 
 def own_files(directory: Path) -> set[str]:
