@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import integrate, optimize, special
 
-_ALLOWED = "int1 … int8, ternary, fp{bits}_e{E}m{M} (bits = 1+E+M ≤ 8, E ≥ 1), bf16"
-_INT_RE = re.compile(r"int(\d+)")
+_ALLOWED = "int1 … int8, int2z … int8z, int2s … int8s, ternary, fp{bits}_e{E}m{M} (bits = 1+E+M ≤ 8, E ≥ 1), bf16"
+_INT_RE = re.compile(r"int(\d+)([zs]?)")
 _FP_RE = re.compile(r"fp(\d+)_e(\d+)m(\d+)")
 _MAX_BITS = 8
 _SQRT2 = math.sqrt(2.0)
@@ -30,12 +30,16 @@ class Format:
 
     `levels` are the representable values at unit scale, sorted ascending, each exactly once (a single 0 where
     the grid has one); a quantizer multiplies them by a scale (e.g. `gaussian_scale(name) * RMS`). For
-    `int{b}` the largest level is exactly 1, so the scale is the clip value α. `bits` is the storage width per
-    element.
+    `int{b}`, `int{b}z` and `int{b}s` the largest level is exactly 1, so the scale is the (positive) clip value α.
+    `bits` is the storage width per element.
+
+    Kinds: "int" (QuEST's centred grid without zero, `int{b}`), "intz" (integers times one step, with a zero
+    level: `int{b}z` two's-complement range, `int{b}s` symmetric range; see `integer_range`), "ternary", "fp"
+    (minifloats), "identity" (bf16).
     """
 
-    name: str  # canonical name, e.g. "int4", "ternary", "fp4_e2m1", "bf16"
-    kind: str  # "int" | "ternary" | "fp" | "identity"
+    name: str  # canonical name, e.g. "int4", "int4z", "ternary", "fp4_e2m1", "bf16"
+    kind: str  # "int" | "intz" | "ternary" | "fp" | "identity"
     bits: int  # storage bits per element
     exponent_bits: int  # E for kind "fp", else 0
     mantissa_bits: int  # M for kind "fp", else 0
@@ -55,17 +59,44 @@ class Format:
     def trust_halfgap(self) -> float:
         """Half the gap between the two largest levels: the trust threshold T of docs/numerics.md §4 at unit scale.
 
-        int{b}: 1/(2^b - 1); int1: 1.0; ternary: 0.5; fp4_e2m1: 1.0; identity: `math.inf`.
+        int{b}: 1/(2^b - 1); int1: 1.0; int{b}z and int{b}s: 1/(2·qmax), half a step; ternary: 0.5;
+        fp4_e2m1: 1.0; identity: `math.inf`.
         """
         if self.is_identity:
             return math.inf
         return (self.levels[-1] - self.levels[-2]) / 2.0
+
+    @property
+    def integer_range(self) -> tuple[int, int]:
+        """(qmin, qmax) of the integers q whose levels are q / qmax, for kind "intz" only.
+
+        int{b}z: (-2^(b-1), 2^(b-1) - 1), e.g. int4z (-8, 7); int{b}s: (-(2^(b-1) - 1), 2^(b-1) - 1), e.g.
+        int4s (-7, 7). With a per-row scale α the values are q · step, step = α / qmax. Raises ValueError for
+        other kinds: their levels are not integers times one step with a zero (int{b} has the odd codes 2q+1
+        over 2^b - 1, see docs/numerics.md §1).
+        """
+        if self.kind != "intz":
+            raise ValueError(f"format {self.name!r} (kind {self.kind!r}) has no integer range; only the grids with "
+                             "a zero level, int{b}z and int{b}s, are integers q times one step")
+        return _intz_range(self.bits, self.name[-1])
 
 
 def _int_levels(bits: int) -> tuple[float, ...]:
     # Odd codes 2q+1 over 2^b - 1: the centred grid with no zero whose largest level is exactly 1.
     denominator = 2**bits - 1
     return tuple((2 * q + 1) / denominator for q in range(-(2 ** (bits - 1)), 2 ** (bits - 1)))
+
+
+def _intz_range(bits: int, suffix: str) -> tuple[int, int]:
+    # "z": the two's-complement range of b-bit integers; "s": the same without its lowest value, symmetric.
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax - 1 if suffix == "z" else -qmax), qmax
+
+
+def _intz_levels(bits: int, suffix: str) -> tuple[float, ...]:
+    # q / qmax: the largest level is exactly 1, as for int{b}, so the scale is the positive clip value.
+    qmin, qmax = _intz_range(bits, suffix)
+    return tuple(q / qmax for q in range(qmin, qmax + 1))
 
 
 def _fp_levels(exponent_bits: int, mantissa_bits: int) -> tuple[float, ...]:
@@ -95,7 +126,11 @@ def _unknown(name: object, why: str) -> ValueError:
 
 @functools.cache
 def get_format(name: str) -> Format:
-    """The `Format` called `name` (one of the forms in `named_formats`, or any valid `fp{bits}_e{E}m{M}`).
+    """The `Format` called `name`: `int1` … `int8`, `int2z` … `int8z`, `int2s` … `int8s`, `ternary`, `bf16`
+    or any valid `fp{bits}_e{E}m{M}` (`named_formats` lists the ones the project uses).
+
+    `int{b}z` and `int{b}s` (kind "intz") are the integers q of `Format.integer_range` over qmax, b = 2 … 8: at
+    one bit there is no positive level to scale.
 
     Decision on fp special values: with E ≤ 3 every encoding is finite (as MX FP4/FP6: fp4_e2m1 is
     ±{0, .5, 1, 1.5, 2, 3, 4, 6}, fp6_e2m3 max 7.5, fp6_e3m2 max 28); with E = 4 only the all-ones
@@ -113,11 +148,17 @@ def get_format(name: str) -> Format:
         return Format(name, "ternary", 2, 0, 0, (-1.0, 0.0, 1.0))
     match = _INT_RE.fullmatch(name)
     if match:
-        bits = int(match.group(1))
-        if not 1 <= bits <= _MAX_BITS:
+        bits, suffix = int(match.group(1)), match.group(2)
+        if not suffix and not 1 <= bits <= _MAX_BITS:
             raise ValueError(f"format {name!r}: integer formats take 1 to {_MAX_BITS} bits (int1 … int8)")
-        if f"int{bits}" != name:
-            raise _unknown(name, f"write it as 'int{bits}'")
+        if suffix and not 2 <= bits <= _MAX_BITS:
+            # One bit leaves int1z = {-1, 0} and int1s = {0}: no positive level to scale.
+            raise _unknown(name, f"integer formats with a zero level take 2 to {_MAX_BITS} bits "
+                                 f"(int2{suffix} … int{_MAX_BITS}{suffix})")
+        if f"int{bits}{suffix}" != name:
+            raise _unknown(name, f"write it as 'int{bits}{suffix}'")
+        if suffix:
+            return Format(name, "intz", bits, 0, 0, _intz_levels(bits, suffix))
         return Format(name, "int", bits, 0, 0, _int_levels(bits))
     match = _FP_RE.fullmatch(name)
     if match:
@@ -141,9 +182,18 @@ def get_format(name: str) -> Format:
 
 
 def named_formats() -> tuple[str, ...]:
-    """The canonical list of formats the project names (configs, tables, tests), low bits first per kind."""
+    """The canonical list of formats the project names (configs, tables, tests), low bits first per kind.
+
+    Of the grids with a zero level only the 4- and 8-bit ones are named: those are the widths serving engines
+    store integer weights in (int4 and int8 times one scale), the reason these grids exist; `get_format` accepts
+    the other widths too.
+    """
     return (
         *(f"int{b}" for b in range(1, _MAX_BITS + 1)),
+        "int4z",
+        "int8z",
+        "int4s",
+        "int8s",
         "ternary",
         "fp4_e2m1",
         "fp6_e2m3",

@@ -4,8 +4,9 @@
 ``"triton"`` runs the fused kernels of :mod:`bitlaw.kernels.triton` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
 ``"reference"`` the plain PyTorch oracle, ``"auto"`` Triton on CUDA tensors and the reference elsewhere. Without
 the argument the environment variable ``BITLAW_BACKEND`` decides (default auto).
-Recipes the kernels do not implement (lsq/absmax scales, ternary/fp grids, int8, other Hadamard blocks, roles in
-different domains, fp16/float64 tensors) always run the reference, whatever the backend.
+Recipes the kernels do not implement (lsq/absmax scales, ternary/fp grids, int8, the grids with a zero level
+int{b}z/int{b}s, other Hadamard blocks, roles in different domains, fp16/float64 tensors) always run the reference,
+whatever the backend.
 
 On the Triton path backward needs only the codes, per-row steps and bit-packed masks of both roles (no
 activations): :func:`saved_bytes_per_linear` gives that memory next to ``nn.Linear``'s.
@@ -83,6 +84,10 @@ def _ops():
 
 
 def _spec_reason(spec: TensorSpec, role: str) -> str | None:
+    if spec.fmt.kind == "intz":
+        # Named here: the kernel module's own test would call int{b}z/int{b}s "not an integer format".
+        return (f"{role}: format {spec.format!r} is an integer grid with a zero level (int{{b}}z/int{{b}}s); the "
+                f"kernels implement only QuEST's odd grids int1 … int{_quant().MAX_BITS}")
     reason = _quant().unsupported_reason(spec)
     return None if reason is None else f"{role}: {reason}"
 

@@ -6,8 +6,10 @@ activation ``[..., in]`` one row per token. For a :class:`~kernels.recipe.Tensor
 1. rotate: ``x_h = x · blockdiag(H)`` if ``spec.rotated`` (fp32, or float64 for float64 input);
 2. scale: a per-row scale ``s`` multiplying the format's unit grid (``gaussian_rms``: ``c · RMS(x_h)``,
    ``absmax``: ``max|x_h| / max_level``, ``lsq``: one learned scalar);
-3. round to the nearest grid level (for ``int{b}``: the centred floor formula of docs/numerics.md §3);
-4. mask for the backward: ``M = |x_h| <= spec.mask_threshold · s · max_level``.
+3. round to the nearest grid level (for ``int{b}``: the centred floor formula of docs/numerics.md §3; for
+   ``int{b}z``/``int{b}s``: ``q = clamp(round(x_h / step), qmin, qmax)``, docs/numerics.md §6.1);
+4. mask for the backward: ``M = |x_h| <= spec.mask_threshold · s · max_level``, on the negative side of ``int{b}z``
+   extended to follow the grid's lower end (:func:`mask_bounds`).
 
 Backward (:class:`FakeQuantize`): ``g_x = IHT(M ⊙ g_{x̂_h})``; with ``lsq`` also the LSQ gradient of the scale.
 """
@@ -30,10 +32,13 @@ class QuantResult:
 
     values: dequantized values ``x̂_h`` (fp32, or float64 for float64 input).
     codes:  integer codes. ``int{b}``: the odd integers ``2q+1`` in ``[-(2^b-1), 2^b-1]`` (int16) with
-            ``values = codes · scale · max_level/(2^b-1)``, i.e. ``codes · step/2``; other grids: the index of the
-            level in ``Format.levels`` (int16) with ``values = levels[codes] · scale``.
-    scale:  ``[..., 1]`` per-row multiplier of the unit grid (α for ``int{b}``, whose largest level is 1).
-    step:   ``[..., 1]`` distance between adjacent levels for ``int{b}`` (``2α/(2^b-1)``); None otherwise.
+            ``values = codes · scale · max_level/(2^b-1)``, i.e. ``codes · step/2``; ``int{b}z``/``int{b}s``: the
+            level index ``q - qmin`` in ``[0, qmax - qmin]`` (int16) with ``values = q · step`` exactly, ``(qmin,
+            qmax) = Format.integer_range``; other grids: the index of the level in ``Format.levels`` (int16) with
+            ``values = levels[codes] · scale``.
+    scale:  ``[..., 1]`` per-row multiplier of the unit grid (α for the integer grids, whose largest level is 1).
+    step:   ``[..., 1]`` distance between adjacent levels for the integer grids (``2α/(2^b-1)`` for ``int{b}``,
+            ``α/qmax`` for ``int{b}z``/``int{b}s``); None otherwise.
     mask:   bool, True where the gradient flows.
     """
 
@@ -86,10 +91,36 @@ def round_to_grid(x_h: torch.Tensor, scale: torch.Tensor, fmt: Format
         step = 2 * scale / (2**b - 1)
         q = torch.clamp(torch.floor(x_h / step), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
         return (q + 0.5) * step, (2 * q + 1).to(torch.int16), step
+    if fmt.kind == "intz":
+        qmin, qmax = fmt.integer_range
+        step = scale / qmax
+        # torch.round rounds half to even: a value exactly between two levels goes to the even q (measure zero).
+        q = torch.clamp(torch.round(x_h / step), qmin, qmax)
+        return q * step, (q - qmin).to(torch.int16), step
     levels = torch.tensor(fmt.levels, dtype=x_h.dtype, device=x_h.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     idx = torch.bucketize(x_h / scale, midpoints)
     return levels[idx] * scale, idx.to(torch.int16), None
+
+
+def mask_bounds(spec: TensorSpec) -> tuple[float, float]:
+    """``(low, high)`` at unit scale for a quantized ``spec``: the gradient mask keeps ``low · s <= x_h <= high · s``
+    (``s`` the per-row scale).
+
+    ``high = spec.mask_threshold · max_level`` (docs/numerics.md §4, §6.1). Grids symmetric about 0 give
+    ``low = -high``. ``int{b}z`` has one level, ``qmin · step``, below ``-max_level``: there ``trust`` keeps half a
+    step beyond that level (the rule ``|x̂_h - x_h| <= step/2`` itself) and ``ste`` keeps up to it (gradient
+    wherever nothing is clipped), so both follow the grid's own lower end; ``clip`` stays ``±clip · α``. Returns
+    Python floats.
+    """
+    fmt = spec.fmt
+    high = spec.mask_threshold * fmt.max_level
+    lowest = fmt.levels[0]
+    if spec.grad == "clip" or lowest == -fmt.max_level:
+        return -high, high
+    if spec.grad == "trust":
+        return lowest - (fmt.levels[1] - lowest) / 2, high
+    return lowest, high
 
 
 def quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None = None) -> QuantResult:
@@ -103,7 +134,8 @@ def quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None =
     x_h = rotate(x, spec)
     scale = row_scale(x_h, spec, lsq_scale)
     values, codes, step = round_to_grid(x_h, scale, fmt)
-    mask = x_h.abs() <= spec.mask_threshold * fmt.max_level * scale
+    low, high = mask_bounds(spec)
+    mask = (x_h >= low * scale) & (x_h <= high * scale)
     return QuantResult(values=values, codes=codes, scale=scale, step=step, mask=mask)
 
 
@@ -124,9 +156,11 @@ class FakeQuantize(torch.autograd.Function):
         if lsq_scale is not None and spec.scale == "lsq":
             # d x̂/d s: (level − x/s) inside the grid, the clip level outside (LSQ); gradient scale 1/sqrt(n·q_max).
             x_h = rotate(x, spec)
-            inside = x_h.abs() <= spec.fmt.max_level * res.scale
+            fmt = spec.fmt
+            inside = (x_h >= fmt.levels[0] * res.scale) & (x_h <= fmt.max_level * res.scale)
             dvalue_dscale = torch.where(inside, (res.values - x_h) / res.scale, res.values / res.scale)
-            q_max = (len(spec.fmt.levels) - 1) / 2
+            # LSQ's Q_P, the positive clip in steps: qmax for int{b}z/int{b}s, (n - 1)/2 for the centred grids.
+            q_max = fmt.integer_range[1] if fmt.kind == "intz" else (len(fmt.levels) - 1) / 2
             ctx.lsq_grad_scale = 1.0 / math.sqrt(x.numel() * q_max)
             ctx.save_for_backward(res.mask, dvalue_dscale, lsq_scale)
         else:
@@ -204,10 +238,14 @@ def dequantize(codes: torch.Tensor, step_or_scale: torch.Tensor, fmt: Format) ->
     """Values of :func:`quantize`'s result from its codes, with the same arithmetic (so bitwise equal).
 
     ``int{b}``: ``codes`` are the odd integers ``2q+1`` and ``step_or_scale`` the per-row ``step``
-    (``[..., 1]``); other grids: level indices and the per-row ``scale``. Returns the dtype of ``step_or_scale``.
+    (``[..., 1]``); ``int{b}z``/``int{b}s``: level indices ``q - qmin`` and the per-row ``step``; other grids: level
+    indices and the per-row ``scale``. Returns the dtype of ``step_or_scale``.
     """
     if fmt.kind == "int":
         q = torch.div(codes.to(torch.int32) - 1, 2, rounding_mode="floor").to(step_or_scale.dtype)
         return (q + 0.5) * step_or_scale
+    if fmt.kind == "intz":
+        q = (codes.to(torch.int32) + fmt.integer_range[0]).to(step_or_scale.dtype)
+        return q * step_or_scale
     levels = torch.tensor(fmt.levels, dtype=step_or_scale.dtype, device=codes.device)
     return levels[codes.long()] * step_or_scale

@@ -38,7 +38,8 @@ class TensorSpec:
     """How one tensor (a weight or a layer input) is quantized.
 
     Fields:
-        format:   number format name (see ``kernels.formats``): int1…int8, ternary, fp{bits}_e{E}m{M}, bf16.
+        format:   number format name (see ``kernels.formats``): int1…int8, int2z…int8z, int2s…int8s, ternary,
+                  fp{bits}_e{E}m{M}, bf16.
                   ``bf16`` means no quantization; the other fields are then ignored.
         scale:    ``gaussian_rms`` (α = c_format · RMS(row), QuEST), ``absmax`` (grid max = max|row|),
                   ``lsq`` (one learned scale per tensor, LSQ).
@@ -98,7 +99,8 @@ class TensorSpec:
 
     @property
     def mask_threshold(self) -> float:
-        """The gradient mask keeps ``|x_h| <= mask_threshold · α`` (α = the largest grid level after scaling)."""
+        """The gradient mask keeps ``|x_h| <= mask_threshold · α`` (α = the largest grid level after scaling); the
+        negative side of ``int{b}z`` reaches one step further (``kernels.quantizers.mask_bounds``)."""
         fmt = self.fmt
         if self.grad == "trust":
             return 1.0 + fmt.trust_halfgap / fmt.max_level

@@ -1,4 +1,5 @@
-"""Tests for kernels.formats: grids, Gaussian-optimal scales and GMSE against docs/numerics.md §2 and Monte Carlo."""
+"""Tests for kernels.formats: grids, Gaussian-optimal scales and GMSE against docs/numerics.md §2, Monte Carlo and
+an independent quadrature."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import integrate, optimize
 
 from bitlaw.kernels.formats import (
     Format,
@@ -75,8 +77,12 @@ def test_gmse_orderings_of_reference_section_5() -> None:
     assert eight == sorted(eight) and len(set(eight)) == len(eight)
     assert gmse("int4") < gmse("fp4_e2m1")
     # More bits, less error, within a kind.
-    ints = [gmse(f"int{b}") for b in range(1, 9)]
-    assert np.all(np.diff(ints) < 0)
+    for form in ("int{}", "int{}z", "int{}s"):
+        ints = [gmse(form.format(b)) for b in range(1 if form == "int{}" else 2, 9)]
+        assert np.all(np.diff(ints) < 0)
+    # docs/numerics.md §6.1: the zero level costs accuracy; the two's-complement grid's extra level wins some back.
+    for b in range(2, 9):
+        assert gmse(f"int{b}") < gmse(f"int{b}z") < gmse(f"int{b}s")
 
 
 def test_fp4_e2m1_grid_is_exact() -> None:
@@ -123,6 +129,54 @@ def test_int_grids(bits: int) -> None:
     assert (fmt.kind, fmt.bits) == ("int", bits)
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("suffix", ["z", "s"])
+def test_zero_level_int_grids(bits: int, suffix: str) -> None:
+    fmt = get_format(f"int{bits}{suffix}")
+    qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax - 1 if suffix == "z" else -qmax
+    assert (fmt.kind, fmt.bits, fmt.integer_range) == ("intz", bits, (qmin, qmax))
+    assert fmt.levels == tuple(q / qmax for q in range(qmin, qmax + 1))
+    assert len(fmt.levels) == qmax - qmin + 1 and fmt.levels.count(0.0) == 1
+    assert fmt.max_level == 1.0 and fmt.levels[0] == qmin / qmax
+    np.testing.assert_allclose(np.diff(fmt.levels), 1.0 / qmax, rtol=1e-12)
+    assert fmt.trust_halfgap == pytest.approx(0.5 / qmax, rel=1e-12)  # half a step, at the top of the grid
+
+
+def test_integer_range_only_for_grids_with_a_zero_level() -> None:
+    assert get_format("int4z").integer_range == (-8, 7) and get_format("int8s").integer_range == (-127, 127)
+    assert get_format("int2s").levels == get_format("ternary").levels
+    for name in ("int4", "ternary", "fp4_e2m1", "bf16"):
+        with pytest.raises(ValueError, match=rf"'{name}'.*no integer range.*int\{{b\}}z and int\{{b\}}s"):
+            _ = get_format(name).integer_range
+
+
+def _phi(x: float) -> float:
+    return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _quad_mse(levels: tuple[float, ...], scale: float) -> float:
+    """E[(X - Q(X))^2], X ~ N(0,1), by adaptive quadrature of the integrand over each rounding cell (no moments)."""
+    centres = [scale * level for level in levels]
+    edges = [-math.inf, *((a + b) / 2.0 for a, b in zip(centres[:-1], centres[1:], strict=True)), math.inf]
+    return sum(integrate.quad(lambda x, c=c: (x - c) ** 2 * _phi(x), lo, hi, epsabs=1e-15, epsrel=1e-13,
+                              limit=200)[0] for c, lo, hi in zip(centres, edges[:-1], edges[1:], strict=True))
+
+
+@pytest.mark.parametrize("name", ["int2z", "int4z", "int4s", "int8z"])
+def test_zero_level_grids_against_independent_quadrature(name: str) -> None:
+    # Independent of formats' closed forms and optimiser: a scan of the quadrature MSE on a fixed scale grid, then a
+    # bounded 1-D minimisation between the scan neighbours of its smallest value.
+    levels = get_format(name).levels
+    scales = np.linspace(0.5, 5.0, 181)
+    index = int(np.argmin([_quad_mse(levels, s) for s in scales]))
+    best = optimize.minimize_scalar(lambda s: _quad_mse(levels, s), bounds=(scales[index - 1], scales[index + 1]),
+                                    method="bounded", options={"xatol": 1e-12})
+    assert gaussian_scale(name) == pytest.approx(best.x, rel=1e-6)
+    assert gmse(name) == pytest.approx(best.fun, rel=1e-9)
+    assert _quad_mse(levels, gaussian_scale(name)) == pytest.approx(gmse(name), rel=1e-11)
+
+
 def test_ternary_and_identity() -> None:
     ternary = get_format("ternary")
     assert ternary.levels == (-1.0, 0.0, 1.0) and ternary.bits == 2 and ternary.trust_halfgap == 0.5
@@ -135,7 +189,8 @@ def test_ternary_and_identity() -> None:
 
 def test_named_formats_round_trip_and_cache() -> None:
     names = named_formats()
-    assert len(names) == len(set(names)) == 17
+    assert len(names) == len(set(names)) == 21
+    assert {"int4z", "int8z", "int4s", "int8s"} <= set(names)
     for name in names:
         fmt = get_format(name)
         assert isinstance(fmt, Format) and fmt.name == name
@@ -154,7 +209,7 @@ def _empirical_mse(levels: tuple[float, ...], scale: float, seed: int) -> tuple[
 
 
 @pytest.mark.parametrize(
-    "name", ["int1", "int2", "int3", "int4", "ternary", "fp4_e2m1", "fp6_e3m2", "fp8_e4m3"]
+    "name", ["int1", "int2", "int3", "int4", "int2z", "int4z", "int4s", "ternary", "fp4_e2m1", "fp6_e3m2", "fp8_e4m3"]
 )
 def test_gmse_monte_carlo(name: str) -> None:
     mean, stderr = _empirical_mse(get_format(name).levels, gaussian_scale(name), seed=1234)
@@ -219,7 +274,8 @@ def test_nm_sparsity_gmse_values_and_limits() -> None:
             nm_sparsity_gmse(n, m)
 
 
-@pytest.mark.parametrize("name", ["int0", "int9", "fp5_e2m1", "foo", "fp9_e4m4", "fp3_e0m2", "INT4", "int04"])
+@pytest.mark.parametrize("name", ["int0", "int9", "fp5_e2m1", "foo", "fp9_e4m4", "fp3_e0m2", "INT4", "int04",
+                                  "int1z", "int1s", "int9z", "int04z", "int4Z", "int4zs", "int4u"])
 def test_unknown_formats_raise_with_allowed_forms(name: str) -> None:
     with pytest.raises(ValueError) as info:
         get_format(name)
@@ -229,6 +285,14 @@ def test_unknown_formats_raise_with_allowed_forms(name: str) -> None:
 def test_error_messages_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="1 to 8 bits"):
         get_format("int9")
+    with pytest.raises(ValueError, match=r"zero level take 2 to 8 bits \(int2z … int8z\)"):
+        get_format("int1z")
+    with pytest.raises(ValueError, match=r"zero level take 2 to 8 bits \(int2s … int8s\)"):
+        get_format("int9s")
+    with pytest.raises(ValueError, match="write it as 'int4z'"):
+        get_format("int04z")
+    with pytest.raises(ValueError, match=r"int2z … int8z, int2s … int8s, ternary"):
+        get_format("int4u")
     with pytest.raises(ValueError, match=r"1\+E\+M"):
         get_format("fp5_e2m1")
     with pytest.raises(ValueError, match="fp\\{bits\\}_e\\{E\\}m\\{M\\}.*bf16"):

@@ -8,7 +8,14 @@ import scipy.linalg
 import torch
 
 from bitlaw.kernels.formats import gaussian_scale, get_format
-from bitlaw.kernels.quantizers import dequantize, fake_quantize, quantize, reference_linear
+from bitlaw.kernels.quantizers import (
+    dequantize,
+    fake_quantize,
+    mask_bounds,
+    quantize,
+    reference_linear,
+    round_to_grid,
+)
 from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
 
 C_B = {1: 0.7978845587, 2: 1.4935346, 3: 2.0510684, 4: 2.5139306}
@@ -53,6 +60,59 @@ def test_all_levels_used_on_gaussian_rows(bits):
     assert res.codes.unique().numel() == 2**bits
 
 
+ZERO_LEVEL_GRIDS = [f"int{b}{suffix}" for b in range(2, 9) for suffix in "zs"]
+
+
+@pytest.mark.parametrize("name", ZERO_LEVEL_GRIDS)
+def test_zero_level_grids_are_integers_times_one_step(name):
+    fmt = get_format(name)
+    qmin, qmax = fmt.integer_range
+    x = _randn(16, 1024, seed=fmt.bits) * 3.0
+    res = quantize(x, TensorSpec(format=name))
+    # Independent: scipy's Hadamard, α = c · RMS, levels α·q/qmax, nearest level (numpy, float64).
+    x_h = x.numpy() @ _blockdiag_h(1024)
+    alpha = gaussian_scale(name) * np.sqrt((x_h**2).mean(axis=1, keepdims=True))
+    q = np.arange(qmin, qmax + 1)
+    nearest = np.abs(x_h[:, :, None] - alpha[:, :, None] * q / qmax).argmin(axis=-1)
+    codes = res.codes.numpy()
+    assert codes.dtype == np.int16 and codes.min() >= 0 and codes.max() <= qmax - qmin
+    assert (codes != nearest).sum() == 0  # the code is the level index q - qmin
+    np.testing.assert_allclose(res.step.numpy(), alpha / qmax, rtol=1e-12)
+    # values are exactly q · step, and dequantize rebuilds them bitwise, in float64 and fp32.
+    torch.testing.assert_close(res.values, (res.codes.double() + qmin) * res.step, rtol=0, atol=0)
+    assert torch.equal(dequantize(res.codes, res.step, fmt), res.values)
+    res32 = quantize(x.float(), TensorSpec(format=name))
+    assert res32.values.dtype == torch.float32 and torch.equal(dequantize(res32.codes, res32.step, fmt), res32.values)
+
+
+@pytest.mark.parametrize("name", ["int2z", "int4z", "int4s", "int8z"])
+def test_zero_level_grids_use_every_level_on_gaussian_rows(name):
+    res = quantize(_randn(8, 2**17, seed=len(name)), TensorSpec(format=name, rotation="none"))
+    qmin, qmax = get_format(name).integer_range
+    assert res.codes.unique().tolist() == list(range(qmax - qmin + 1))  # the lowest level (-8 for int4z) included
+
+
+def test_zero_level_rounding_ties_to_even_and_clamps():
+    fmt = get_format("int4z")
+    step = torch.tensor([[0.25]], dtype=torch.float64)  # a power of two: every product below is exact
+    x_h = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, 0.0, 6.9, 7.6, 100.0, -7.9, -8.4, -100.0]],
+                       dtype=torch.float64) * step
+    values, codes, got_step = round_to_grid(x_h, step * 7, fmt)
+    q = [0, 2, 2, 0, -2, 0, 7, 7, 7, -8, -8, -8]
+    assert codes.tolist() == [[v + 8 for v in q]] and torch.equal(got_step, step)
+    assert torch.equal(values, torch.tensor([q], dtype=torch.float64) * step)
+
+
+def test_zero_level_mask_bounds():
+    # int4z: trust keeps |x̂ - x| <= step/2 on both ends, -8 level included: [-17/14 α, 15/14 α].
+    low, high = mask_bounds(TensorSpec(format="int4z"))
+    assert low == pytest.approx(-17 / 14, rel=1e-15) and high == pytest.approx(15 / 14, rel=1e-15)
+    assert mask_bounds(TensorSpec(format="int4z", grad="ste")) == (-8 / 7, 1.0)
+    assert mask_bounds(TensorSpec(format="int4s")) == (-high, high)
+    assert mask_bounds(TensorSpec(format="int4")) == (-16 / 15, 16 / 15)
+    assert mask_bounds(TensorSpec(format="int1", grad="clip")) == (-1.30, 1.30)
+
+
 def test_one_bit_is_sign_times_sqrt_2_over_pi_rms():
     x = _randn(32, 512, seed=3)
     res = quantize(x, load_recipe("quest_w1a1").weight)
@@ -63,7 +123,8 @@ def test_one_bit_is_sign_times_sqrt_2_over_pi_rms():
 
 # docs/numerics.md §4: expected masked fractions for x_h ~ N(0,1) (given to 3 significant digits there).
 MASKED = [("int1", "trust", None, 0.111), ("int2", "trust", None, 0.0464), ("int3", "trust", None, 0.0191),
-          ("int4", "trust", None, 0.00733), ("int8", "trust", None, 9.6e-5), ("int1", "clip", 1.30, 0.30)]
+          ("int4", "trust", None, 0.00733), ("int8", "trust", None, 9.6e-5), ("int1", "clip", 1.30, 0.30),
+          ("int4z", "trust", None, 0.00755), ("int4s", "trust", None, 0.00804)]
 
 
 @pytest.mark.parametrize(("fmt", "grad", "clip", "expected"), MASKED)
@@ -77,12 +138,14 @@ def test_masked_fraction_matches_reference(fmt, grad, clip, expected):
     assert abs(frac - expected) <= sampling + digits, (frac, expected)
 
 
-def test_trust_mask_is_half_step_around_the_grid():
-    spec = TensorSpec(format="int3")
+@pytest.mark.parametrize("name", ["int3", "int3z", "int4z", "int4s"])
+def test_trust_mask_is_half_step_around_the_grid(name):
+    spec = TensorSpec(format=name)
     res = quantize(_randn(4, 1024, seed=5), spec)
     x_h = torch.from_numpy(_randn(4, 1024, seed=5).numpy() @ _blockdiag_h(1024))
     expected = (res.values - x_h).abs() <= res.step / 2 * (1 + 1e-12)
     assert torch.equal(res.mask, expected)
+    assert not res.mask.all()  # some rows clip: the rule is tested on both sides of the grid, not just inside it
 
 
 def test_ste_and_absmax_rules():
@@ -110,8 +173,9 @@ def test_input_gradient_is_iht_of_masked_ht(bits):
     torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_quantized_linear_gradients_follow_reference_section_2():
-    recipe = load_recipe("quest_w4a4")
+@pytest.mark.parametrize("name", ["quest_w4a4", "quest_w4za4z"])
+def test_quantized_linear_gradients_follow_reference_section_2(name):
+    recipe = load_recipe(name)
     x = _randn(5, 7, 256, seed=20).requires_grad_(True)
     w = _randn(48, 256, seed=21).requires_grad_(True)
     g_y = _randn(5, 7, 48, seed=22)
@@ -126,6 +190,47 @@ def test_quantized_linear_gradients_follow_reference_section_2():
     torch.testing.assert_close(w.grad, g_w, rtol=1e-12, atol=1e-12)
 
 
+def test_training_steps_on_int4z_are_finite_and_keep_the_lowest_level_trainable():
+    recipe = load_recipe("quest_w4za4z")
+    x = _randn(64, 256, seed=50, dtype=torch.float32)
+    w = (_randn(32, 256, seed=51, dtype=torch.float32) * 0.05).requires_grad_(True)
+    target = x @ _randn(32, 256, seed=52, dtype=torch.float32).T * 0.05
+    optimizer = torch.optim.SGD([w], lr=0.5)
+    losses = []
+    for _ in range(4):
+        stats: dict = {}
+        loss = (reference_linear(x, w, recipe, stats=stats) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+        qw, qx = quantize(w.detach(), recipe.weight), quantize(x, recipe.input)
+        assert float(stats["weight_masked_fraction"]) == pytest.approx(1 - qw.mask.double().mean().item(), abs=1e-7)
+        assert float(stats["input_masked_fraction"]) == pytest.approx(1 - qx.mask.double().mean().item(), abs=1e-7)
+        assert 0.002 < float(stats["input_masked_fraction"]) < 0.02  # docs/numerics.md §6.1: 0.755 % on N(0, 1)
+        # The -8 level is part of the grid: what rounds to it within half a step keeps its gradient.
+        lowest = qx.codes == 0
+        assert qx.mask[lowest].any() and not qx.mask[lowest].all()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_lsq_on_int4z_follows_the_grid_range_and_q_p():
+    spec = TensorSpec(format="int4z", scale="lsq", grad="ste", rotation="none")
+    x = _randn(4, 64, seed=60).requires_grad_(True)
+    scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    g = _randn(4, 64, seed=61)
+    fake_quantize(x, spec, scale).backward(g)
+    # LSQ (Esser et al.) with Q_N = 8, Q_P = 7 and step = scale / 7, written in units of the step.
+    v = x.detach() / (2.0 / 7)
+    q = v.round().clamp(-8, 7)
+    inside = (v >= -8) & (v <= 7)
+    dvalue_dscale = torch.where(inside, (q - v) / 7, q / 7)
+    assert (~inside).any() and (v < -7.5).any()
+    assert scale.grad.item() == pytest.approx(((g * dvalue_dscale).sum() / math.sqrt(x.numel() * 7)).item(), rel=1e-12)
+    assert torch.equal(x.grad, g * inside)
+
+
 def test_quantized_product_approximates_the_exact_one():
     x, w = _randn(64, 512, seed=30), _randn(32, 512, seed=31)
     exact = x @ w.T
@@ -134,8 +239,9 @@ def test_quantized_product_approximates_the_exact_one():
     assert err[8] < 0.02 < err[4] < err[2] < 0.6
 
 
-def test_weight_only_uses_rotated_back_weight_and_is_smooth_in_x():
-    recipe = load_recipe("quest_w4")
+@pytest.mark.parametrize("name", ["quest_w4", "quest_w4z"])
+def test_weight_only_uses_rotated_back_weight_and_is_smooth_in_x(name):
+    recipe = load_recipe(name)
     w = _randn(16, 128, seed=40)
     x = _randn(3, 128, seed=41).requires_grad_(True)
     w_eff = quantize(w, recipe.weight).values @ torch.from_numpy(_blockdiag_h(128)).T

@@ -7,7 +7,7 @@ import pytest
 from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe, recipe_names
 
 REQUIRED = ["bf16", *(f"quest_w{b}a{b}" for b in (1, 2, 3, 4, 8)), *(f"quest_w{b}" for b in (1, 2, 3, 4)),
-            "quest_fp4", "noht_w4a4", "ste_w4a4", "lsq_w4a4", "absmax_w4a4"]
+            "quest_fp4", "noht_w4a4", "ste_w4a4", "lsq_w4a4", "absmax_w4a4", "quest_w4z", "quest_w4za4z"]
 
 
 def test_required_presets_exist():
@@ -32,6 +32,10 @@ def test_preset_contents():
     assert not load_recipe("bf16").quantized
     assert load_recipe("noht_w4a4").input.rotated is False
     assert load_recipe("quest_fp4").weight.format == "fp4_e2m1"
+    w4za4z = load_recipe("quest_w4za4z")
+    assert w4za4z.weight == w4za4z.input == dataclasses.replace(w4a4.weight, format="int4z")
+    w4z = load_recipe("quest_w4z")
+    assert w4z.weight == w4za4z.weight and not w4z.input.quantized
 
 
 def test_mask_thresholds():
@@ -40,6 +44,7 @@ def test_mask_thresholds():
     assert TensorSpec(format="int1", grad="clip").mask_threshold == 1.30
     assert TensorSpec(format="int1", grad="clip", rotation="none").mask_threshold == 1.25
     assert TensorSpec(format="int4", grad="ste").mask_threshold == 1.0
+    assert TensorSpec(format="int4z").mask_threshold == pytest.approx(15 / 14)  # the positive side (half a step)
 
 
 def test_frozen():

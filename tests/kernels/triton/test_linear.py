@@ -120,7 +120,8 @@ def test_mixed_bits_and_bf16_inputs(triton_calls):
     assert triton_calls == ["w2a6", "quest_w4a4"]
 
 
-@pytest.mark.parametrize("name", ["lsq_w4a4", "absmax_w4a4", "quest_w8a8", "quest_fp4", "bf16"])
+@pytest.mark.parametrize("name", ["lsq_w4a4", "absmax_w4a4", "quest_w8a8", "quest_fp4", "bf16", "quest_w4za4z",
+                                  "quest_w4z"])
 def test_unsupported_recipes_fall_back_to_the_reference(name, triton_calls):
     recipe = load_recipe(name)
     assert triton_unsupported_reason(recipe) is not None
@@ -300,6 +301,14 @@ def test_select_backend_names_the_path_and_why():
     assert select_backend(recipe, x, w, "reference").reason == "backend=reference requested (the backend argument)"
     choice = select_backend(load_recipe("lsq_w4a4"), x, w, "triton")
     assert choice.backend == "reference" and choice.reason.startswith("no Triton kernel: weight: scale 'lsq'")
+    zero = ("format 'int4z' is an integer grid with a zero level (int{b}z/int{b}s); the kernels implement only "
+            "QuEST's odd grids int1 … int7")
+    choice = select_backend(load_recipe("quest_w4za4z"), x, w, "triton")
+    assert choice == linear.BackendChoice("reference", f"no Triton kernel: weight: {zero}")
+    odd_weight = Recipe("w4a4z", weight=TensorSpec(format="int4"), input=TensorSpec(format="int4z"))
+    assert triton_unsupported_reason(odd_weight) == f"input: {zero}"
+    if DEVICE == "cuda":
+        assert select_backend(load_recipe("quest_w4z"), x, w, "auto").reason == f"no Triton kernel: weight: {zero}"
     if DEVICE == "cpu":
         auto = select_backend(recipe, x, w, "auto")
         assert auto == linear.BackendChoice("reference", "backend=auto on cpu tensors (the Triton kernels run on CUDA)")
