@@ -2,7 +2,7 @@
 
     bitlaw-eval runs/tiny-bf16-seed0                       # the whole validation split of the run's data set
     bitlaw-eval runs/tiny-bf16-seed0 --windows training    # the windows training validated on: run.json's val_loss
-    bitlaw-eval exports/tiny-w4a4 --data-dir data_cache/embedded-0123abcd4567 --max-batches 8
+    bitlaw-eval exports/tiny-w4a4 --max-batches 8          # an export: the data set its run was trained on
     bitlaw-eval exports/tiny-hf --text notes.txt --seq-len 256 --json
 
 The token stream is cut into non-overlapping windows of seq_len + 1 tokens exactly as the training run's
@@ -34,11 +34,17 @@ from tqdm import tqdm
 from bitlaw.data.shards import load_prepared
 from bitlaw.data.windows import TokenStream, val_batches
 from bitlaw.deploy.generate import check_source
-from bitlaw.deploy.load import check_device, load_model, source_notes, tokenizer_file
-from bitlaw.deploy.manifest import read_json_object
+from bitlaw.deploy.load import (
+    RUN_RECORD,
+    check_device,
+    load_model,
+    run_record_for,
+    run_record_path,
+    source_notes,
+    tokenizer_file,
+)
 
 PROG = "bitlaw-eval"
-_RUN_RECORD = "run.json"
 WINDOWS = ("all", "training")
 
 
@@ -133,29 +139,6 @@ def evaluate(model: nn.Module, tokens: Sequence[int] | np.ndarray | TokenStream,
             "windows_total": total, "bytes": n_bytes, "bits_per_byte": bits_per_byte}
 
 
-def run_record_path(source: Path) -> Path | None:
-    """Where the run record (``run.json``) of a checkpoint's training run is: ``<run_dir>/run.json`` for a
-    checkpoint at ``<run_dir>/checkpoints/<name>.ckpt``; None for anything else (exports, loose checkpoints)."""
-    if not source.is_file() or source.parent.name != "checkpoints":
-        return None
-    return source.parent.parent / _RUN_RECORD
-
-
-def run_record_for(source: Path) -> dict[str, Any] | None:
-    """The run record of the training run a checkpoint belongs to (:func:`run_record_path`), or None when there
-    is none (exports, loose checkpoint files, runs that have not finished)."""
-    path = run_record_path(source)
-    if path is None or not path.is_file():
-        return None
-    return read_run_record(path)
-
-
-def read_run_record(path: Path) -> dict[str, Any]:
-    """``run.json`` at ``path``; ValueError naming the file when it is not a JSON object (truncated, edited)."""
-    return read_json_object(path, "the run record is damaged; train the run again (resume=never) or pass the data "
-                                  "with --data-dir or --text")
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Loss, perplexity and bits per byte of a bitlaw checkpoint or export.")
@@ -192,30 +175,30 @@ def _load_tokenizer(path: Path | None, what: str) -> Tokenizer:
 
 
 def _training_windows(args: argparse.Namespace, source: Path) -> dict[str, Any]:
-    """The run record whose validation ``--windows training`` reproduces; ValueError when an option would change
-    those windows or the record is missing or lacks a field."""
+    """The run record whose validation ``--windows training`` reproduces (a checkpoint's run.json, or the run
+    summary an export carries); ValueError when an option would change those windows or the record is missing or
+    lacks a field."""
     given = [f"--{name.replace('_', '-')}" for name in ("text", "data_dir", "seq_len", "batch_size", "max_batches")
              if getattr(args, name) is not None]
     if given:
         raise ValueError(f"--windows training takes the data set, seq_len, global_batch and val_batches from the "
-                         f"run's {_RUN_RECORD}: drop {', '.join(given)}")
-    path = run_record_path(source)
-    if path is None or not path.is_file():
-        where = f"{path} does not exist" if path is not None else f"{source} is not a checkpoint in a run directory"
-        raise ValueError(f"--windows training needs the run record of the checkpoint's training run: {where} (a run "
-                         f"writes {_RUN_RECORD} when it finishes)")
-    record = read_run_record(path)
+                         f"run's {RUN_RECORD}: drop {', '.join(given)}")
+    record = run_record_for(source)
+    if record is None:
+        raise ValueError(f"--windows training needs the record of the training run: {_no_data_reason(source)}")
     missing = [key for key in ("seq_len", "global_batch", "val_batches") if not isinstance(record.get(key), int)]
     if missing or not (record.get("data") or {}).get("directory"):
-        raise ValueError(f"{path} lacks {missing or ['data.directory']}: --windows training cannot know the windows "
-                         "training validated on")
+        raise ValueError(f"the run record of {source} lacks {missing or ['data.directory']}: --windows training "
+                         "cannot know the windows training validated on")
     return record
 
 
 def _no_data_reason(source: Path) -> str:
+    if source.is_dir():
+        return f"the export {source} records no training run (exported from a checkpoint outside a run directory)"
     path = run_record_path(source)
     if path is None:
-        return f"{source} is not a checkpoint in a run directory, so no run.json names its data set"
+        return f"{source} is not a checkpoint in a run directory, so no {RUN_RECORD} names its data set"
     if not path.is_file():
         return f"{path} does not exist (the run has not finished, or the checkpoint was moved out of its run)"
     return f"{path} names no data set"
@@ -258,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise ValueError(f"no validation data known for {source}: {_no_data_reason(source)}; pass "
                                  "--data-dir DIR or --text FILE")
+            if args.data_dir is None and not (data_dir / "meta.json").is_file():
+                raise FileNotFoundError(f"{source} was trained on the data set prepared at {str(data_dir)!r} "
+                                        f"(config hash {record['data'].get('config_hash', 'unknown')[:12]}), which "
+                                        "is not on this machine: prepare it again with the run's data settings "
+                                        "(bitlaw-prepare data=...), or pass --data-dir DIR or --text FILE")
             if not (data_dir / "meta.json").is_file():
                 raise FileNotFoundError(f"data directory {str(data_dir)!r} is not a prepared data set (no "
                                         "meta.json): pass --data-dir with a folder written by bitlaw-prepare")

@@ -1,4 +1,5 @@
-"""``bitlaw-export``: write a trained checkpoint as a native packed export or a Hugging Face directory.
+"""``bitlaw-export``: write a trained checkpoint as a native packed export, a Hugging Face directory or a
+compressed-tensors checkpoint for serving engines.
 
 Every check — the source, the output directory, the tokenizer — runs before anything is written; the export is
 written beside ``--out`` and swapped in only once complete (:mod:`bitlaw.deploy.staging`).
@@ -7,14 +8,22 @@ written beside ``--out`` and swapped in only once complete (:mod:`bitlaw.deploy.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
-from bitlaw.deploy.hf import export_hf
-from bitlaw.deploy.load import LoadedModel, describe_source, load_checkpoint, resolve_source
+from bitlaw.data.shards import load_prepared
+from bitlaw.deploy.compressed import export_compressed_tensors, load_for_transformers, storage_plan
+from bitlaw.deploy.evaluate import evaluate
+from bitlaw.deploy.hf import export_hf, wrap_transformers_model
+from bitlaw.deploy.load import LoadedModel, describe_source, load_checkpoint, resolve_source, run_record_for
+from bitlaw.deploy.manifest import read_manifest
 from bitlaw.deploy.native import NO_TOKENIZER_NOTE, export_native
 from bitlaw.deploy.staging import check_out
 
@@ -25,8 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Export a bitlaw-train checkpoint.")
     parser.add_argument("checkpoint", help="a bitlaw-train checkpoint (runs/<run>/checkpoints/last.ckpt) or a run "
                                            "directory (its checkpoints/last.ckpt)")
-    parser.add_argument("--format", choices=["native", "hf"], required=True,
-                        help="native: packed quantized safetensors; hf: a transformers LlamaForCausalLM directory")
+    parser.add_argument("--format", choices=["native", "hf", "compressed-tensors"], required=True,
+                        help="native: packed quantized safetensors, exact; hf: a transformers LlamaForCausalLM "
+                             "directory, weights dequantized; compressed-tensors: packed integers for transformers "
+                             "and vLLM")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="compressed-tensors: stored weight width, 4 or 8 (default: the narrowest exact one)")
+    parser.add_argument("--rotation", default=None, choices=["online", "folded"],
+                        help="compressed-tensors: the Hadamard rotation as an online transform (default, exact) or "
+                             "folded into the weights and requantized (inexact, needs no transform support)")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="compressed-tensors: skip measuring the export's validation loss against the "
+                             "checkpoint's")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier bitlaw export at --out (only its own files; files you added stay)")
@@ -63,8 +82,9 @@ def _with_tokenizer(loaded: LoadedModel, tokenizer: str | None, no_tokenizer: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``bitlaw-export SOURCE --format native|hf --out DIR [--force] [--tokenizer FILE | --no-tokenizer]``; 0 on
-    success, 2 on bad input (one line on stderr, nothing written)."""
+    """``bitlaw-export SOURCE --format native|hf|compressed-tensors --out DIR [--force] [--tokenizer FILE |
+    --no-tokenizer] [--bits 4|8] [--rotation online|folded] [--no-measure]``; 0 on success, 2 on bad input (one
+    line on stderr, nothing written)."""
     args = _parser().parse_args(argv)
     out = Path(args.out)
     try:
@@ -78,8 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         used = describe_source(args.checkpoint, source)
         if used:
             print(used, file=sys.stderr)
+        ct_options = [name for name, given in (("--bits", args.bits is not None),
+                                               ("--rotation", args.rotation is not None),
+                                               ("--no-measure", args.no_measure)) if given]
+        if ct_options and args.format != "compressed-tensors":
+            raise ValueError(f"{', '.join(ct_options)}: only for --format compressed-tensors, not {args.format}")
         loaded = _with_tokenizer(load_checkpoint(source), args.tokenizer, args.no_tokenizer)
-        if args.format == "native":
+        if args.format == "compressed-tensors":
+            _export_compressed(loaded, out, args)
+        elif args.format == "native":
             sizes = export_native(loaded, out, args.force)
             ratio = sizes["block_weight_bytes"] / sizes["block_weight_bytes_bf16"]
             print(f"wrote {out} ({sizes['file_bytes']:,} bytes); block weights {sizes['block_weight_bytes']:,} bytes = "
@@ -94,6 +121,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _export_compressed(loaded: LoadedModel, out: Path, args: argparse.Namespace) -> None:
+    plan = storage_plan(loaded.recipe, args.bits, args.rotation or "online")
+    measure, why_not = (None, "--no-measure") if args.no_measure else measurement(loaded)
+    notes = export_compressed_tensors(loaded, out, plan, args.force, measure)
+    what = f"W{plan.bits}A{plan.input_bits or 16}, rotation {plan.rotation}"
+    weights = "weights exact" if plan.weights_exact else "weights requantized: inexact"
+    inputs = "" if plan.input_bits is None else "; inputs quantized as a serving engine does: inexact"
+    print(f"wrote {out} ({what}; {weights}{inputs})")
+    for note in notes:
+        print(f"note: {note}")
+    measured = read_manifest(out).get("measured")
+    if measured:
+        difference = round(measured["difference"], 4) or 0.0  # no "-0.0000" for a difference of float rounding
+        print(f"validation loss on {measured['windows']}: checkpoint {measured['trained_loss']:.4f}, this export "
+              f"{measured['export_loss']:.4f} ({difference:+.4f} nats/token, loaded with "
+              f"{measured['loaded_with']})")
+    else:
+        print(f"note: the export's loss was not measured: {why_not}")
+
+
+def measurement(loaded: LoadedModel) -> tuple[Callable[[Path], dict[str, Any]] | None, str | None]:
+    """A function that measures a written compressed-tensors export (its directory) against ``loaded``: the
+    validation loss of both on the same windows, the export loaded by transformers and compressed-tensors — or
+    ``(None, why not)`` when there is no data set to measure on or the ``deploy`` extra is missing."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return None, "compressed-tensors is not installed (pip install 'bitlaw[deploy]')"
+    data = loaded.data
+    if not data or not (Path(data["directory"]) / "meta.json").is_file():
+        where = f"{data['directory']} is not a prepared data set" if data else "the checkpoint records no data set"
+        return None, where
+    record = run_record_for(loaded.source) or {}
+    if all(isinstance(record.get(key), int) for key in ("seq_len", "global_batch", "val_batches")):
+        seq_len, batch, batches = record["seq_len"], record["global_batch"], record["val_batches"]
+        windows = f"training's validation windows ({batches} × {batch}, seq_len {seq_len})"
+    else:
+        seq_len, batch, batches = min(256, loaded.config.max_seq_len), 8, 8
+        windows = f"the first {batch * batches} validation windows (seq_len {seq_len})"
+    tokens = load_prepared(Path(data["directory"])).val_tokens
+
+    def measure(directory: Path) -> dict[str, Any]:
+        trained = evaluate(loaded.model, tokens, seq_len, batch, batches)["loss"]
+        exported = evaluate(wrap_transformers_model(load_for_transformers(directory)), tokens, seq_len, batch,
+                            batches)["loss"]
+        versions = ", ".join(f"{name} {importlib.metadata.version(name)}"
+                             for name in ("transformers", "compressed-tensors"))
+        return {"windows": windows, "trained_loss": trained, "export_loss": exported,
+                "difference": exported - trained, "loaded_with": versions}
+
+    return measure, None
 
 
 if __name__ == "__main__":

@@ -76,9 +76,7 @@ def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list
     with staged(out, force, loaded.source) as staging:
         eos_id = None
         if tokenizer is not None:
-            from tokenizers import Tokenizer
-
-            eos_id = Tokenizer.from_file(str(tokenizer)).token_to_id("<|endoftext|>")
+            eos_id = tokenizer_eos_id(tokenizer)
             shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
             (staging / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
@@ -89,6 +87,18 @@ def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list
         (staging / "config.json").write_text(json.dumps(hf_config(loaded.config, eos_id), indent=2) + "\n")
         write_manifest(staging, loaded, HF_FORMAT, TOKENIZER_FILE if tokenizer else None)
     return notes
+
+
+def tokenizer_eos_id(path: Path) -> int | None:
+    """The id of ``<|endoftext|>`` in the tokenizer file at ``path`` (None: it has none), for ``config.json``."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).token_to_id("<|endoftext|>")
+
+
+def wrap_transformers_model(hf_model: nn.Module) -> nn.Module:
+    """A transformers causal LM behind the :class:`LlamaModel` call contract, in eval mode."""
+    return _HFWrapper(hf_model).eval()
 
 
 class _HFWrapper(nn.Module):
@@ -130,5 +140,5 @@ def load_hf(directory: str | Path, device: str = "cpu") -> LoadedModel:
                              vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
                              mlp_hidden=c.intermediate_size)
         tokenizer = directory / TOKENIZER_FILE if (directory / TOKENIZER_FILE).is_file() else None
-    return LoadedModel(_HFWrapper(hf_model).to(device).eval(), config, Recipe(name="bf16"), tokenizer, "hf",
-                       directory, meta is not None)
+    return LoadedModel(wrap_transformers_model(hf_model).to(device), config, Recipe(name="bf16"), tokenizer, "hf",
+                       directory, meta is not None, meta.get("data") if meta else None)

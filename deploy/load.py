@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +20,9 @@ from bitlaw.models.convert import convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 
 RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-_RUN_FILES = ("run.json", "config.yaml")
-SOURCES = ("a *.ckpt file, a run directory (checkpoints/last.ckpt), a native export directory or a Hugging Face "
+RUN_RECORD = "run.json"
+_RUN_FILES = (RUN_RECORD, "config.yaml")
+SOURCES = ("a *.ckpt file, a run directory (checkpoints/last.ckpt), or a native, Hugging Face or compressed-tensors "
            "export directory")
 
 
@@ -34,15 +36,18 @@ class LoadedModel:
     source: the file or directory actually loaded (a run directory's ``checkpoints/last.ckpt``).
     verified: every file was checked against the sha256 sums of a bitlaw export manifest; False for training
         checkpoints (they carry none) and for Hugging Face directories that bitlaw did not write.
+    data: the prepared data set the model was trained on, ``{"directory": str, "config_hash": str}``; None when
+        unknown (a checkpoint from an older bitlaw outside its run directory, a directory bitlaw did not write).
     """
 
     model: nn.Module
     config: LlamaConfig
     recipe: Recipe
     tokenizer_path: Path | None
-    kind: str  # "checkpoint" | "native" | "hf"
+    kind: str  # "checkpoint" | "native" | "hf" | "compressed-tensors"
     source: Path
     verified: bool
+    data: dict[str, str] | None = None
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -104,22 +109,73 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     tokenizer = Path(info["tokenizer"]) if info.get("tokenizer") else None
-    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "checkpoint", path, False)
+    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "checkpoint", path, False,
+                       info.get("data") or _run_data(path))
+
+
+def _run_data(checkpoint: Path) -> dict[str, str] | None:
+    """The data set named by the run record beside ``checkpoint``, for checkpoints written before they recorded
+    it themselves; None when there is none or it cannot be read."""
+    try:
+        record = run_record_for(checkpoint)
+    except ValueError:
+        return None
+    data = (record or {}).get("data")
+    return data if isinstance(data, dict) and data.get("directory") else None
+
+
+def run_record_path(source: Path) -> Path | None:
+    """Where the run record (``run.json``) of a checkpoint's training run is: ``<run_dir>/run.json`` for a
+    checkpoint at ``<run_dir>/checkpoints/<name>.ckpt``; None for anything else."""
+    if not source.is_file() or source.parent.name != "checkpoints":
+        return None
+    return source.parent.parent / RUN_RECORD
+
+
+def run_record_for(source: Path) -> dict[str, Any] | None:
+    """What evaluation needs to know of the training run ``source`` comes from: a checkpoint's ``run.json``
+    (:func:`run_record_path`), or the ``run`` summary a bitlaw export carries (seq_len, global_batch, val_batches,
+    val_loss, data; only ``data`` for an export of a checkpoint outside a run directory); None when there is none
+    (loose checkpoints, unfinished runs). ValueError naming the file when it is damaged."""
+    from bitlaw.deploy.manifest import MANIFEST_FILE, read_json_object, read_manifest
+
+    if source.is_dir():
+        if not (source / MANIFEST_FILE).is_file():
+            return None
+        meta = read_manifest(source)
+        return meta.get("run") or ({"data": meta["data"]} if meta.get("data") else None)
+    path = run_record_path(source)
+    if path is None or not path.is_file():
+        return None
+    return read_json_object(path, "the run record is damaged; train the run again (resume=never) or pass the "
+                                  "data with --data-dir or --text")
+
+
+def run_summary(source: Path) -> dict[str, Any] | None:
+    """The part of ``source``'s run record an export carries so that it is evaluated like its checkpoint: the
+    validation windows (seq_len, global_batch, val_batches), their loss and the data set; None without a record."""
+    record = run_record_for(source)
+    if record is None:
+        return None
+    return {key: record.get(key) for key in ("seq_len", "global_batch", "val_batches", "val_loss", "data")}
 
 
 def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load a training checkpoint (``*.ckpt``), a run directory's last checkpoint, a native export or a Hugging
-    Face export directory; bitlaw's exports are verified against their manifest first (ValueError naming a
+    """Load a training checkpoint (``*.ckpt``), a run directory's last checkpoint, or a native, Hugging Face or
+    compressed-tensors export directory; bitlaw's exports are verified against their manifest first (ValueError naming a
     modified or truncated file). ``LoadedModel.source`` says what was loaded."""
-    from bitlaw.deploy import hf, native  # here: each pulls in its own format's dependencies
-    from bitlaw.deploy.manifest import HF_FORMAT, MANIFEST_FILE, read_manifest
+    from bitlaw.deploy import compressed, hf, native  # here: each pulls in its own format's dependencies
+    from bitlaw.deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, read_manifest
 
     path = resolve_source(source)
     if path.is_file():
         return load_checkpoint(path, device)
     if (path / MANIFEST_FILE).is_file():
-        if read_manifest(path).get("format") == HF_FORMAT:
+        fmt = read_manifest(path).get("format")
+        if fmt == HF_FORMAT:
             return hf.load_hf(path, device)
+        if fmt == CT_FORMAT:
+            return compressed.load_compressed_tensors(path, device)
         return native.load_native(path, device)
     if (path / "config.json").is_file():
         return hf.load_hf(path, device)

@@ -1,12 +1,14 @@
 """The manifest of every bitlaw export: ``bitlaw.json``, listing each file of the export with its size and sha256.
 
-Both export kinds carry one: a native export (format ``bitlaw-native``) and a Hugging Face export (format
-``bitlaw-hf``). It is what marks a directory as bitlaw's own export, so that ``--force`` may replace exactly the
-files it lists and nothing else, and what the loaders check every file against before reading any tensor.
+Every export kind carries one: a native export (format ``bitlaw-native``), a Hugging Face export (format
+``bitlaw-hf``) and a compressed-tensors export (format ``bitlaw-compressed-tensors``). It is what marks a directory as
+bitlaw's own export, so that ``--force`` may replace exactly the files it lists and nothing else, and what the
+loaders check every file against before reading any tensor.
 
 Common fields: ``format``, ``version``, ``model`` (LlamaConfig fields), ``recipe`` (the training recipe),
-``tokenizer`` (the tokenizer file name, or null when the export has none) and ``files``
-(``{name: {"bytes": int, "sha256": hex}}`` for every file of the export except the manifest itself).
+``tokenizer`` (the tokenizer file name, or null when the export has none), ``data`` (the prepared data set the
+model was trained on: ``{"directory", "config_hash"}``, or null when unknown, so evaluation finds its validation
+split) and ``files`` (``{name: {"bytes": int, "sha256": hex}}`` for every file of the export but the manifest).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from bitlaw.data.shards import sha256_file
 MANIFEST_FILE = "bitlaw.json"
 NATIVE_FORMAT = "bitlaw-native"
 HF_FORMAT = "bitlaw-hf"
-FORMATS = {NATIVE_FORMAT: 2, HF_FORMAT: 1}
+CT_FORMAT = "bitlaw-compressed-tensors"
+FORMATS = {NATIVE_FORMAT: 2, HF_FORMAT: 1, CT_FORMAT: 1}
 """The format versions this code writes and reads."""
 _NATIVE_V1 = 1  # listed its tensor file only (``sha256``); still recognised so that --force can replace it
 

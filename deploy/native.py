@@ -3,8 +3,9 @@
 A directory with:
 - ``model.safetensors``: high-precision tensors as trained (embeddings, norms, lm_head, unquantized layers) and,
   per quantized layer, ``<layer>.weight.codes`` (uint8 level-index fields of ``field_bits(levels)`` bits, the one
-  encoding of :mod:`bitlaw.kernels.packing`), ``<layer>.weight.step`` (int formats, fp32 ``[out, 1]``) or
-  ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale`` when the input scale is learned;
+  encoding of :mod:`bitlaw.kernels.packing`), ``<layer>.weight.step`` (integer grids: QuEST's odd ``int{b}``,
+  ``int{b}z``, ``int{b}s``; fp32 ``[out, 1]``) or ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale``
+  when the input scale is learned;
 - ``tokenizer.json`` unless the export was made without one;
 - ``bitlaw.json``, the manifest (:mod:`bitlaw.deploy.manifest`, format ``bitlaw-native`` version 2): model config,
   recipe, per-layer code layout (``layers``), the tokenizer file name (or null) and the size and sha256 of every
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitlaw.deploy.load import LoadedModel
+from bitlaw.deploy.load import LoadedModel, run_summary
 from bitlaw.deploy.manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
 from bitlaw.deploy.staging import staged
 from bitlaw.kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
@@ -68,7 +69,9 @@ def export_tokenizer(loaded: LoadedModel) -> Path | None:
 def write_manifest(staging: Path, loaded: LoadedModel, fmt: str, tokenizer: str | None, **extra: Any) -> None:
     """Write ``bitlaw.json`` into the finished ``staging`` directory, listing every file already in it."""
     meta = {"format": fmt, "version": FORMATS[fmt], "model": loaded.config.to_dict(),
-            "recipe": loaded.recipe.to_dict(), "tokenizer": tokenizer, **extra, "files": file_records(staging)}
+            "recipe": loaded.recipe.to_dict(), "tokenizer": tokenizer, "data": loaded.data,
+            "run": run_summary(loaded.source) if loaded.kind == "checkpoint" else None, **extra,
+            "files": file_records(staging)}
     (staging / MANIFEST_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -95,7 +98,7 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> 
             index = code_to_index(res.codes, fmt.bits) if fmt.kind == "int" else res.codes.long()
             bits = field_bits(len(fmt.levels))
             tensors[f"{name}.weight.codes"] = pack_fields(index, bits)
-            key, values = ("step", res.step) if fmt.kind == "int" else ("scale", res.scale)
+            key, values = ("step", res.step) if res.step is not None else ("scale", res.scale)
             tensors[f"{name}.weight.{key}"] = values.float().contiguous()
             if layer.input_lsq_scale is not None:
                 tensors[f"{name}.input_lsq_scale"] = layer.input_lsq_scale.detach().cpu().float()
@@ -140,4 +143,5 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
     if unexpected or [k for k in missing if not k.endswith(("weight_values", "input_lsq_scale"))]:
         raise ValueError(f"{tensor_path}: tensors do not match the model: missing {missing}, unexpected {unexpected}")
     tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
-    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native", directory, True)
+    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native", directory, True,
+                       meta.get("data"))

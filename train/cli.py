@@ -247,6 +247,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                       steps, plan.geometry, mask_stats_every=cfg.mask_stats_every, compile=cfg.compile,
                       backend=cfg.backend, settings=settings)
     module.tokenizer_path = str(data.tokenizer_path)
+    module.data_source = {"directory": str(data.directory), "config_hash": data.meta["config_hash"]}
     datamodule = TokenDataModule(data, cfg.seq_len, cfg.global_batch, cfg.seed, steps, cfg.val_batches)
     trainer = build_trainer(cfg, steps)
     if trainer.is_global_zero:

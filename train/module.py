@@ -88,6 +88,9 @@ class LitLlama(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation
+        # The prepared data set ({"directory", "config_hash"}), set by the CLI; stored in checkpoints so exports and
+        # bitlaw-eval find the validation split the model was trained beside.
+        self.data_source: dict[str, str] | None = None
         self.flops_per_batch: int | None = None  # model FLOPs of one micro-batch, forward + backward (setup)
         self._backends: dict[str, dict[str, str | None]] = {}
         self._val_sum = self._val_count = 0.0
@@ -186,4 +189,5 @@ class LitLlama(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bitlaw"] = {"model": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
-                                "tokenizer": self.tokenizer_path, "settings": self.settings}
+                                "tokenizer": self.tokenizer_path, "data": self.data_source,
+                                "settings": self.settings}

@@ -169,8 +169,15 @@ def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys, monkeypatch
     (unfinished / "checkpoints").mkdir(parents=True)
     shutil.copyfile(ckpt, unfinished / "checkpoints" / "last.ckpt")
     shutil.copyfile(run_dir / "config.yaml", unfinished / "config.yaml")
+    moved = tmp_path / "moved"  # a run whose data set is not on this machine (copied from another one)
+    shutil.copytree(run_dir, moved)
+    record = json.loads((moved / "run.json").read_text())
+    record["data"]["directory"] = str(tmp_path / "elsewhere")
+    (moved / "run.json").write_text(json.dumps(record))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [
+        ([str(moved)], f"was trained on the data set prepared at '{tmp_path / 'elsewhere'}' (config hash "
+                       f"{record['data']['config_hash'][:12]}), which is not on this machine: prepare it again"),
         ([str(tmp_path / "missing.ckpt")], "missing.ckpt' does not exist (allowed: a *.ckpt file, a run directory"),
         ([str(ckpt), "--text", str(tmp_path / "absent.txt")], "--text '" + str(tmp_path / "absent.txt")),
         ([str(ckpt), "--data-dir", str(tmp_path / "nodata")], "nodata' is not a prepared data set (no meta.json)"),
@@ -181,8 +188,8 @@ def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys, monkeypatch
         ([str(run_dir), "--windows", "training", "--seq-len", "16", "--max-batches", "1"],
          "--windows training takes the data set, seq_len, global_batch and val_batches from the run's run.json: "
          "drop --seq-len, --max-batches"),
-        ([str(loose), "--windows", "training"], f"needs the run record of the checkpoint's training run: {loose} is "
-                                                "not a checkpoint in a run directory"),
+        ([str(loose), "--windows", "training"], f"needs the record of the training run: {loose} is not a checkpoint in "
+                                                "a run directory"),
         ([str(unfinished), "--windows", "training"], f"{unfinished / 'run.json'} does not exist"),
         ([str(ckpt), "--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"),
         ([str(ckpt), "--device", "gpu0"], "--device 'gpu0' is not a device name (allowed: cpu, cuda, cuda:N, mps)"),
