@@ -16,7 +16,8 @@ What is exact (docs/exports.md §2–4 argues each case; docs/numerics.md has th
   ``(x·H)·Q(W·H)ᵀ`` is what was trained. transformers (5.x) reads ``transform_config`` but does not apply it;
   :func:`load_for_transformers` applies it with compressed-tensors' own ``apply_transform_config``. With
   ``rotation="folded"`` the rotation is multiplied back into the weights instead (``Q(W·H)·Hᵀ``, no transform to
-  apply) and requantized: inexact, measured.
+  apply) and requantized: inexact, measured. A ``layout='rotated'`` recipe (QuEST's weight-only runs) computes
+  ``x·Q(W·H)ᵀ``: ``Q(W·H)`` is stored with no transform and nothing to fold, exactly.
 - Quantized inputs are declared the way a serving engine quantizes activations: dynamic, symmetric, one scale per
   token, at the recipe's input width. That is not QuEST's RMS-scaled, clipped input quantizer, so a
   weight+activation recipe is never exact there; the export measures the loss it gives.
@@ -43,7 +44,14 @@ from safetensors.torch import save_file
 from bitlaw.deploy.hf import hf_config, tokenizer_eos_id, wrap_transformers_model
 from bitlaw.deploy.load import LoadedModel
 from bitlaw.deploy.manifest import CT_FORMAT, verify_export
-from bitlaw.deploy.native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_tokenizer, write_manifest
+from bitlaw.deploy.native import (
+    NO_TOKENIZER_NOTE,
+    TENSOR_FILE,
+    TOKENIZER_FILE,
+    compression_fields,
+    export_tokenizer,
+    write_manifest,
+)
 from bitlaw.deploy.staging import staged
 from bitlaw.kernels.formats import Format
 from bitlaw.kernels.quantizers import QuantResult, quantize, unrotate
@@ -96,13 +104,20 @@ def _fits(low: int, high: int, bits: int) -> bool:
 def storage_plan(recipe: Recipe, bits: int | None = None, rotation: str = "online") -> StoragePlan:
     """Decide how ``recipe``'s weights are stored: ``bits`` (4 or 8; None: the narrowest exact width, else 8) and
     ``rotation`` ("online" or "folded"). ValueError, naming the recipe and what is allowed, for recipes without
-    quantized weights, grids that are not integers, inputs that are not integer-quantized, and bad options."""
+    quantized weights, grids that are not integers, inputs that are not integer-quantized, sparsity, group scales or
+    outliers on either role (docs/numerics.md §7), and bad options."""
     if bits is not None and bits not in WIDTHS:
         raise ValueError(f"--bits {bits} is not allowed; allowed: {', '.join(map(str, WIDTHS))} (the widths serving "
                          "kernels take)")
     if rotation not in ROTATIONS:
         raise ValueError(f"--rotation {rotation!r} is not allowed; allowed: {', '.join(ROTATIONS)}")
     weight, inputs = recipe.weight, recipe.input
+    for role, spec in (("weight", weight), ("input", inputs)):
+        fields = compression_fields(spec)
+        if fields:
+            raise ValueError(f"recipe {recipe.name!r}: {role} {' and '.join(fields)} "
+                             f"{'is' if len(fields) == 1 else 'are'} not supported by the compressed-tensors export "
+                             "(dense integers, one scale per row); --format hf writes the weights exactly as trained")
     if not weight.quantized:
         raise ValueError(f"recipe {recipe.name!r} keeps its weights in {weight.format}: there is nothing for "
                          "compressed-tensors to pack; use --format hf")
@@ -116,7 +131,8 @@ def storage_plan(recipe: Recipe, bits: int | None = None, rotation: str = "onlin
     if weight.rotated and inputs.quantized and inputs.rotated != weight.rotated:
         raise ValueError(f"recipe {recipe.name!r} rotates its weights but not its inputs: no transform expresses "
                          "that")
-    mode = rotation if weight.rotated else "none"
+    # layout 'rotated' multiplies the plain input by Q(W·H) itself: no rotation to declare or fold.
+    mode = rotation if weight.rotated and recipe.layout == "rotate_back" else "none"
     if mode == "folded":
         inexact.append(f"Hadamard rotation folded into the weights, which were requantized to {chosen} bits")
     weights_exact = not inexact

@@ -1,5 +1,6 @@
 """The Hugging Face export: a ``transformers.LlamaForCausalLM`` directory with the quantized weights dequantized and
-rotated back (weight-only semantics), and its loader.
+rotated back (weight-only semantics; a ``layout='rotated'`` recipe's weight ``Q(W·H)`` is already the plain weight
+it multiplies the input by, so it is written as it is, exactly), and its loader.
 
 The directory holds ``config.json``, ``model.safetensors``, ``tokenizer.json`` and ``tokenizer_config.json`` (unless
 exported without a tokenizer) and ``bitlaw.json``, the manifest (:mod:`bitlaw.deploy.manifest`, format
@@ -21,14 +22,15 @@ from bitlaw.deploy.load import LoadedModel
 from bitlaw.deploy.manifest import HF_FORMAT, MANIFEST_FILE, verify_export
 from bitlaw.deploy.native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_tokenizer, write_manifest
 from bitlaw.deploy.staging import staged
-from bitlaw.kernels.quantizers import quantize, unrotate
+from bitlaw.kernels.quantizers import unrotate
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import quantized_layers
 from bitlaw.models.llama import LlamaConfig
 
 
 def hf_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """Hugging Face Llama tensor names → fp32 tensors, quantized weights dequantized and rotated back."""
+    """Hugging Face Llama tensor names → fp32 tensors, quantized weights dequantized and rotated back (kept rotated
+    for ``layout='rotated'``, which is what that layer multiplies by)."""
     model, recipe = loaded.model, loaded.recipe
     qlayers = quantized_layers(model)
     out = {}
@@ -38,8 +40,8 @@ def hf_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
             if leaf != "weight":
                 continue  # learned quantizer scales have no place in a plain Llama
             layer = qlayers[module_name]
-            res = quantize(layer.weight.detach().cpu().float(), recipe.weight, layer.weight_lsq_scale)
-            value = unrotate(res.values, recipe.weight)
+            res = layer.quantized_weight()  # the forward's own values: sparsity (RigL's mask too), groups, outliers
+            value = unrotate(res.values, recipe.weight) if recipe.layout == "rotate_back" else res.values
         name = key if key.startswith("lm_head.") else f"model.{key}"
         out[name] = value.detach().float().contiguous().cpu()
     return out
@@ -70,9 +72,11 @@ def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list
     out = Path(out)
     tokenizer = export_tokenizer(loaded)
     notes = []
-    if loaded.recipe.input.quantized:
-        notes.append(f"recipe {loaded.recipe.name!r} quantizes activations ({loaded.recipe.input.format}); the Hugging "
-                     "Face export has weight-only semantics: activations run in high precision there")
+    if loaded.recipe.input.compressed:
+        spec = loaded.recipe.input
+        what = f"{spec.format}" + (f", sparsity {spec.realised_sparsity:g}" if spec.sparse else "")
+        notes.append(f"recipe {loaded.recipe.name!r} quantizes activations ({what}); the Hugging Face export has "
+                     "weight-only semantics: activations run in high precision there")
     with staged(out, force, loaded.source) as staging:
         eos_id = None
         if tokenizer is not None:

@@ -13,6 +13,7 @@ else the model's default of 32,000; it always prints which one it used and why.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -36,8 +37,9 @@ def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int
     """``(elements, bytes)`` of the block projection weights stored as ``recipe.weight`` says.
 
     Quantized weights take the bytes of the native export (:mod:`bitlaw.deploy.native`): codes packed at 1, 2, 4
-    or 8 bits plus one fp32 scale per output row (``gaussian_rms``/``absmax``) or per tensor (``lsq``); unquantized ones
-    take 2 bytes (bf16).
+    or 8 bits plus one fp32 scale per output row (``gaussian_rms``/``absmax``) or per tensor (``lsq``, ``lsq_step``);
+    unquantized ones take 2 bytes (bf16). Sparse, grouped or outlier-keeping weights, which no export packs yet,
+    take what :meth:`~bitlaw.kernels.recipe.TensorSpec.storage_bits` counts (docs/numerics.md §7).
     """
     elements = total = 0
     spec = recipe.weight
@@ -46,8 +48,10 @@ def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int
             continue
         rows, cols = module.weight.shape
         elements += rows * cols
-        if spec.quantized:
-            scales = 1 if spec.scale == "lsq" else rows
+        if spec.sparse or spec.group is not None or spec.outliers:
+            total += math.ceil(rows * cols * spec.storage_bits(cols) / 8)
+        elif spec.quantized:
+            scales = 1 if spec.learned_scale else rows
             total += rows * -(-cols * field_bits(len(spec.fmt.levels)) // 8) + 4 * scales
         else:
             total += 2 * rows * cols
@@ -59,11 +63,20 @@ def _is_block_projection(name: str) -> bool:
 
 
 def _describe(spec: TensorSpec) -> str:
+    extra = []
+    if spec.sparse:
+        amount = spec.structure if spec.nm else f"{spec.sparsity:g} per {spec.structure}"
+        extra.append(f"sparsity {amount} ({spec.sparse_rule})")
+    if spec.group is not None:
+        extra.append(f"scale groups of {spec.group}")
+    if spec.outliers:
+        extra.append(f"outliers {spec.outliers:g} in bf16")
+    suffix = "".join(f", {e}" for e in extra)
     if not spec.quantized:
-        return "bf16 (not quantized)"
+        return f"bf16 (not quantized{suffix})"
     clip = f" s={spec.mask_threshold:g}" if spec.grad == "clip" else ""
     rotation = f"hadamard/{spec.block}" if spec.rotated else "no rotation"
-    return f"{spec.format} ({spec.scale} scale, {spec.grad}{clip} gradient, {rotation})"
+    return f"{spec.format} ({spec.scale} scale, {spec.grad}{clip} gradient, {rotation}{suffix})"
 
 
 def report(model_cfg: LlamaConfig, recipe: Recipe, model_name: str, vocab_source: str | None = None) -> str:
@@ -71,7 +84,7 @@ def report(model_cfg: LlamaConfig, recipe: Recipe, model_name: str, vocab_source
     own when given). Builds the model on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         model = LlamaModel(model_cfg)
-    if recipe.quantized:
+    if recipe.compressed:
         convert(model, recipe)
     elements, nbytes = block_weight_bytes(model, recipe)
     _, bf16_bytes = block_weight_bytes(model, Recipe())
@@ -83,7 +96,8 @@ def report(model_cfg: LlamaConfig, recipe: Recipe, model_name: str, vocab_source
         f"non-embedding parameters N: {model.num_params(non_embedding=True):,}",
         f"embedding parameters (embed_tokens + lm_head): {c.params_embedding:,}",
         f"total parameters: {model.num_params(non_embedding=False):,}",
-        f"recipe {recipe.name}: weight {_describe(recipe.weight)}; input {_describe(recipe.input)}",
+        f"recipe {recipe.name}: weight {_describe(recipe.weight)}; input {_describe(recipe.input)}"
+        + ("; the weight stays rotated (layout rotated: y = x·Q(W·H)ᵀ)" if recipe.layout == "rotated" else ""),
         f"block weights: {elements:,} elements, {nbytes:,} bytes ({nbytes / 2**20:,.1f} MiB) in {recipe.name}, "
         f"{nbytes / bf16_bytes:.3f}x of bf16 ({bf16_bytes:,} bytes)",
     ]

@@ -104,7 +104,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     info = ckpt["bitlaw"]
     config, recipe = LlamaConfig.from_dict(info["model"]), Recipe.from_dict(info["recipe"])
     model = LlamaModel(config)
-    if recipe.quantized:
+    if recipe.compressed:
         convert(model, recipe)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)

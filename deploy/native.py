@@ -30,7 +30,7 @@ from bitlaw.deploy.manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_r
 from bitlaw.deploy.staging import staged
 from bitlaw.kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
 from bitlaw.kernels.quantizers import dequantize, quantize, reference_linear_given_weight
-from bitlaw.kernels.recipe import Recipe
+from bitlaw.kernels.recipe import Recipe, TensorSpec
 from bitlaw.models.convert import quantized_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 
@@ -75,14 +75,33 @@ def write_manifest(staging: Path, loaded: LoadedModel, fmt: str, tokenizer: str 
     (staging / MANIFEST_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def compression_fields(spec: TensorSpec) -> list[str]:
+    """The sparsity, group and outlier fields ``spec`` sets (docs/numerics.md §7): what packed codes with one scale
+    per row do not describe."""
+    return [name for name, used in (("sparsity", spec.sparse), ("group", spec.group is not None),
+                                    ("outliers", spec.outliers > 0)) if used]
+
+
+def check_native_recipe(recipe: Recipe) -> None:
+    """ValueError naming the field for weights the native layout cannot hold exactly (sparse, grouped or with
+    outliers). Inputs are quantized live by the loader with the training code, so their fields are exact."""
+    fields = compression_fields(recipe.weight)
+    if fields:
+        raise ValueError(f"recipe {recipe.name!r}: weight {' and '.join(fields)} {'is' if len(fields) == 1 else 'are'} "
+                         "not supported by the native export yet; --format hf writes the weights exactly as trained "
+                         "(nothing was written)")
+
+
 def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the native export of ``loaded`` (a checkpoint model) to ``out``; return a size report (bytes).
 
     The tokenizer is ``loaded.tokenizer_path`` (None: none, recorded as such). ``out`` follows
     :func:`bitlaw.deploy.staging.check_out` (``loaded.source`` is protected) and is replaced only once the new
-    export is complete.
+    export is complete. ValueError before anything is written for weights it cannot store
+    (:func:`check_native_recipe`).
     """
     out = Path(out)
+    check_native_recipe(loaded.recipe)
     tokenizer = export_tokenizer(loaded)
     model, recipe = loaded.model, loaded.recipe
     with staged(out, force, loaded.source) as staging:

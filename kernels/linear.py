@@ -4,9 +4,9 @@
 ``"triton"`` runs the fused kernels of :mod:`bitlaw.kernels.triton` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
 ``"reference"`` the plain PyTorch oracle, ``"auto"`` Triton on CUDA tensors and the reference elsewhere. Without
 the argument the environment variable ``BITLAW_BACKEND`` decides (default auto).
-Recipes the kernels do not implement (lsq/absmax scales, ternary/fp grids, int8, the grids with a zero level
-int{b}z/int{b}s, other Hadamard blocks, roles in different domains, fp16/float64 tensors) always run the reference,
-whatever the backend.
+Recipes the kernels do not implement (lsq/lsq_step/absmax scales, ternary/fp grids, int8, the grids with a zero level
+int{b}z/int{b}s, other Hadamard blocks, roles in different domains, fp16/float64 tensors, and any sparsity, group
+scales or outliers) always run the reference, whatever the backend.
 
 On the Triton path backward needs only the codes, per-row steps and bit-packed masks of both roles (no
 activations): :func:`saved_bytes_per_linear` gives that memory next to ``nn.Linear``'s.
@@ -23,6 +23,7 @@ import torch
 from bitlaw.kernels.packing import field_bits
 from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec
+from bitlaw.kernels.sparsity import SparseState
 
 BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "BITLAW_BACKEND"
@@ -83,6 +84,22 @@ def _ops():
     return ops
 
 
+def _compression_reason(spec: TensorSpec, role: str) -> str | None:
+    """The sparsity, group and outlier fields of ``spec`` that only the reference implements, named with values."""
+    fields = []
+    if spec.sparse:
+        amount = spec.structure if spec.nm else f"{spec.sparsity:g}"
+        detail = f"rule {spec.sparse_rule}" if spec.nm else f"structure {spec.structure}, rule {spec.sparse_rule}"
+        fields.append(f"sparsity {amount} ({detail})")
+    if spec.group is not None:
+        fields.append(f"group {spec.group}")
+    if spec.outliers:
+        fields.append(f"outliers {spec.outliers:g}")
+    if not fields:
+        return None
+    return f"{role}: {', '.join(fields)} run{'s' if len(fields) == 1 else ''} only on the reference path"
+
+
 def _spec_reason(spec: TensorSpec, role: str) -> str | None:
     if spec.fmt.kind == "intz":
         # Named here: the kernel module's own test would call int{b}z/int{b}s "not an integer format".
@@ -97,6 +114,9 @@ def triton_unsupported_reason(recipe: Recipe, x_dtype: torch.dtype = torch.float
                               weight_dtype: torch.dtype = torch.float32) -> str | None:
     """Why the Triton path cannot run ``recipe`` on these dtypes (None when it can)."""
     w_spec, x_spec = recipe.weight, recipe.input
+    reason = _compression_reason(w_spec, "weight") or _compression_reason(x_spec, "input")
+    if reason is not None:
+        return reason
     if not w_spec.quantized:
         return "the weight is not quantized (only weight+input and weight-only recipes have kernels)"
     if weight_dtype not in _KERNEL_DTYPES:
@@ -112,7 +132,8 @@ def triton_unsupported_reason(recipe: Recipe, x_dtype: torch.dtype = torch.float
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
                      weight_lsq_scale: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
-                     stats: dict | None = None, backend: str | None = None) -> torch.Tensor:
+                     stats: dict | None = None, backend: str | None = None,
+                     weight_sparse: SparseState | None = None) -> torch.Tensor:
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)`` by ``recipe`` on the chosen backend (see the module docstring).
 
     x: ``[..., K]``; weight: ``[N, K]``; bias: ``[N]`` or None; returns ``[..., N]``. Under autocast the layer takes
@@ -120,6 +141,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     16-bit activations), while the weight is read as it is stored (the fp32 master weight, once per call; never
     a cast copy). Without autocast the output has ``x``'s dtype.
     ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction`` (0-dim tensors).
+    ``weight_sparse``: the weight's sparsity state (reference path only: sparse recipes never run Triton).
     """
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit; "
@@ -130,7 +152,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     if select_backend(recipe, x, weight, backend).backend == "triton":
         with torch.autocast(device_type, enabled=False):
             return _triton_linear(x, weight, recipe, bias, stats)
-    return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats)
+    return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats, weight_sparse)
 
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None,
@@ -142,7 +164,8 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: 
         y, _, _, x_mask, _, _, w_mask = ops.quantized_linear_op(x2d, weight, bias, text)
         _record(stats, "input", x_mask, x.shape[-1])
     else:
-        # Weight-only: the quantized weight rotated back, then an ordinary matmul as the reference does.
+        # Weight-only: the quantized weight (rotated back unless layout 'rotated'), then an ordinary matmul as the
+        # reference does.
         w_hat, w_mask = ops.quantized_weight_op(weight, text)
         dtype = torch.promote_types(x2d.dtype, w_hat.dtype)
         y = torch.matmul(x2d.to(dtype), w_hat.to(dtype).t())

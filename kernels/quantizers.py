@@ -5,13 +5,21 @@ activation ``[..., in]`` one row per token. For a :class:`~kernels.recipe.Tensor
 
 1. rotate: ``x_h = x · blockdiag(H)`` if ``spec.rotated`` (fp32, or float64 for float64 input);
 2. scale: a per-row scale ``s`` multiplying the format's unit grid (``gaussian_rms``: ``c · RMS(x_h)``,
-   ``absmax``: ``max|x_h| / max_level``, ``lsq``: one learned scalar);
+   ``absmax``: ``max|x_h| / max_level``, ``lsq``/``lsq_step``: from one learned scalar, :func:`row_scale`);
 3. round to the nearest grid level (for ``int{b}``: the centred floor formula of docs/numerics.md §3; for
    ``int{b}z``/``int{b}s``: ``q = clamp(round(x_h / step), qmin, qmax)``, docs/numerics.md §6.1);
 4. mask for the backward: ``M = |x_h| <= spec.mask_threshold · s · max_level``, on the negative side of ``int{b}z``
-   extended to follow the grid's lower end (:func:`mask_bounds`).
+   extended to follow the grid's lower end (:func:`mask_bounds`); ``ste`` masks nothing.
 
-Backward (:class:`FakeQuantize`): ``g_x = IHT(M ⊙ g_{x̂_h})``; with ``lsq`` also the LSQ gradient of the scale.
+Backward (:class:`FakeQuantize`): ``g_x = IHT(M ⊙ g_{x̂_h})``; with a learned scale also its LSQ gradient.
+
+Sparsity, group scales and outliers (:mod:`bitlaw.kernels.sparsity`, docs/numerics.md §7) act in the stored
+domain, between steps 1 and 2: sparsify (the survivors of ``spec.sparse_rule``: top-k of ``|x_h|`` per unit, or
+RigL's mask), then pick the outliers among the survivors; step 2 takes the scale from the survivors that are not
+outliers only (per group of ``spec.group`` entries of a row when set); step 3 rounds them; pruned entries are
+exactly 0 (on grids without a zero level too) and outliers keep their value rounded to bf16. The backward mask
+is ``(M ∨ outlier) ∧ R``, ``R`` the sparsity rule's mask (the survivors for ``magnitude`` and ``rigl``, RBBM's band
+rule for ``rbbm``). A sparse ``bf16`` spec only sparsifies.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 from bitlaw.kernels.formats import Format
 from bitlaw.kernels.hadamard import block_hadamard, inverse_block_hadamard
 from bitlaw.kernels.recipe import Recipe, TensorSpec
+from bitlaw.kernels.sparsity import SparseState, select
 
 
 @dataclass
@@ -36,17 +45,25 @@ class QuantResult:
             level index ``q - qmin`` in ``[0, qmax - qmin]`` (int16) with ``values = q · step`` exactly, ``(qmin,
             qmax) = Format.integer_range``; other grids: the index of the level in ``Format.levels`` (int16) with
             ``values = levels[codes] · scale``.
-    scale:  ``[..., 1]`` per-row multiplier of the unit grid (α for the integer grids, whose largest level is 1).
-    step:   ``[..., 1]`` distance between adjacent levels for the integer grids (``2α/(2^b-1)`` for ``int{b}``,
-            ``α/qmax`` for ``int{b}z``/``int{b}s``); None otherwise.
+    scale:  ``[..., 1]`` per-row multiplier of the unit grid (α for the integer grids, whose largest level is 1);
+            with ``spec.group`` ``[..., K/group, 1]``, one per group (it multiplies ``values.unflatten(-1,
+            (K/group, group))``).
+    step:   ``[..., 1]`` (per group: ``[..., K/group, 1]``) distance between adjacent levels for the integer grids
+            (``2α/(2^b-1)`` for ``int{b}``, ``α/qmax`` for ``int{b}z``/``int{b}s``); None otherwise.
     mask:   bool, True where the gradient flows.
+    keep:   bool, the survivors of a sparse spec (values are exactly 0 elsewhere; codes there mean nothing);
+            None when nothing is pruned.
+    outlier: bool, the entries kept in bf16 (``values`` holds them; codes there mean nothing); None without outliers.
+    A sparse ``bf16`` spec has no grid: ``codes``, ``scale`` and ``step`` are None.
     """
 
     values: torch.Tensor
-    codes: torch.Tensor
-    scale: torch.Tensor
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
     step: torch.Tensor | None
     mask: torch.Tensor
+    keep: torch.Tensor | None = None
+    outlier: torch.Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,19 +83,60 @@ def unrotate(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     return inverse_block_hadamard(x, spec.block) if spec.rotated else x
 
 
-def row_scale(x_h: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row scale ``[..., 1]`` of the unit grid, without gradient (LSQ's gradient is in :class:`FakeQuantize`)."""
+def lsq_alpha_per_parameter(spec: TensorSpec) -> float:
+    """α per unit of the learned parameter: 1 for ``lsq`` (the parameter is α), ``(2^b - 1)/2`` for ``lsq_step``
+    (the parameter is the step of the centred ``int{b}`` grid, whose largest level is ``α = step · (2^b - 1)/2``)."""
+    return (2**spec.fmt.bits - 1) / 2 if spec.scale == "lsq_step" else 1.0
+
+
+def lsq_q_p(spec: TensorSpec) -> float:
+    """LSQ's ``Q_P`` in the gradient scale ``1/sqrt(numel · Q_P)`` of a learned scale.
+
+    ``lsq_step`` (QuEST's LSQ): ``2^(b-1) - 1``, as QuEST's code computes it (7 for int4). ``lsq``: the positive
+    clip in steps, ``(n - 1)/2`` for the centred grids of ``n`` levels (7.5 for int4), ``qmax`` for
+    ``int{b}z``/``int{b}s``.
+    """
     fmt = spec.fmt
-    if spec.scale == "lsq":
+    if spec.scale == "lsq_step":
+        return 2 ** (fmt.bits - 1) - 1
+    return fmt.integer_range[1] if fmt.kind == "intz" else (len(fmt.levels) - 1) / 2
+
+
+@torch.no_grad()
+def initial_lsq_scale(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The initial value (0-dim, compute dtype) of the learned parameter of a ``lsq``/``lsq_step`` role from the first
+    tensor ``x`` it quantizes, over the whole (rotated) tensor: ``lsq``: the Gaussian-optimal α, ``c · RMS(x_h)``;
+    ``lsq_step``: LSQ's own init as QuEST's code writes it, ``2 · mean|x_h| / sqrt(Q_P)``."""
+    x_h = rotate(x.detach(), spec)
+    if spec.scale == "lsq_step":
+        return 2 * x_h.abs().mean() / math.sqrt(lsq_q_p(spec))
+    return spec.gaussian_scale * x_h.square().mean().sqrt()
+
+
+def row_scale(x_h: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None = None,
+              where: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row scale ``[..., 1]`` of the unit grid, without gradient (LSQ's gradient is in :class:`FakeQuantize`).
+
+    For a learned scale ``lsq_scale`` is the 1-element parameter, used as ``|p| · lsq_alpha_per_parameter(spec)``.
+    ``where`` (bool, shape of ``x_h``), if given, limits a computed scale to those entries: the RMS is over them
+    only (``sqrt(Σ x² / count)``), the absmax their largest magnitude (docs/numerics.md §7).
+    """
+    fmt = spec.fmt
+    if spec.learned_scale:
         if lsq_scale is None:
-            raise ValueError("scale='lsq' needs the learned scale tensor (lsq_scale), got None")
-        scale = lsq_scale.detach().to(x_h.dtype).abs().expand(*x_h.shape[:-1], 1)
+            raise ValueError(f"scale={spec.scale!r} needs the learned scale tensor (lsq_scale), got None")
+        alpha = lsq_scale.detach().to(x_h.dtype).abs() * lsq_alpha_per_parameter(spec)
+        scale = alpha.expand(*x_h.shape[:-1], 1)
     elif spec.scale == "absmax":
-        scale = x_h.detach().abs().amax(dim=-1, keepdim=True) / fmt.max_level
-    else:
+        magnitude = x_h.detach().abs() if where is None else torch.where(where, x_h.detach().abs(), 0)
+        scale = magnitude.amax(dim=-1, keepdim=True) / fmt.max_level
+    elif where is None:
         # RMS over the whole row, no mean subtraction, computed in the compute dtype (docs/numerics.md §3).
         rms = x_h.detach().square().mean(dim=-1, keepdim=True).sqrt()
         scale = spec.gaussian_scale * rms
+    else:
+        total = torch.where(where, x_h.detach().square(), 0).sum(dim=-1, keepdim=True)
+        scale = spec.gaussian_scale * (total / where.sum(dim=-1, keepdim=True).clamp_min(1)).sqrt()
     # An all-zero row would give a zero scale and 0/0 below; the tiny floor maps it to the smallest levels.
     return scale.clamp_min(torch.finfo(x_h.dtype).tiny)
 
@@ -109,59 +167,87 @@ def mask_bounds(spec: TensorSpec) -> tuple[float, float]:
 
     ``high = spec.mask_threshold · max_level`` (docs/numerics.md §4, §6.1). Grids symmetric about 0 give
     ``low = -high``. ``int{b}z`` has one level, ``qmin · step``, below ``-max_level``: there ``trust`` keeps half a
-    step beyond that level (the rule ``|x̂_h - x_h| <= step/2`` itself) and ``ste`` keeps up to it (gradient
-    wherever nothing is clipped), so both follow the grid's own lower end; ``clip`` stays ``±clip · α``. Returns
-    Python floats.
+    step beyond that level (the rule ``|x̂_h - x_h| <= step/2`` itself) and ``clip`` scales the grid's own lower
+    end by ``clip`` as it does the upper one, so ``clip: 1.0`` keeps the gradient wherever nothing is clipped, on
+    every grid. ``ste`` masks nothing: ``(-inf, inf)``. Returns Python floats.
     """
     fmt = spec.fmt
+    if spec.grad == "ste":
+        return -math.inf, math.inf
     high = spec.mask_threshold * fmt.max_level
     lowest = fmt.levels[0]
-    if spec.grad == "clip" or lowest == -fmt.max_level:
+    if spec.grad == "clip":
+        return spec.mask_threshold * lowest, high
+    if lowest == -fmt.max_level:
         return -high, high
-    if spec.grad == "trust":
-        return lowest - (fmt.levels[1] - lowest) / 2, high
-    return lowest, high
+    return lowest - (fmt.levels[1] - lowest) / 2, high
 
 
-def quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None = None) -> QuantResult:
+def quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None = None,
+             sparse: SparseState | None = None) -> QuantResult:
     """Quantize ``x`` (``[..., K]``) by ``spec`` without autograd. See :class:`QuantResult`.
 
-    Raises ValueError for ``bf16`` specs (nothing to quantize) and when the block does not divide ``K``.
+    ``sparse`` carries what a weight's sparsity needs beyond the spec (the scheduled sparsity, RigL's mask;
+    :class:`~bitlaw.kernels.sparsity.SparseState`); None: the spec's final sparsity. Raises ValueError for specs
+    that neither quantize nor sparsify (``bf16``: nothing to do) and when the block does not divide ``K``.
     """
-    if not spec.quantized:
+    if not spec.compressed:
         raise ValueError(f"spec format {spec.format!r} is not quantized; nothing to quantize")
-    fmt = spec.fmt
     x_h = rotate(x, spec)
-    scale = row_scale(x_h, spec, lsq_scale)
-    values, codes, step = round_to_grid(x_h, scale, fmt)
+    chosen = select(x_h, spec, sparse)
+    if not spec.quantized:  # a sparse bf16 spec: the survivors as they are
+        return QuantResult(values=torch.where(chosen.keep, x_h, 0), codes=None, scale=None, step=None,
+                           mask=chosen.grad, keep=chosen.keep)
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        # One scale per group of spec.group entries: the rows are cut into groups, each quantized as a row.
+        return t.unflatten(-1, (t.shape[-1] // spec.group, spec.group)) if spec.group else t
+
+    on_grid = chosen.on_grid
+    x_g = grouped(x_h)
+    scale = row_scale(x_g, spec, lsq_scale, None if on_grid is None else grouped(on_grid))
+    values, codes, step = round_to_grid(x_g, scale, spec.fmt)
     low, high = mask_bounds(spec)
-    mask = (x_h >= low * scale) & (x_h <= high * scale)
-    return QuantResult(values=values, codes=codes, scale=scale, step=step, mask=mask)
+    mask = (x_g >= low * scale) & (x_g <= high * scale)
+    values, codes, mask = (t.reshape(x_h.shape) for t in (values, codes, mask))
+    if chosen.outlier is not None:
+        values = torch.where(chosen.outlier, x_h.to(torch.bfloat16).to(x_h.dtype), values)
+        mask = mask | chosen.outlier  # not clipped: the gradient of an outlier passes
+    if chosen.keep is not None:
+        values = torch.where(chosen.keep, values, 0)
+        mask = mask & chosen.grad
+    return QuantResult(values=values, codes=codes, scale=scale, step=step, mask=mask, keep=chosen.keep,
+                       outlier=chosen.outlier)
 
 
 class FakeQuantize(torch.autograd.Function):
     """``x`` → ``x̂_h`` (rotated domain, compute dtype) with the masked, inverse-rotated gradient.
 
-    Inputs: ``x`` ``[..., K]``; ``lsq_scale`` a 1-element tensor for ``scale='lsq'`` (else None); ``spec``;
-    ``stats`` an optional dict that receives ``masked_fraction`` (float tensor, the share of entries with M=0).
+    Inputs: ``x`` ``[..., K]``; ``lsq_scale`` the 1-element learned parameter of a ``lsq``/``lsq_step`` spec (else
+    None); ``spec``;
+    ``stats`` an optional dict that receives ``masked_fraction`` (float tensor, the share of entries with M=0);
+    ``sparse`` the weight's :class:`~bitlaw.kernels.sparsity.SparseState` or None. When ``sparse.grad_sink`` is a
+    dict, backward adds the unmasked gradient of the values (stored domain) to its ``"dense_grad"`` (RigL's grow
+    criterion).
     """
 
     @staticmethod
-    def forward(ctx, x, lsq_scale, spec: TensorSpec, stats: dict | None):  # noqa: D102
-        res = quantize(x, spec, lsq_scale)
+    def forward(ctx, x, lsq_scale, spec: TensorSpec, stats: dict | None, sparse: SparseState | None):  # noqa: D102
+        res = quantize(x, spec, lsq_scale, sparse)
+        ctx.grad_sink = None if sparse is None else sparse.grad_sink
         if stats is not None:
             stats["masked_fraction"] = 1.0 - res.mask.float().mean().detach()
         ctx.spec = spec
         ctx.x_dtype = x.dtype
-        if lsq_scale is not None and spec.scale == "lsq":
-            # d x̂/d s: (level − x/s) inside the grid, the clip level outside (LSQ); gradient scale 1/sqrt(n·q_max).
+        if lsq_scale is not None and spec.learned_scale:
+            # d x̂/dα: (level − x/α) inside the grid, the clip level outside (LSQ), times dα/d(parameter);
+            # gradient scale 1/sqrt(numel·Q_P).
             x_h = rotate(x, spec)
             fmt = spec.fmt
             inside = (x_h >= fmt.levels[0] * res.scale) & (x_h <= fmt.max_level * res.scale)
             dvalue_dscale = torch.where(inside, (res.values - x_h) / res.scale, res.values / res.scale)
-            # LSQ's Q_P, the positive clip in steps: qmax for int{b}z/int{b}s, (n - 1)/2 for the centred grids.
-            q_max = fmt.integer_range[1] if fmt.kind == "intz" else (len(fmt.levels) - 1) / 2
-            ctx.lsq_grad_scale = 1.0 / math.sqrt(x.numel() * q_max)
+            dvalue_dscale = dvalue_dscale * lsq_alpha_per_parameter(spec)
+            ctx.lsq_grad_scale = 1.0 / math.sqrt(x.numel() * lsq_q_p(spec))
             ctx.save_for_backward(res.mask, dvalue_dscale, lsq_scale)
         else:
             ctx.save_for_backward(res.mask)
@@ -171,38 +257,43 @@ class FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad_values):  # noqa: D102
         spec: TensorSpec = ctx.spec
         mask = ctx.saved_tensors[0]
+        if ctx.grad_sink is not None:
+            ctx.grad_sink["dense_grad"] = ctx.grad_sink.get("dense_grad", 0) + grad_values.detach()
         grad_x = unrotate(grad_values * mask, spec).to(ctx.x_dtype)
         grad_scale = None
         if len(ctx.saved_tensors) == 3:
             dvalue_dscale, lsq_scale = ctx.saved_tensors[1:]
             total = (grad_values * dvalue_dscale).sum() * ctx.lsq_grad_scale
             grad_scale = (total * torch.sign(lsq_scale)).reshape(lsq_scale.shape).to(lsq_scale.dtype)
-        return grad_x, grad_scale, None, None
+        return grad_x, grad_scale, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | None = None,
-                  stats: dict | None = None) -> torch.Tensor:
+                  stats: dict | None = None, sparse: SparseState | None = None) -> torch.Tensor:
     """Differentiable quantization of ``x`` by ``spec``, returned in the **rotated** domain when ``spec.rotated``.
 
-    For ``bf16`` specs returns ``x`` unchanged. Output dtype: the compute dtype (fp32 or float64).
+    For ``bf16`` specs without sparsity returns ``x`` unchanged. Output dtype: the compute dtype (fp32 or float64).
+    ``sparse``: see :class:`FakeQuantize`.
     """
-    if not spec.quantized:
+    if not spec.compressed:
         return x
-    return FakeQuantize.apply(x, lsq_scale, spec, stats)
+    return FakeQuantize.apply(x, lsq_scale, spec, stats, sparse)
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
                      weight_lsq_scale: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
-                     stats: dict | None = None) -> torch.Tensor:
+                     stats: dict | None = None, weight_sparse: SparseState | None = None) -> torch.Tensor:
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)``: the reference forward and backward of a quantized linear layer.
 
     x: ``[..., K]``; weight: ``[N, K]``; returns ``[..., N]`` in ``x.dtype``. When both roles are quantized in
     the same rotated domain the product is taken there (``x̂_h ŵ_hᵀ``, docs/numerics.md §4); a role quantized in a
     different domain than the other (e.g. weight-only recipes: rotated weight, plain input) is rotated back
-    first. ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction``.
+    first, except the weight of a ``layout='rotated'`` recipe, used as ``Q(W·H)`` (``y = x · Q(W·H)ᵀ``).
+    ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction``. ``weight_sparse``: the
+    weight's :class:`~bitlaw.kernels.sparsity.SparseState` (schedule, RigL mask), None for the spec's own sparsity.
     """
-    w_stats = {} if stats is not None and recipe.weight.quantized else None
-    wq = fake_quantize(weight, recipe.weight, weight_lsq_scale, w_stats)
+    w_stats = {} if stats is not None and recipe.weight.compressed else None
+    wq = fake_quantize(weight, recipe.weight, weight_lsq_scale, w_stats, weight_sparse)
     y = reference_linear_given_weight(x, wq, recipe, bias, input_lsq_scale, stats)
     if w_stats:
         stats["weight_masked_fraction"] = w_stats["masked_fraction"]
@@ -218,12 +309,14 @@ def reference_linear_given_weight(x: torch.Tensor, weight_values: torch.Tensor, 
     Shared by training and the inference layers of exported models, so both compute bitwise the same thing.
     """
     w_spec, x_spec = recipe.weight, recipe.input
-    x_stats = {} if stats is not None and x_spec.quantized else None
+    x_stats = {} if stats is not None and x_spec.compressed else None
     wq = weight_values
     xq = fake_quantize(x, x_spec, input_lsq_scale, x_stats)
     same_domain = w_spec.rotated == x_spec.rotated and (not w_spec.rotated or w_spec.block == x_spec.block)
     if not same_domain:
-        wq = unrotate(wq, w_spec)
+        # layout 'rotated' (weight-only, QuEST's runs) multiplies the plain input by Q(W·H) as it is.
+        if recipe.layout == "rotate_back":
+            wq = unrotate(wq, w_spec)
         xq = unrotate(xq, x_spec)
     dtype = torch.promote_types(xq.dtype, wq.dtype)
     y = torch.matmul(xq.to(dtype), wq.to(dtype).t())

@@ -29,11 +29,11 @@ def convert(model: nn.Module, recipe: Recipe, layer_filter: LayerFilter = BLOCK_
     ``layer_filter``: a regex that must match the whole module name (default: the block projections) or a
     callable ``(name, module) -> bool``. Selected ``nn.Linear`` layers become :class:`QuantLinear` sharing the
     same parameter objects (so it works on the meta device and before FSDP/DDP wrapping); selected
-    ``QuantLinear`` layers get the new recipe. A recipe that quantizes nothing (``bf16``) turns selected layers
-    back into plain ``nn.Linear``. Idempotent. Returns ``model``.
+    ``QuantLinear`` layers get the new recipe. A recipe that neither quantizes nor sparsifies anything (``bf16``)
+    turns selected layers back into plain ``nn.Linear``. Idempotent. Returns ``model``.
 
-    Raises ValueError if the filter selects no linear layer, or (naming the layer) if a Hadamard block does
-    not divide a selected layer's ``in_features`` — before any layer is swapped.
+    Raises ValueError if the filter selects no linear layer, or (naming the layer) if a Hadamard block, an N:M
+    group or a scale group does not divide a selected layer's ``in_features`` — before any layer is swapped.
     """
     match = _matcher(layer_filter)
     selected = [(name, module) for name, module in model.named_modules()
@@ -50,7 +50,7 @@ def convert(model: nn.Module, recipe: Recipe, layer_filter: LayerFilter = BLOCK_
             if module.recipe == recipe:
                 continue
             module = module.to_linear()
-        if recipe.quantized:
+        if recipe.compressed:
             setattr(parent, attr, QuantLinear.from_linear(module, recipe, name))
         else:
             setattr(parent, attr, module)

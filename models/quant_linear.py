@@ -7,8 +7,17 @@ import torch.distributed as dist
 from torch import nn
 
 from bitlaw.kernels.linear import BackendChoice, quantized_linear, select_backend
-from bitlaw.kernels.quantizers import rotate
+from bitlaw.kernels.quantizers import QuantResult, initial_lsq_scale, quantize
 from bitlaw.kernels.recipe import Recipe
+from bitlaw.kernels.sparsity import (
+    SparseState,
+    magnitude_keep,
+    rigl_drop_fraction,
+    rigl_due,
+    rigl_update,
+    scheduled_sparsity,
+    shrink_mask,
+)
 
 
 class QuantLinear(nn.Linear):
@@ -16,8 +25,9 @@ class QuantLinear(nn.Linear):
 
     Holds the same ``weight [out, in]`` (and optional ``bias``) parameters as ``nn.Linear`` in high precision;
     quantization happens on the fly in every forward, so the optimizer updates the master weights. For
-    ``scale='lsq'`` roles it owns a learned scale (``weight_lsq_scale`` / ``input_lsq_scale``, shape ``[1]``),
-    initialised from the first batch it sees at the Gaussian-optimal scale ``c · RMS`` of that tensor.
+    ``scale='lsq'`` / ``'lsq_step'`` roles it owns a learned scale (``weight_lsq_scale`` / ``input_lsq_scale``, shape
+    ``[1]``: α for ``lsq``, the step for ``lsq_step``), initialised from the first batch it sees
+    (:func:`bitlaw.kernels.quantizers.initial_lsq_scale`).
 
     Set ``track_stats = True`` to record the masked fraction of each role's gradient mask in ``stats``
     (``weight_masked_fraction``, ``input_masked_fraction``: 0-dim tensors) on the next forward.
@@ -26,6 +36,12 @@ class QuantLinear(nn.Linear):
     ``"triton"``, or None to follow ``$BITLAW_BACKEND`` at each forward. ``last_backend`` is the
     :class:`~bitlaw.kernels.linear.BackendChoice` of the latest forward (None before the first): which path ran
     and, when it was not Triton, why.
+
+    A sparse weight (``recipe.weight.sparse``, docs/numerics.md §7) follows the training progress: the trainer calls
+    :meth:`set_progress` before every training step (the ``progress`` buffer: step, total steps; step -1, the
+    default, means outside training, where the final sparsity applies) and :meth:`update_sparsity` after every
+    optimizer step. ``sparse_rule='rigl'`` keeps its persistent mask in the ``rigl_mask`` buffer ``[out, in]``
+    (bool, saved in checkpoints), initialised at the first forward from the weight's magnitudes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, recipe: Recipe,
@@ -39,16 +55,31 @@ class QuantLinear(nn.Linear):
         self.last_backend: BackendChoice | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self._add_lsq_scales(device)
+        self._add_sparsity_state(device)
 
     def _add_lsq_scales(self, device: torch.device | str | None) -> None:
         for role in ("weight", "input"):
-            if getattr(self.recipe, role).scale == "lsq":
+            if getattr(self.recipe, role).learned_scale:
                 self.register_parameter(f"{role}_lsq_scale",
                                         nn.Parameter(torch.ones(1, device=device, dtype=torch.float32)))
             else:
                 setattr(self, f"{role}_lsq_scale", None)
         # Persistent so a resumed run does not re-initialise a learned scale from a new batch.
         self.register_buffer("lsq_initialized", torch.zeros((), dtype=torch.bool, device=device))
+
+    def _add_sparsity_state(self, device: torch.device | str | None) -> None:
+        # A buffer, so a compiled forward reads the step as data instead of specialising on every value; not saved,
+        # as every training step sets it.
+        self.register_buffer("progress", torch.tensor([-1, 1], device=device), persistent=False)
+        spec = self.recipe.weight
+        if spec.sparse and spec.sparse_rule == "rigl":
+            # Saved, so a resumed run continues with the same mask (and does not initialise it again).
+            self.register_buffer("rigl_mask", torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
+                                                          device=device))
+            self.register_buffer("rigl_initialized", torch.zeros((), dtype=torch.bool, device=device))
+        else:
+            self.rigl_mask = self.rigl_initialized = None
+        self._dense_grad: dict | None = None  # RigL's gradient sink during an update step (set_progress)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str = "linear") -> QuantLinear:
@@ -64,6 +95,10 @@ class QuantLinear(nn.Linear):
                 if getattr(layer, f"{role}_lsq_scale") is not None:
                     setattr(layer, f"{role}_lsq_scale", nn.Parameter(torch.ones(1, device=device)))
             layer.lsq_initialized = torch.zeros((), dtype=torch.bool, device=device)
+            layer.progress = torch.tensor([-1, 1], device=device)
+            if layer.rigl_mask is not None:
+                layer.rigl_mask = torch.zeros_like(layer.rigl_mask, device=device)
+                layer.rigl_initialized = torch.zeros((), dtype=torch.bool, device=device)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -80,14 +115,19 @@ class QuantLinear(nn.Linear):
             scale = getattr(self, f"{role}_lsq_scale")
             if scale is None:
                 continue
-            spec = getattr(self.recipe, role)
-            value = spec.gaussian_scale * rotate(tensor.detach(), spec).square().mean().sqrt()
+            value = initial_lsq_scale(tensor, getattr(self.recipe, role))
             if dist.is_available() and dist.is_initialized():
                 # Activations differ across DDP ranks; averaging keeps the replicated parameter identical.
                 dist.all_reduce(value, op=dist.ReduceOp.SUM)
                 value /= dist.get_world_size()
             scale.copy_(value.reshape(1).to(scale.dtype))
         self.lsq_initialized.fill_(True)
+
+    def weight_decayed_scales(self) -> list[nn.Parameter]:
+        """The learned scales that take the linear weights' weight decay: the step of ``lsq_step`` roles (QuEST's
+        LSQ keeps it in the decayed group); ``lsq`` scales are not decayed."""
+        return [getattr(self, f"{role}_lsq_scale") for role in ("weight", "input")
+                if getattr(self.recipe, role).quantized and getattr(self.recipe, role).scale == "lsq_step"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` → ``[..., out_features]`` in ``x.dtype``."""
@@ -96,10 +136,70 @@ class QuantLinear(nn.Linear):
         stats = {} if self.track_stats else None
         self.last_backend = select_backend(self.recipe, x, self.weight, self.backend)
         y = quantized_linear(x, self.weight, self.recipe, self.bias, self.weight_lsq_scale, self.input_lsq_scale,
-                             stats, self.last_backend.backend)
+                             stats, self.last_backend.backend, self._weight_sparse())
         if stats is not None:
             self.stats = stats
         return y
+
+    def _weight_sparse(self) -> SparseState | None:
+        """The weight's sparsity state for this forward; None when the weight is not sparse."""
+        spec = self.recipe.weight
+        if not spec.sparse:
+            return None
+        if self.rigl_mask is not None and not self.rigl_initialized:
+            self._init_rigl_mask()
+        return SparseState(sparsity=scheduled_sparsity(spec, self.progress), keep=self.rigl_mask,
+                           grad_sink=self._dense_grad if self.training else None)
+
+    @torch.no_grad()
+    def _init_rigl_mask(self) -> None:
+        # The top-k of the weight's magnitudes: on a randomly initialised weight, the random sparse topology RigL
+        # starts from, without drawing random numbers.
+        spec = self.recipe.weight
+        sparsity = scheduled_sparsity(spec, self.progress)
+        self.rigl_mask.copy_(magnitude_keep(self.weight, spec.structure,
+                                            spec.sparsity if sparsity is None else sparsity))
+        self.rigl_initialized.fill_(True)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Before training step ``step`` (0-based) of ``total_steps``: the sparsity schedule follows it, and on RigL's
+        update steps (:func:`~bitlaw.kernels.sparsity.rigl_due`) the backward collects the dense weight gradient,
+        summed over the micro-batches of the step, for :meth:`update_sparsity`."""
+        self.progress.copy_(torch.tensor([step, total_steps]))
+        if self.rigl_mask is not None and self._dense_grad is None and rigl_due(self.recipe.weight, step,
+                                                                                total_steps):
+            self._dense_grad = {}
+
+    @torch.no_grad()
+    def update_sparsity(self) -> None:
+        """After the optimizer step of the step given to :meth:`set_progress`. RigL: the drop/grow update when one
+        is due (grown weights set to 0, as in Evci et al.), then the mask pruned down to the schedule's sparsity of
+        the next step. Other rules recompute their mask at every forward: nothing to do."""
+        if self.rigl_mask is None:
+            return
+        spec = self.recipe.weight
+        step, total = self.progress.tolist()
+        mask = self.rigl_mask
+        if self._dense_grad:
+            dense_grad = self._dense_grad["dense_grad"]
+            if dist.is_available() and dist.is_initialized():
+                # Ranks saw different data; the summed gradient keeps the replicated masks identical.
+                dist.all_reduce(dense_grad, op=dist.ReduceOp.SUM)
+            mask = rigl_update(mask, self.weight, dense_grad, rigl_drop_fraction(spec, step, total), spec.structure)
+            self.weight.masked_fill_(mask & ~self.rigl_mask, 0.0)
+        self._dense_grad = None
+        upcoming = scheduled_sparsity(spec, torch.tensor([step + 1, total]))
+        if upcoming is not None:
+            mask = shrink_mask(mask, self.weight, upcoming, spec.structure)
+        self.rigl_mask.copy_(mask)
+
+    @torch.no_grad()
+    def quantized_weight(self) -> QuantResult:
+        """The weight exactly as this layer's forward uses it (:func:`bitlaw.kernels.quantizers.quantize` of the fp32
+        weight with the layer's sparsity state; rotated domain when the recipe rotates it), for exports. Requires a
+        compressed weight spec."""
+        return quantize(self.weight.detach().float(), self.recipe.weight, self.weight_lsq_scale,
+                        self._weight_sparse())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}"

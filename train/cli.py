@@ -83,8 +83,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         recipe = Recipe.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
         with torch.device("meta"):
             meta_model = LlamaModel(model_cfg)
-        if recipe.quantized:
-            convert(meta_model, recipe)  # raises, naming the layer, if a Hadamard block does not fit the width
+        if recipe.compressed:
+            convert(meta_model, recipe)  # raises, naming the layer, if a block or group does not fit the width
         if not 1 <= cfg.seq_len <= model_cfg.max_seq_len:
             raise ValueError(f"seq_len={cfg.seq_len} must be in [1, model.max_seq_len={model_cfg.max_seq_len}]")
         for key in ("global_batch", "val_every", "val_batches", "ckpt_every"):

@@ -18,6 +18,7 @@ from torch import nn
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import convert, quantized_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
+from bitlaw.models.quant_linear import QuantLinear
 from bitlaw.train.config import OptimConfig
 
 
@@ -39,12 +40,17 @@ def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
 
 
 def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(decay, no_decay)``: weight decay only on the weights of linear layers inside the blocks.
+    """``(decay, no_decay)``: weight decay only on the weights of linear layers inside the blocks, and on the learned
+    steps of ``lsq_step`` roles (QuEST's LSQ decays them with the weights, docs/numerics.md §5).
 
-    Norms, embeddings, lm_head, biases and learned quantizer scales are not decayed (docs/training.md §3).
+    Norms, embeddings, lm_head, biases and ``lsq`` scales are not decayed (docs/training.md §3).
     """
-    decay_ids = {id(m.weight) for name, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and name.startswith("layers.")}
+    decay_ids = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith("layers."):
+            decay_ids.add(id(m.weight))
+            if isinstance(m, QuantLinear):
+                decay_ids.update(id(p) for p in m.weight_decayed_scales())
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -61,6 +67,9 @@ class LitLlama(L.LightningModule):
     Which path each kind of quantized layer took is logged as ``backend/<kind>`` (1 Triton, 0 reference) and
     kept, with the reason for a fallback, in :meth:`backend_report`. ``settings`` (the run's defining settings,
     :func:`bitlaw.train.settings.run_settings`) go into every checkpoint, to be compared when resuming.
+    With a sparse weight (docs/numerics.md §7) every layer is told the step before each training step
+    (``QuantLinear.set_progress``: the cubic schedule, RigL's gradient capture) and updates its mask after each
+    optimizer step (``QuantLinear.update_sparsity``: RigL).
     """
 
     def __init__(self, model_config: dict[str, Any], recipe: dict[str, Any], optim: dict[str, Any],
@@ -81,10 +90,12 @@ class LitLlama(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run["seed"])
             self.model = LlamaModel(self.model_config)
-        if self.recipe.quantized:
+        if self.recipe.compressed:
             convert(self.model, self.recipe)
             for layer in quantized_layers(self.model).values():
                 layer.backend = backend
+        # Layers whose weight sparsity follows the training progress (schedule, RigL): told each step.
+        self._sparse_layers = list(quantized_layers(self.model).values()) if self.recipe.weight.sparse else []
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation
@@ -119,6 +130,8 @@ class LitLlama(L.LightningModule):
         # Sampled on steps Lightning writes to the loggers (mask_stats_every is a multiple of log_every_n_steps).
         sample_masks = self.mask_stats_every > 0 and (step + 1) % self.mask_stats_every == 0
         layers = self._track_masks(sample_masks) if sample_masks else {}
+        for layer in self._sparse_layers:
+            layer.set_progress(step, self.total_steps)
         _, loss = self(x, y)
         # The mean over ranks: one scalar all-reduce per step, small beside DDP's gradient all-reduce.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
@@ -176,6 +189,13 @@ class LitLlama(L.LightningModule):
         # is that same value; reducing keeps the ranks provably in agreement.
         if self._val_count:
             self.log("val/loss", self._val_sum / self._val_count, prog_bar=True, sync_dist=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # After the weights moved (and once per optimizer step, however many micro-batches): RigL's drop/grow and
+        # the next step's mask act on the updated weights.
+        for layer in self._sparse_layers:
+            layer.update_sparsity()
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = decay_groups(self.model)

@@ -7,7 +7,10 @@ with both values.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from bitlaw.kernels.recipe import TensorSpec
 
 # What defines a run's result (docs/training.md §4). Everything else may change between attempts of one run:
 # logging, progress, paths, checkpoint and validation cadence, device count and gradient accumulation (the same
@@ -41,8 +44,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def with_spec_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every tensor-spec field a role (``quant.weight``, ``quant.input``) does not record set to
+    its default: a run recorded before a field existed (e.g. ``sparsity``) ran with what the default means."""
+    filled = dict(settings)
+    for role in ("weight", "input"):
+        prefix = f"quant.{role}."
+        if any(key.startswith(prefix) for key in settings):
+            for spec_field in dataclasses.fields(TensorSpec):
+                filled.setdefault(prefix + spec_field.name, spec_field.default)
+    return filled
+
+
 def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: recorded → current`` for every setting whose values differ (a key missing on one side included)."""
+    """``key: recorded → current`` for every setting whose values differ (a key missing on one side included;
+    tensor-spec fields missing from a recipe count as their defaults, :func:`with_spec_defaults`)."""
+    recorded, current = with_spec_defaults(recorded), with_spec_defaults(current)
     missing = object()
     return [f"{key}: {recorded.get(key, missing)!r} → {current.get(key, missing)!r}".replace(repr(missing), "unset")
             for key in sorted(set(recorded) | set(current)) if recorded.get(key, missing) != current.get(key, missing)]

@@ -8,7 +8,8 @@ implementation giving output shapes and dtypes, so tracing needs no real kernels
   dtype, the fp32 master weight, once), optional ``bias [N]`` → ``y [M, N]`` in ``x``'s dtype, plus the packed
   codes, steps and bit masks of both roles that backward keeps (no activation tensor).
 - ``bitlaw::quantized_linear_backward``: the gradients of docs/numerics.md §4 (:mod:`bitlaw.kernels.triton.backward`).
-- ``bitlaw::quantized_weight``: weight-only recipes; ``Q(w·H)·Hᵀ`` in fp32 and the mask.
+- ``bitlaw::quantized_weight``: weight-only recipes; ``Q(w·H)·Hᵀ`` (``Q(w·H)`` for ``layout='rotated'``) in fp32
+  and the mask.
 
 The recipe travels as its JSON text (operators take plain types only). Annotations are evaluated at definition (no
 ``from __future__ import annotations``): torch.library reads them to build each operator's schema.
@@ -108,9 +109,11 @@ quantized_linear_op.register_autograd(_backward_linear, setup_context=_setup_lin
 
 @torch.library.custom_op("bitlaw::quantized_weight", mutates_args=())
 def quantized_weight_op(weight: torch.Tensor, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q(w·H)·Hᵀ fp32 [N, K], bit mask [N, ceil(K/8)])`` for the weight role of ``recipe`` (weight-only recipes)."""
-    wq = quantize_rows(weight, recipe_of(recipe).weight, codes=False, packed=True)
-    return dequantize_rows(wq, torch.float32, unrotate=True), wq.mask
+    """``(Q(w·H)·Hᵀ fp32 [N, K], bit mask [N, ceil(K/8)])`` for the weight role of ``recipe`` (weight-only recipes);
+    ``Q(w·H)`` itself, not rotated back, for ``layout='rotated'``."""
+    spec = recipe_of(recipe)
+    wq = quantize_rows(weight, spec.weight, codes=False, packed=True)
+    return dequantize_rows(wq, torch.float32, unrotate=spec.layout == "rotate_back"), wq.mask
 
 
 @quantized_weight_op.register_fake
@@ -121,15 +124,18 @@ def _(weight, recipe):
 
 def _setup_weight(ctx, inputs, output):
     weight, recipe = inputs
+    spec = recipe_of(recipe)
     ctx.save_for_backward(output[1])
-    ctx.k, ctx.rotated, ctx.dtype = weight.shape[1], recipe_of(recipe).weight.rotated, weight.dtype
+    ctx.k, ctx.rotated, ctx.dtype = weight.shape[1], spec.weight.rotated, weight.dtype
+    ctx.rotated_back = spec.weight.rotated and spec.layout == "rotate_back"
 
 
 def _backward_weight(ctx, grad, unused):
     (mask,) = ctx.saved_tensors
     keep = unpack_mask(mask, ctx.k)
-    # The rotate-back is ŵ_h·H, whose adjoint is ·H again; then the trust mask and the inverse rotation.
-    grad = block_hadamard(grad) if ctx.rotated else grad.float()
+    # The rotate-back is ŵ_h·H, whose adjoint is ·H again (absent in layout 'rotated', which uses ŵ_h itself); then
+    # the trust mask and the inverse rotation.
+    grad = block_hadamard(grad) if ctx.rotated_back else grad.float()
     grad = grad * keep
     grad = block_hadamard(grad) if ctx.rotated else grad
     return grad.to(ctx.dtype), None

@@ -32,6 +32,7 @@ pytest.importorskip("transformers")
     ("quest_w1", 4, True, None), ("quest_w2", 4, True, None), ("quest_w3", 4, True, None),
     ("quest_w4", 8, True, None), ("quest_w4z", 4, True, None), ("quest_w4a4", 8, True, 4),
     ("quest_w8a8", 8, False, 8), ("quest_w4za4z", 4, True, 4), ("noht_w4a4", 8, True, 4),
+    ("quest_w4_rotated", 8, True, None),
 ])
 def test_the_plan_stores_each_grid_in_the_narrowest_exact_width(recipe, bits, weights_exact, input_bits):
     plan = storage_plan(load_recipe(recipe))
@@ -39,7 +40,8 @@ def test_the_plan_stores_each_grid_in_the_narrowest_exact_width(recipe, bits, we
     exact = weights_exact and input_bits is None
     assert (plan.bits, plan.weights_exact, plan.exact, plan.input_bits) == (bits, weights_exact, exact,
                                                                             input_bits), plan
-    assert plan.rotation == ("none" if recipe.startswith("noht") else "online")
+    # layout 'rotated' multiplies the plain input by Q(W·H): stored as it is, no transform to declare.
+    assert plan.rotation == ("none" if recipe.startswith("noht") or recipe.endswith("_rotated") else "online")
 
 
 @pytest.mark.parametrize(("recipe", "options", "message"), [
@@ -74,7 +76,8 @@ def test_stored_integers_times_scales_are_the_trained_values_bitwise(recipe):
     assert torch.equal(integers.float() * scale, res.values)
 
 
-@pytest.mark.parametrize(("recipe", "options"), [("quest_w2", {}), ("quest_w4", {}), ("quest_w4z", {})])
+@pytest.mark.parametrize(("recipe", "options"), [("quest_w2", {}), ("quest_w4", {}), ("quest_w4z", {}),
+                                                  ("quest_w2_rotated", {})])
 def test_exact_exports_give_bitlaws_logits_in_transformers(tmp_path, recipe, options):
     loaded = load_checkpoint(small_checkpoint(tmp_path, recipe))
     plan = storage_plan(loaded.recipe, **options)
@@ -88,7 +91,10 @@ def test_exact_exports_give_bitlaws_logits_in_transformers(tmp_path, recipe, opt
     assert relative <= 1e-5, relative
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["weights"]["num_bits"] == plan.bits
-    assert config["transform_config"]["config_groups"]["bitlaw_hadamard"]["head_dim"] == 128
+    if plan.rotation == "online":
+        assert config["transform_config"]["config_groups"]["bitlaw_hadamard"]["head_dim"] == 128
+    else:
+        assert not config["transform_config"]
 
 
 def test_without_the_transform_the_logits_are_wrong_which_is_why_the_loader_applies_it(tmp_path):

@@ -25,7 +25,7 @@ def _checkpoint(tmp_path: Path, recipe_name: str, seed: int = 0) -> Path:
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "quest_w4a4", "quest_w1a1", "quest_w4", "lsq_w4a4", "quest_fp4",
-                                    "quest_w8a8"])
+                                    "quest_w8a8", "quest_w4_rotated"])
 def test_native_round_trip_is_bitwise(tmp_path, recipe):
     trained = load_checkpoint(_checkpoint(tmp_path, recipe))
     sizes = export_native(trained, tmp_path / "export")
@@ -47,7 +47,7 @@ def test_four_bit_file_is_small(tmp_path):
     assert w4["file_bytes"] < bf16["file_bytes"]
 
 
-@pytest.mark.parametrize("recipe", ["quest_w4a4", "quest_w2"])
+@pytest.mark.parametrize("recipe", ["quest_w4a4", "quest_w2", "quest_w2_rotated"])
 def test_hf_export_matches_weight_only_forward(tmp_path, recipe):
     transformers = pytest.importorskip("transformers")
     trained = load_checkpoint(_checkpoint(tmp_path, recipe))
@@ -55,7 +55,8 @@ def test_hf_export_matches_weight_only_forward(tmp_path, recipe):
     assert any("weight-only" in n for n in notes) == (recipe == "quest_w4a4")
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True,
                                                        dtype=torch.float32).eval()
-    weight_only = Recipe(name="w-only", weight=trained.recipe.weight, input=Recipe().input)
+    weight_only = Recipe(name="w-only", weight=trained.recipe.weight, input=Recipe().input,
+                         layout=trained.recipe.layout)
     convert(trained.model, weight_only)
     with torch.no_grad():
         ours = trained.model(_tokens())

@@ -1,13 +1,15 @@
 """Recipe types: presets load from conf/quant, round-trip through dicts, and reject bad input clearly."""
 
 import dataclasses
+import math
 
 import pytest
 
 from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe, recipe_names
 
 REQUIRED = ["bf16", *(f"quest_w{b}a{b}" for b in (1, 2, 3, 4, 8)), *(f"quest_w{b}" for b in (1, 2, 3, 4)),
-            "quest_fp4", "noht_w4a4", "ste_w4a4", "lsq_w4a4", "absmax_w4a4", "quest_w4z", "quest_w4za4z"]
+            "quest_fp4", "noht_w4a4", "ste_w4a4", "clip1_w4a4", "lsq_w4a4", "lsq_ht_w4a4", "absmax_w4a4", "quest_w4z",
+            "quest_w4za4z", *(f"quest_w{b}_rotated" for b in (1, 2, 3, 4))]
 
 
 def test_required_presets_exist():
@@ -43,7 +45,8 @@ def test_mask_thresholds():
     assert TensorSpec(format="int1").mask_threshold == pytest.approx(2.0)
     assert TensorSpec(format="int1", grad="clip").mask_threshold == 1.30
     assert TensorSpec(format="int1", grad="clip", rotation="none").mask_threshold == 1.25
-    assert TensorSpec(format="int4", grad="ste").mask_threshold == 1.0
+    assert TensorSpec(format="int4", grad="ste").mask_threshold == math.inf  # masks nothing
+    assert TensorSpec(format="int4", grad="clip", clip=1.0).mask_threshold == 1.0
     assert TensorSpec(format="int4z").mask_threshold == pytest.approx(15 / 14)  # the positive side (half a step)
 
 

@@ -93,7 +93,7 @@ def test_quantized_model_trains_and_reports_masked_fraction():
 
 def test_lsq_layer_learns_its_scale():
     model = _tiny()
-    convert(model, load_recipe("lsq_w4a4"))
+    convert(model, load_recipe("lsq_ht_w4a4"))
     layer = model.layers[0].mlp.up_proj
     assert {n for n, _ in layer.named_parameters()} == {"weight", "weight_lsq_scale", "input_lsq_scale"}
     x = torch.randn(8, 256)
@@ -103,6 +103,20 @@ def test_lsq_layer_learns_its_scale():
                                                           rel=1e-3)
     assert layer.weight_lsq_scale.grad is not None and layer.weight_lsq_scale.grad.abs() > 0
     assert layer.input_lsq_scale.grad.abs() > 0
+
+
+def test_quest_lsq_layer_learns_its_step_from_lsqs_init():
+    model = _tiny()
+    convert(model, load_recipe("lsq_w4a4"))
+    layer = model.layers[0].mlp.up_proj
+    x = torch.randn(8, 256)
+    layer(x).square().mean().backward()
+    # QuEST's LSQ init: 2·mean|t| / sqrt(Q_P), Q_P = 7 at 4 bits, over the tensor itself (no rotation).
+    assert layer.weight_lsq_scale.item() == pytest.approx(2 * layer.weight.detach().abs().mean().item() / 7**0.5,
+                                                          rel=1e-6)
+    assert layer.input_lsq_scale.item() == pytest.approx(2 * x.abs().mean().item() / 7**0.5, rel=1e-6)
+    assert layer.weight_lsq_scale.grad.abs() > 0 and layer.input_lsq_scale.grad.abs() > 0
+    assert layer.weight_decayed_scales() == [layer.weight_lsq_scale, layer.input_lsq_scale]
 
 
 def test_convert_rejects_a_width_the_block_does_not_divide_before_swapping():

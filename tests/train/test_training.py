@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitlaw.kernels.recipe import recipe_names
+from bitlaw.kernels.recipe import load_recipe, recipe_names
 from bitlaw.models.llama import LlamaModel
 from bitlaw.train.callbacks import NonFiniteLossError
 from bitlaw.train.cli import build_trainer, train
@@ -154,6 +154,18 @@ def test_weight_decay_lands_on_block_linear_weights_only():
             "layers.0.mlp.up_proj.weight_lsq_scale"} <= {names[id(p)] for p in no_decay}
     groups = module.configure_optimizers()["optimizer"].param_groups
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+
+
+def test_quest_lsq_steps_are_decayed_with_the_weights():
+    module = LitLlama({"n_layer": 1, "d_model": 128, "n_head": 1, "vocab_size": 64}, load_recipe("lsq_w4a4").to_dict(),
+                      dict(OptimConfig().__dict__), 10, {"seed": 0, "seq_len": 8, "global_batch": 2})
+    decay, no_decay = decay_groups(module.model)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay}
+    for proj in ("self_attn.q_proj", "mlp.down_proj"):
+        assert {f"layers.0.{proj}.{p}" for p in ("weight", "weight_lsq_scale", "input_lsq_scale")} <= decayed
+    assert not {n for n in decayed if not n.startswith("layers.0.")}
+    assert {"lm_head.weight", "norm.weight"} <= {names[id(p)] for p in no_decay}
 
 
 def test_bad_input_fails_before_compute_and_keeps_what_was_written(tmp_path, corpus):

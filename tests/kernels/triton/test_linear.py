@@ -98,8 +98,9 @@ def _compare(recipe: Recipe, shape: tuple[int, ...], out_features: int, seed: in
 
 @pytest.mark.parametrize(("name", "shape"), [
     ("quest_w4a4", (37, 256)), ("quest_w4a4", (2, 19, 128)), ("quest_w1a1", (37, 128)), ("quest_w2a2", (1, 256)),
-    ("quest_w3a3", (37, 128)), ("ste_w4a4", (37, 128)), ("noht_w4a4", (37, 200)), ("quest_w4", (37, 256)),
-    ("quest_w1", (2, 19, 128)),
+    ("quest_w3a3", (37, 128)), ("ste_w4a4", (37, 200)), ("clip1_w4a4", (37, 128)), ("noht_w4a4", (37, 200)),
+    ("quest_w4", (37, 256)), ("quest_w1", (2, 19, 128)), ("quest_w4_rotated", (37, 256)),
+    ("quest_w1_rotated", (5, 128)),
 ])
 def test_triton_path_equals_the_reference(name, shape, triton_calls):
     _compare(load_recipe(name), shape, 64, seed=len(name) + shape[-1])
@@ -120,13 +121,13 @@ def test_mixed_bits_and_bf16_inputs(triton_calls):
     assert triton_calls == ["w2a6", "quest_w4a4"]
 
 
-@pytest.mark.parametrize("name", ["lsq_w4a4", "absmax_w4a4", "quest_w8a8", "quest_fp4", "bf16", "quest_w4za4z",
-                                  "quest_w4z"])
+@pytest.mark.parametrize("name", ["lsq_w4a4", "lsq_ht_w4a4", "absmax_w4a4", "quest_w8a8", "quest_fp4", "bf16",
+                                  "quest_w4za4z", "quest_w4z"])
 def test_unsupported_recipes_fall_back_to_the_reference(name, triton_calls):
     recipe = load_recipe(name)
     assert triton_unsupported_reason(recipe) is not None
     x, w = torch.randn(5, 128), torch.randn(16, 128)
-    lsq_roles = [role for role in ("weight", "input") if getattr(recipe, role).scale == "lsq"]
+    lsq_roles = [role for role in ("weight", "input") if getattr(recipe, role).learned_scale]
     scales = {f"{role}_lsq_scale": torch.ones(1) for role in lsq_roles}
     y = quantized_linear(x, w, recipe, backend="triton", **scales)
     assert torch.equal(y, reference_linear(x, w, recipe, **scales))
@@ -300,7 +301,7 @@ def test_select_backend_names_the_path_and_why():
     assert select_backend(recipe, x, w, "triton") == linear.BackendChoice("triton", None)
     assert select_backend(recipe, x, w, "reference").reason == "backend=reference requested (the backend argument)"
     choice = select_backend(load_recipe("lsq_w4a4"), x, w, "triton")
-    assert choice.backend == "reference" and choice.reason.startswith("no Triton kernel: weight: scale 'lsq'")
+    assert choice.backend == "reference" and choice.reason.startswith("no Triton kernel: weight: scale 'lsq_step'")
     zero = ("format 'int4z' is an integer grid with a zero level (int{b}z/int{b}s); the kernels implement only "
             "QuEST's odd grids int1 … int7")
     choice = select_backend(load_recipe("quest_w4za4z"), x, w, "triton")

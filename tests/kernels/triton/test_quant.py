@@ -49,7 +49,8 @@ def near_boundary(x: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     # An exact zero sits on a boundary but floors to 0 in both: it cannot differ.
     near_round = ((t - t.round()).abs() * ref.step <= band + 4 * FP32_EPS * x_h.abs()) & (x_h != 0)
     threshold = spec.mask_threshold * spec.fmt.max_level * ref.scale
-    near_mask = (x_h.abs() - threshold).abs() <= band + 4 * FP32_EPS * threshold
+    # grad: ste has no mask boundary (an infinite threshold): no element is near one.
+    near_mask = ((x_h.abs() - threshold).abs() <= band + 4 * FP32_EPS * threshold) & threshold.isfinite()
     return near_round | near_mask
 
 
@@ -96,9 +97,10 @@ def test_codes_steps_masks_equal_the_reference(bits, m, k):
 
 @pytest.mark.parametrize("spec", [TensorSpec(format="int4", grad="ste"), TensorSpec(format="int1", grad="trust"),
                                   TensorSpec(format="int2", grad="clip", clip=1.1),
+                                  TensorSpec(format="int4", grad="clip", clip=1.0),
                                   TensorSpec(format="int4", rotation="none"),
                                   TensorSpec(format="int1", grad="clip", rotation="none")],
-                         ids=["ste", "int1-trust", "int2-clip", "int4-noht", "int1-noht-clip"])
+                         ids=["ste", "int1-trust", "int2-clip", "int4-clip1", "int4-noht", "int1-noht-clip"])
 def test_gradient_rules_and_no_rotation_equal_the_reference(spec):
     x = torch.randn(37, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     assert_matches_reference(x, spec)
@@ -138,6 +140,7 @@ def test_non_contiguous_inputs_are_handled():
     (torch.randn(4, 128), TensorSpec(format="ternary"), "not an integer format"),
     (torch.randn(4, 128), TensorSpec(format="int4", scale="absmax"), "scale 'absmax'"),
     (torch.randn(4, 128), TensorSpec(format="int4", scale="lsq"), "scale 'lsq'"),
+    (torch.randn(4, 128), TensorSpec(format="int4", scale="lsq_step"), "scale 'lsq_step'"),
     (torch.randn(4, 128), TensorSpec(format="int4", block=64), "hadamard block 64"),
     (torch.randn(128), TensorSpec(format="int4"), r"expected a 2-D \[rows, K\] tensor, got shape \(128,\)"),
     (torch.randn(2, 2, 128), TensorSpec(format="int4"), "got shape"),
