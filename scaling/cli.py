@@ -1,6 +1,6 @@
 """``bitlaw-fit`` (also ``python -m bitlaw.scaling``): fit precision scaling laws to runs, predict losses, redraw plots.
 
-    bitlaw-fit RUNS... --out DIR [--forms decoupled gmse kumar] [--delta 1e-3] [--bootstrap 100] [--seed 0]
+    bitlaw-fit RUNS... --out DIR [--forms decoupled gmse factorized kumar] [--delta 1e-3] [--bootstrap 100] [--seed 0]
     bitlaw-fit predict --fit DIR/fit.json --recipe R --N n --D d [--form F]
     bitlaw-fit predict --fit DIR/fit.json --memory-bytes M --D d [--recipes R...]
     bitlaw-fit predict --fit DIR/fit.json --compute-flops C [--ratio 100 | --D d] [--cost bits|flat] [--recipes R...]
@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bitlaw.kernels.gmse import COMPONENT_TYPES
 from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
-from bitlaw.scaling.fit import DEFAULT_DELTA, DEFAULT_REFINE, IdentifiabilityWarning, fit_forms
+from bitlaw.scaling.fit import DEFAULT_DELTA, DEFAULT_REFINE, FitResult, IdentifiabilityWarning, fit_forms
 from bitlaw.scaling.laws import FORMS, capacity, capacity_in_range, capacity_range_warning, predict_loss
 from bitlaw.scaling.predict import COST_MODELS, rank_recipes
 from bitlaw.scaling.report import primary_form, read_fit_json, write_report
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--fit", required=True, type=Path, help="a fit.json written by bitlaw-fit")
     predict.add_argument("--form", choices=FORMS,
                          help="law form (default: the one report.md calls best, the lowest RMSE)")
-    predict.add_argument("--recipe", help="recipe (conf/quant preset or a fitted recipe name) for one prediction")
+    predict.add_argument("--recipe", help="recipe (a fitted recipe name, a conf/quant preset or a recipe YAML file) "
+                                          "for one prediction")
     predict.add_argument("--N", type=_positive_float, help="non-embedding parameters")
     predict.add_argument("--D", type=_positive_float, help="training tokens")
     predict.add_argument("--memory-bytes", type=_positive_float,
@@ -107,16 +109,43 @@ def run_fit(args: argparse.Namespace) -> None:
     for form, result in results.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.params.items())
         print(f"{form}: RMSE {result.rmse:.4g}; {shown}")
+        for line in details(result):
+            print(f"  {line}")
     print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+def details(result: FitResult) -> list[str]:
+    """The lines below a form's summary: the factorized form's parameters per compression type with their 1σ
+    intervals, what it left unfitted, and the decoupled form's factorization errors."""
+    lines = []
+    if result.form == "factorized":
+        for kind in COMPONENT_TYPES:
+            names = [name for name in result.params if name.endswith(f"[{kind}]")]
+            if names:
+                lines.append(f"{kind}: " + ", ".join(
+                    f"{name.removesuffix(f'[{kind}]')}={result.params[name]:.4g}"
+                    + (" [{:.4g}, {:.4g}]".format(*result.intervals[name]) if name in result.intervals else "")
+                    for name in names))
+    lines += [note.removeprefix(f"{result.form}: ") for note in result.notes]
+    if result.form == "decoupled":
+        if not result.factorization:
+            lines.append("factorization: no recipe is a product of other recipes of the table; not measured")
+        for row in result.factorization:
+            interval = " (1σ [{:+.2%}, {:+.2%}])".format(*row["interval"]) if "interval" in row else ""
+            lines.append(f"factorization: {row['composite']} vs {' × '.join(row['parts'])}: ρ {row['rho']:.4f} vs "
+                         f"{row['rho_product']:.4f}, relative error {row['relative_error']:+.2%}{interval}")
+    return lines
+
+
 def _resolve(name: str, entry: dict[str, Any]) -> Recipe:
+    """A fitted recipe of ``entry``, a conf/quant preset, or a recipe YAML file (``*.yaml``: any recipe, e.g. a
+    combination of fitted compression types that no run trained)."""
     if name in entry.get("recipes", {}):
         return Recipe.from_dict(entry["recipes"][name])
-    if name in recipe_names():
+    if name in recipe_names() or name.endswith((".yaml", ".yml")):
         return load_recipe(name)
-    raise ValueError(f"unknown recipe {name!r}; allowed: the fitted recipes ({', '.join(entry.get('recipes', {}))}) "
-                     f"or a conf/quant preset ({', '.join(recipe_names())})")
+    raise ValueError(f"unknown recipe {name!r}; allowed: the fitted recipes ({', '.join(entry.get('recipes', {}))}), "
+                     f"a conf/quant preset ({', '.join(recipe_names())}) or a recipe YAML file")
 
 
 def choose_form(requested: str | None, entries: dict[str, dict[str, Any]], path: Path) -> tuple[str, str]:

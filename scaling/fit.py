@@ -12,7 +12,9 @@ objective is kept.
 
 Uncertainty: ``bootstrap`` resamples of the runs (with replacement, from ``numpy.random.default_rng(seed)``), each
 refitted from the best point; intervals are the 15.9th–84.1st percentiles (1 σ) and ``sigma`` the standard
-deviation. Everything is deterministic given the seed.
+deviation. Everything is deterministic given the seed (the Monte Carlo GMSE values some recipes need are seeded
+too, :mod:`kernels.gmse`). The decoupled fit also measures the factorization error of every composite recipe whose
+parts were trained alone, with the same resamples (:mod:`scaling.factorization`).
 
 Identifiability is checked before fitting: warnings (Python ``warnings`` with :class:`IdentifiabilityWarning`,
 and the result's ``warnings`` list) when all runs share one D/N ratio (α and E), there are fewer than 3 distinct
@@ -40,8 +42,10 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import chi2
 
+from bitlaw.kernels.gmse import recipe_components
 from bitlaw.kernels.recipe import Recipe
-from bitlaw.scaling.laws import FORMS, RHO_MAX, SHARED, SHARED_PUBLIC, UNCAPPED_MAX, Law, make_law
+from bitlaw.scaling.factorization import factorization_errors
+from bitlaw.scaling.laws import FORMS, RHO_MAX, SHARED, SHARED_PUBLIC, UNCAPPED_MAX, Decoupled, Law, make_law
 from bitlaw.scaling.runs import Run, check_recipe_names, levels, recipes_of
 
 DEFAULT_DELTA = 1e-3
@@ -61,7 +65,13 @@ class IdentifiabilityWarning(UserWarning):
 @dataclass
 class FitResult:
     """One fitted form. ``params``/``intervals``/``sigma`` use public names (A, alpha, B, beta, E, then the form's
-    own); ``capacity`` maps each recipe of the table to ρ; ``rmse`` is on the loss (nats/token)."""
+    own); ``capacity`` maps each recipe of the table to ρ; ``rmse`` is on the loss (nats/token).
+
+    ``components``: recipe → its components as fitted (role, type, and the GMSE record of
+    :class:`kernels.gmse.GMSE`), so a reader sees which GMSE values (exact or Monte Carlo) the law used.
+    ``notes``: what the form leaves unfitted by design (e.g. a compression type no run has).
+    ``factorization``: decoupled only, the rows of :func:`scaling.factorization.factorization_errors`.
+    """
 
     form: str
     params: dict[str, float]
@@ -78,6 +88,9 @@ class FitResult:
     seed: int
     warnings: list[str] = field(default_factory=list)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    factorization: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,7 +245,7 @@ def _law_for(runs: Sequence[Run], form: str) -> tuple[Law, list[str]]:
 
 def fit_law(runs: Sequence[Run], form: str, delta: float = DEFAULT_DELTA, bootstrap: int = 100, seed: int = 0,
             refine: int | None = DEFAULT_REFINE) -> FitResult:
-    """Fit the law ``form`` (one of ``decoupled``, ``gmse``, ``kumar``) to ``runs``; see the module docstring.
+    """Fit the law ``form`` (one of :data:`scaling.laws.FORMS`) to ``runs``; see the module docstring.
 
     Raises ValueError for an unknown form, δ ≤ 0, bootstrap < 0, refine < 1, or fewer runs than free parameters.
     """
@@ -282,8 +295,8 @@ def _fit(runs: Sequence[Run], law: Law, recipes: dict, names: list[str], message
     intervals: dict[str, list[float]] = {}
     sigma: dict[str, float] = {}
     capacity_intervals: dict[str, list[float]] = {}
+    table = [_public(problem.to_external(theta), law) for theta in samples]
     if samples:
-        table = [_public(problem.to_external(theta), law) for theta in samples]
         for name in names:
             values = np.array([row[name] for row in table])
             intervals[name] = [float(v) for v in np.percentile(values, [15.865, 84.135])]
@@ -298,7 +311,12 @@ def _fit(runs: Sequence[Run], law: Law, recipes: dict, names: list[str], message
     return FitResult(form=law.name, params=params, intervals=intervals, sigma=sigma, capacity=capacity,
                      capacity_intervals=capacity_intervals, rmse=rmse, objective=best_value * delta,
                      n_runs=len(runs), n_params=len(names), delta=float(delta), bootstrap=bootstrap, seed=seed,
-                     warnings=messages, recipes={name: r.to_dict() for name, r in recipes.items()})
+                     warnings=messages, recipes={name: r.to_dict() for name, r in recipes.items()},
+                     components={name: [{"role": c.role, "type": c.type, "gmse": c.gmse.to_dict()}
+                                        for c in recipe_components(recipe)] for name, recipe in recipes.items()},
+                     notes=law.notes(),
+                     factorization=(factorization_errors(recipes, law.capacity, params, table)
+                                    if isinstance(law, Decoupled) else []))
 
 
 def fitted_warnings(problem: _Problem, theta: np.ndarray, params: dict[str, float],

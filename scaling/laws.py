@@ -2,25 +2,32 @@
 
     L(N, D, R) = A / (N · ρ(R))^α + B / D^β + E,   ρ(bf16) = 1,   A = e^a, B = e^b, E = e^e.
 
-Forms of ρ:
+A recipe is a product of *components* (:func:`kernels.gmse.recipe_components`): the quantization of a role, or
+its sparsity, each with the Gaussian MSE (GMSE) of that compression alone. Forms of ρ:
 
-- ``decoupled`` (QuEST): one free efficiency ``rho[<recipe>]`` per quantized recipe.
-- ``gmse`` (Unified): ρ(spec) = L_c · tanh(F · log_{1/4} GMSE(spec))^C for each quantized tensor spec, factorized
-  over the roles: ρ(R) = ρ(weight spec) · ρ(input spec); a bf16 spec contributes 1. GMSE comes from
-  :func:`kernels.formats.gmse` of the spec's format (it assumes the Gaussian-optimal scale, so ``absmax`` or
-  ``lsq`` recipes, or ``noht_w4a4``, get the capacity of the same format under QuEST scaling).
+- ``decoupled`` (QuEST): one free efficiency ``rho[<recipe>]`` per compressed recipe.
+- ``gmse`` (Unified, one compression type): ρ(R) = Π over components of L_c · tanh(F · log_{1/4} GMSE_c)^C with one
+  (L_c, F, C) for every component: weights and inputs, and sparsity too when runs have it (the paper gives
+  sparsity its own curve: compare with ``factorized``).
+- ``factorized`` (Unified, per type): the same product with a separate ``(L_c[t], F[t], C[t])`` per component
+  type t (``quantization``, ``sparsity``). A type no run has stays unfitted: its parameters are absent, and a
+  recipe with such a component cannot be predicted from the fit (ValueError naming the type).
 - ``kumar`` (Kumar et al.): ρ(R) = Π_x (1 − e^(−P_x/γ_x)) over x ∈ {weight, input}, P_x the storage bits of
-  that role's format; a bf16 role contributes 1. Fitted: ``gamma_w``, ``gamma_a``.
+  that role's format; a bf16 role contributes 1. Fitted: ``gamma_w``, ``gamma_a``. It does not see sparsity.
+
+The GMSE of a quantized spec is that of its whole rule (:func:`kernels.gmse.spec_gmse`): the format's exact
+value for Gaussian-optimal RMS scales, a seeded Monte Carlo value for ``absmax``/``lsq`` scales, groups and
+outliers, so e.g. ``absmax_w4a4`` gets a larger GMSE, hence a smaller ρ, than ``quest_w4a4``.
 
 Capacity range: ρ is the fraction of bf16's parameters a recipe is worth, so ρ ∈ (0, 1]. Each form keeps it there
 by construction, for every recipe it can be asked about (fitted or not), rather than flagging values outside: a flag
 beside a ρ above 1 would still let a prediction rank a quantized recipe above bf16.
 
 - ``decoupled``: ``rho[...]`` is searched in [1e-4, 1]; the parameter *is* the capacity, so its bound is the range.
-- ``gmse``: ``L_c`` is searched in [1e-3, 1]. GMSE < 1 makes F · log_{1/4} GMSE positive, so tanh(…)^C ∈ (0, 1)
-  and every spec's ρ ∈ (0, L_c], formats never fitted included. L_c is the capacity of the error-free limit
-  (ρ → L_c as GMSE → 0); L_c > 1 would make a fine format (int8) worth more than bf16, whose ρ is 1 by
-  definition. The published L_c = 1.0 ± 0.7 (docs/scaling-laws.md §3) puts the central value on this bound: its
+- ``gmse``/``factorized``: every ``L_c`` is searched in [1e-3, 1]. GMSE < 1 makes F · log_{1/4} GMSE positive, so
+  tanh(…)^C ∈ (0, 1) and every component's ρ ∈ (0, L_c], formats never fitted included. L_c is the capacity of the
+  error-free limit (ρ → L_c as GMSE → 0); L_c > 1 would make a fine format (int8) worth more than bf16, whose ρ is 1
+  by definition. The published L_c = 1.0 ± 0.7 (docs/scaling-laws.md §3) puts the central value on this bound: its
   upper half is what their runs could not exclude, not evidence for L_c > 1, and the bound removes only values
   that contradict the definition. Its cost: when the runs are consistent with L_c ≈ 1, about half the fits end at
   L_c = 1 with a one-sided bootstrap interval; the fit then tests whether the runs pull past the bound by more
@@ -44,9 +51,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from bitlaw.kernels.formats import get_format, gmse
-from bitlaw.kernels.recipe import Recipe, TensorSpec
+from bitlaw.kernels.gmse import COMPONENT_TYPES, Component, recipe_components
+from bitlaw.kernels.recipe import Recipe
 
-FORMS = ("decoupled", "gmse", "kumar")
+FORMS = ("decoupled", "gmse", "factorized", "kumar")
 SHARED = ("a", "alpha", "b", "beta", "e")  # fitted coordinates; reported as A = e^a, alpha, B = e^b, beta, E = e^e
 SHARED_PUBLIC = ("A", "alpha", "B", "beta", "E")
 ROLES = ("weight", "input")
@@ -74,31 +82,39 @@ def log_quarter(x: float | np.ndarray) -> float | np.ndarray:
     return -np.log(x) / math.log(4.0)
 
 
-def spec_log_quarter_gmse(spec: TensorSpec) -> float:
-    """log_{1/4} GMSE of a quantized spec's format; ValueError when GMSE ≥ 1 (the tanh form needs it positive)."""
-    value = gmse(spec.format)
+def component_log_quarter_gmse(component: Component) -> float:
+    """log_{1/4} GMSE of one component; ValueError when its GMSE is outside (0, 1) (the tanh form needs it so)."""
+    value = component.gmse.value
     if not 0.0 < value < 1.0:
-        raise ValueError(f"format {spec.format!r}: GMSE {value} is outside (0, 1); the GMSE law needs it there")
+        raise ValueError(f"{component.role} {component.type} component (format {component.spec.format!r}): GMSE "
+                         f"{value} is outside (0, 1); the GMSE law needs it there")
     return float(log_quarter(value))
 
 
 def tanh_capacity(gmse_value: float | np.ndarray, L_c: float, F: float, C: float) -> float | np.ndarray:
-    """The Unified law's capacity of one quantized tensor: L_c · tanh(F · log_{1/4} GMSE)^C (GMSE in (0, 1))."""
+    """The Unified law's capacity of one component: L_c · tanh(F · log_{1/4} GMSE)^C (GMSE in (0, 1))."""
     return L_c * np.tanh(F * log_quarter(gmse_value)) ** C
 
 
 def gmse_spec_capacity(format_name: str, L_c: float, F: float, C: float) -> float:
-    """ρ of one tensor spec in ``format_name`` (:func:`tanh_capacity` of its GMSE); 1.0 for bf16."""
+    """ρ of one tensor in ``format_name`` at its Gaussian-optimal scale (:func:`tanh_capacity` of the format's
+    exact GMSE); 1.0 for bf16. ValueError for a GMSE outside (0, 1)."""
     if get_format(format_name).is_identity:
         return 1.0
-    spec = TensorSpec(format=format_name)
-    spec_log_quarter_gmse(spec)  # raises for a GMSE outside (0, 1)
-    return float(tanh_capacity(gmse(spec.format), L_c, F, C))
+    value = gmse(format_name)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"format {format_name!r}: GMSE {value} is outside (0, 1); the GMSE law needs it there")
+    return float(tanh_capacity(value, L_c, F, C))
 
 
 def gmse_capacity(recipe: Recipe, L_c: float, F: float, C: float) -> float:
-    """ρ(R) = ρ(weight spec) · ρ(input spec) under the GMSE law (factorization)."""
-    return math.prod(gmse_spec_capacity(getattr(recipe, role).format, L_c, F, C) for role in ROLES)
+    """ρ(R) = Π over the recipe's components of :func:`tanh_capacity` (one curve for all: the ``gmse`` form)."""
+    return GMSE.capacity({"L_c": L_c, "F": F, "C": C}, recipe)
+
+
+def compressed(recipe: Recipe) -> bool:
+    """Whether any role of ``recipe`` is quantized or sparse (bf16 is not: its ρ is 1 by definition)."""
+    return any(getattr(recipe, role).compressed for role in ROLES)
 
 
 def kumar_capacity(recipe: Recipe, gamma_w: float, gamma_a: float) -> float:
@@ -150,6 +166,11 @@ class Law(ABC):
     def coverage_warnings(self, runs_per_recipe: dict[str, int]) -> list[str]:
         """Messages for the form's parameters that the recipes present cannot identify."""
 
+    def notes(self) -> list[str]:
+        """What the form leaves out by design for these recipes (not a defect of the runs): e.g. the parameters of
+        a compression type no run has."""
+        return []
+
 
 class Decoupled(Law):
     """One free efficiency ``rho[name]`` per quantized recipe, in [1e-4, 1]; bf16 (no quantized role) is fixed
@@ -160,7 +181,7 @@ class Decoupled(Law):
 
     def __init__(self, recipes: Sequence[Recipe]):
         super().__init__(recipes)
-        self.free = [i for i, r in enumerate(self.recipes) if r.quantized]
+        self.free = [i for i, r in enumerate(self.recipes) if compressed(r)]
         self.extra_names = [f"rho[{self.names[i]}]" for i in self.free]
         self.bounds = [(1e-4, RHO_MAX)] * len(self.free)
         self.capped = list(self.extra_names)
@@ -177,18 +198,19 @@ class Decoupled(Law):
 
     @staticmethod
     def capacity(params: dict[str, float], recipe: Recipe) -> float:
-        if not recipe.quantized:
+        if not compressed(recipe):
             return 1.0
         key = f"rho[{recipe.name}]"
         if key not in params:
             fitted = [k[4:-1] for k in params if k.startswith("rho[")]
             raise ValueError(f"decoupled law: recipe {recipe.name!r} was not fitted; allowed: bf16, "
-                             f"{', '.join(fitted)} (or use the gmse/kumar form, which covers any recipe)")
+                             f"{', '.join(fitted)} (or use the gmse/factorized/kumar form, which covers any "
+                             "recipe)")
         return params[key]
 
     def coverage_warnings(self, runs_per_recipe: dict[str, int]) -> list[str]:
         out = []
-        if all(self.recipes[i].quantized for i in range(len(self.recipes))):
+        if all(compressed(recipe) for recipe in self.recipes):
             out.append("decoupled: no bf16 runs, so every rho[...] trades off against A (ρ is relative to bf16)")
         for i in self.free:
             count = runs_per_recipe[self.names[i]]
@@ -198,52 +220,135 @@ class Decoupled(Law):
         return out
 
 
-class GMSE(Law):
-    """ρ(R) = Π over quantized roles of L_c · tanh(F · log_{1/4} GMSE(spec))^C, with L_c ≤ 1 so that every
-    format's ρ ≤ 1 (module docstring)."""
+class ComponentGMSE(Law):
+    """ρ(R) = Π over the components c of R of L_c[g] · tanh(F[g] · log_{1/4} GMSE_c)^C[g], one parameter set per
+    *group* g of component types (:meth:`group_of`); each L_c ≤ 1 so that every component's ρ ≤ 1 (module
+    docstring). Subclasses say how types are grouped and how the parameters are named."""
 
-    name = "gmse"
-    extra_names = ["L_c", "F", "C"]
-    bounds = [(1e-3, RHO_MAX), (1e-3, 20.0), (1e-3, 20.0)]
-    capped = ["L_c"]
-    starts = np.array([[1.0, f, c] for f in (0.2, 0.4, 0.8) for c in (0.7, 1.4, 2.1)])
+    starts_F = (0.2, 0.4, 0.8)
+    starts_C = (0.7, 1.4, 2.1)
 
     def __init__(self, recipes: Sequence[Recipe]):
         super().__init__(recipes)
-        # g = log_{1/4} GMSE of each quantized role, per recipe (0, 1 or 2 entries).
-        self.g = [[spec_log_quarter_gmse(getattr(r, role)) for role in ROLES if getattr(r, role).quantized]
-                  for r in self.recipes]
+        self.components = [recipe_components(recipe) for recipe in self.recipes]
+        self.groups = self.fitted_groups({c.type for components in self.components for c in components})
+        self.extra_names = [name for group in self.groups for name in self.param_names(group)]
+        self.bounds = [(1e-3, RHO_MAX), (1e-3, 20.0), (1e-3, 20.0)] * len(self.groups)
+        self.capped = [self.param_names(group)[0] for group in self.groups]
+        # The same (L_c, F, C) for every group at each start: the runs of each type then pull its set apart.
+        self.starts = np.array([[1.0, f, c] * len(self.groups) for f in self.starts_F for c in self.starts_C]
+                               ).reshape(len(self.starts_F) * len(self.starts_C), 3 * len(self.groups))
+        # Per recipe: (group index, log_{1/4} GMSE) of each component.
+        self.terms = [[(self.groups.index(self.group_of(c.type)), component_log_quarter_gmse(c)) for c in components]
+                      for components in self.components]
+
+    @staticmethod
+    @abstractmethod
+    def group_of(component_type: str) -> str:
+        """The parameter group of a component type."""
+
+    @staticmethod
+    @abstractmethod
+    def param_names(group: str) -> tuple[str, str, str]:
+        """The names of (L_c, F, C) of ``group``."""
+
+    @staticmethod
+    @abstractmethod
+    def fitted_groups(types: set[str]) -> list[str]:
+        """The groups that get parameters when the recipes have components of ``types``."""
 
     def log_capacity(self, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        L_c, F, C = extra[:, 0], extra[:, 1], extra[:, 2]
         log_rho = np.zeros((len(extra), len(self.recipes)))
-        jac = np.zeros((len(extra), len(self.recipes), 3))
-        for i, gs in enumerate(self.g):
-            for g in gs:
+        jac = np.zeros((len(extra), len(self.recipes), extra.shape[1]))
+        for i, terms in enumerate(self.terms):
+            for k, g in terms:
+                L_c, F, C = extra[:, 3 * k], extra[:, 3 * k + 1], extra[:, 3 * k + 2]
                 x = F * g
                 log_tanh = np.log(np.tanh(x))
                 log_rho[:, i] += np.log(L_c) + C * log_tanh
-                jac[:, i, 0] += 1.0 / L_c
-                jac[:, i, 1] += 2.0 * C * g / np.sinh(2.0 * x)  # d/dF of C·log tanh(Fg)
-                jac[:, i, 2] += log_tanh
+                jac[:, i, 3 * k] += 1.0 / L_c
+                jac[:, i, 3 * k + 1] += 2.0 * C * g / np.sinh(2.0 * x)  # d/dF of C·log tanh(Fg)
+                jac[:, i, 3 * k + 2] += log_tanh
         return log_rho, jac
 
-    @staticmethod
-    def capacity(params: dict[str, float], recipe: Recipe) -> float:
-        return gmse_capacity(recipe, params["L_c"], params["F"], params["C"])
+    @classmethod
+    def capacity(cls, params: dict[str, float], recipe: Recipe) -> float:
+        out = 1.0
+        for component in recipe_components(recipe):
+            names = cls.param_names(cls.group_of(component.type))
+            if not set(names) <= set(params):
+                fitted = [t for t in COMPONENT_TYPES if set(cls.param_names(cls.group_of(t))) <= set(params)]
+                raise ValueError(f"{cls.name} law: recipe {recipe.name!r} has a {component.type} component "
+                                 f"({component.role}), but {', '.join(names)} were not fitted (no run had one); "
+                                 "allowed: recipes whose components are all of the fitted types "
+                                 f"({', '.join(fitted) or 'none'})")
+            L_c, F, C = (params[name] for name in names)
+            out *= float(tanh_capacity(component.gmse.value, L_c, F, C))
+        return out
 
     def coverage_warnings(self, runs_per_recipe: dict[str, int]) -> list[str]:
         # Three parameters need ρ at three GMSE values; w2a2 beside w2 adds no new value (ρ² of the same ρ).
-        distinct = {round(g, 9) for gs in self.g for g in gs}
-        if len(distinct) < 3:
-            return [f"gmse: L_c, F, C need quantized formats with ≥ 3 distinct GMSE values; got {len(distinct)}, "
-                    "so the tanh curve is not identifiable (add recipes in other formats)"]
-        return []
+        out = []
+        for k, group in enumerate(self.groups):
+            distinct = {round(g, 9) for terms in self.terms for j, g in terms if j == k}
+            if len(distinct) < 3:
+                out.append(f"{self.name}: {', '.join(self.param_names(group))} need components with ≥ 3 distinct "
+                           f"GMSE values; got {len(distinct)}, so the tanh curve is not identifiable (add recipes "
+                           "with other formats or sparsities)")
+        return out
+
+
+class GMSE(ComponentGMSE):
+    """One (L_c, F, C) for every component, whatever its type: the Unified law for a single compression type."""
+
+    name = "gmse"
+
+    @staticmethod
+    def group_of(component_type: str) -> str:
+        return ""
+
+    @staticmethod
+    def param_names(group: str) -> tuple[str, str, str]:
+        return "L_c", "F", "C"
+
+    @staticmethod
+    def fitted_groups(types: set[str]) -> list[str]:
+        return [""]  # fitted even without components: the form always reports its three parameters
+
+    def coverage_warnings(self, runs_per_recipe: dict[str, int]) -> list[str]:
+        out = super().coverage_warnings(runs_per_recipe)
+        if any(c.type == "sparsity" for components in self.components for c in components):
+            out.append("gmse: sparsity components share the one (L_c, F, C) of quantization here; the factorized "
+                       "form fits sparsity its own curve")
+        return out
+
+
+class Factorized(ComponentGMSE):
+    """A separate ``(L_c[t], F[t], C[t])`` per component type t present in the runs (module docstring)."""
+
+    name = "factorized"
+
+    @staticmethod
+    def group_of(component_type: str) -> str:
+        return component_type
+
+    @staticmethod
+    def param_names(group: str) -> tuple[str, str, str]:
+        return f"L_c[{group}]", f"F[{group}]", f"C[{group}]"
+
+    @staticmethod
+    def fitted_groups(types: set[str]) -> list[str]:
+        return [t for t in COMPONENT_TYPES if t in types]
+
+    def notes(self) -> list[str]:
+        return [f"factorized: no run has a {t} component, so {', '.join(self.param_names(t))} are not fitted; "
+                f"recipes with {t} cannot be predicted from this fit"
+                for t in COMPONENT_TYPES if t not in self.groups]
 
 
 class Kumar(Law):
     """ρ(R) = Π_x (1 − e^(−P_x/γ_x)), x ∈ {weight, input}; bf16 roles contribute 1. ρ < 1 for any γ > 0, so
-    nothing is capped."""
+    nothing is capped. Sparsity is not part of this form: a sparse recipe gets the ρ of its formats alone."""
 
     name = "kumar"
     extra_names = ["gamma_w", "gamma_a"]
@@ -282,10 +387,14 @@ class Kumar(Law):
             # ρ is then symmetric in (γ_w, γ_a): swapping them fits equally well.
             out.append("kumar: every quantized recipe has the same bits on weights and inputs, so gamma_w and "
                        "gamma_a are interchangeable; add a weight-only recipe (e.g. quest_w2) to tell them apart")
+        sparse = [r.name for r in self.recipes if any(getattr(r, role).sparse for role in ROLES)]
+        if sparse:
+            out.append(f"kumar: the form counts bits only and does not see the sparsity of {', '.join(sparse)}; "
+                       "their losses pull gamma_w and gamma_a (fit the factorized form for sparsity)")
         return out
 
 
-LAWS: dict[str, type[Law]] = {"decoupled": Decoupled, "gmse": GMSE, "kumar": Kumar}
+LAWS: dict[str, type[Law]] = {"decoupled": Decoupled, "gmse": GMSE, "factorized": Factorized, "kumar": Kumar}
 
 
 def make_law(form: str, recipes: Sequence[Recipe]) -> Law:

@@ -4,7 +4,8 @@ Everything here works on the plain dicts of ``fit.json`` (``{form: FitResult.to_
 be redrawn from a saved fit (``bitlaw-fit plot``) without refitting. Plots:
 
 - ``loss_vs_N.png``: observed loss against N per recipe, one panel per D/N ratio, with the best form's curves;
-- ``capacity_vs_gmse.png``: ρ against GMSE with the fitted tanh curve (ρ for one quantized role, ρ² for two);
+- ``capacity_vs_gmse.png``: ρ against GMSE with the fitted tanh curves, one per compression type of the factorized
+  form and the gmse form's (ρ for one component, ρ² for two of one GMSE);
 - ``capacity_per_bit.png``: effective parameters per bit of weight storage, ρ(R) / bits_w, against the weight
   bit width: the highest point is the most memory-efficient recipe.
 """
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from bitlaw.kernels.formats import gmse
+from bitlaw.kernels.gmse import COMPONENT_TYPES, recipe_components
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 from bitlaw.scaling.laws import (
     PUBLISHED_GMSE,
@@ -92,6 +93,48 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _spec_label(spec: TensorSpec) -> str:
+    """A role's format, with its sparsity when it has one (``int4 + 50% row magnitude``, ``bf16 + 2:4``)."""
+    if not spec.sparse:
+        return spec.format
+    pattern = spec.structure if spec.nm else f"{spec.sparsity:.0%} {spec.structure} {spec.sparse_rule}"
+    return f"{spec.format} + {pattern}"
+
+
+def _gmse_cell(recipe: Recipe, role: str) -> str:
+    """The GMSE of each component of ``role``: ``q`` quantization, ``s`` sparsity; Monte Carlo values with ± their
+    standard error; ``0`` for an uncompressed role."""
+    parts = [f"{c.type[0]} {_fmt(c.gmse.value)}" + (f" ± {c.gmse.stderr:.1g}" if c.gmse.method == "monte-carlo" else "")
+             for c in recipe_components(recipe) if c.role == role]
+    return " · ".join(parts) or "0"
+
+
+def factorization_section(entries: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: the factorization error of every composite recipe whose parts were trained alone, from the
+    decoupled fit (:mod:`scaling.factorization`)."""
+    lines = ["## Factorization error", ""]
+    if "decoupled" not in entries:
+        return lines + ["Not measured: the decoupled form (one free ρ per recipe, which the test needs) was not "
+                        "fitted."]
+    rows = entries["decoupled"].get("factorization")
+    if rows is None:
+        return lines + ["Not measured: this fit.json was written before bitlaw-fit measured factorization errors; "
+                        "refit the runs to measure them."]
+    if not rows:
+        return lines + ["No recipe of the table is a product of other recipes of the table (e.g. sparse50_w4a4 beside "
+                        "sparse50_magnitude and quest_w4a4), so factorization cannot be tested on these runs."]
+    lines += ["Decoupled ρ of each composite recipe against the product of the decoupled ρ of its parts, each trained "
+              "alone; relative error = Π ρ(parts) / ρ(composite) − 1, with its bootstrap 1σ interval.", "",
+              "| composite | parts | ρ composite | Π ρ parts | relative error | 1σ interval |",
+              "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        interval = row.get("interval")
+        shown = f"[{row['interval'][0]:+.2%}, {row['interval'][1]:+.2%}]" if interval else "—"
+        lines.append(f"| {row['composite']} | {' × '.join(row['parts'])} | {row['rho']:.4f} | "
+                     f"{row['rho_product']:.4f} | {row['relative_error']:+.2%} | {shown} |")
+    return lines
+
+
 def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> str:
     """The report: fit quality per form, parameters ± 1σ, capacity per recipe, warnings, plots."""
     recipes = _recipes(entries)
@@ -116,11 +159,13 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
             interval = entry["intervals"].get(name)
             shown = f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "—"
             lines.append(f"| {name} | {_fmt(value)} | {shown} |")
-        lines.append("")
+        notes = [f"Note: {note.removeprefix(f'{form}: ')}." for note in entry.get("notes", [])]
+        lines += ["", *notes, ""] if notes else [""]
     forms = list(entries)
     lines += ["## Capacity ρ per recipe", "",
               f"ρ/bit = ρ / bits of weight storage under the best form ({best}): effective parameters per stored "
-              "weight bit, higher is more memory-efficient.", "",
+              "weight bit, higher is more memory-efficient. GMSE per component of each role (q quantization, "
+              "s sparsity), ± the standard error where it is a Monte Carlo value (docs/scaling-laws.md §7).", "",
               "| recipe | weight | input | GMSE w | GMSE in | " + " | ".join(f"ρ {f}" for f in forms) + " | ρ/bit |",
               "|---|---|---|---:|---:|" + "---:|" * (len(forms) + 1)]
     per_bit = {}
@@ -128,8 +173,8 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
         bits_w, _ = recipe_bits(recipe)
         rho = [entries[f]["capacity"].get(name) for f in forms]
         per_bit[name] = entries[best]["capacity"][name] / bits_w
-        lines.append(f"| {name} | {recipe.weight.format} | {recipe.input.format} | "
-                     f"{_fmt(gmse(recipe.weight.format))} | {_fmt(gmse(recipe.input.format))} | "
+        lines.append(f"| {name} | {_spec_label(recipe.weight)} | {_spec_label(recipe.input)} | "
+                     f"{_gmse_cell(recipe, 'weight')} | {_gmse_cell(recipe, 'input')} | "
                      + " | ".join("—" if v is None else f"{v:.4f}" for v in rho) + f" | {per_bit[name]:.4f} |")
     top = max(per_bit, key=per_bit.get)
     best_warnings = entry_warnings(best, entries[best])
@@ -141,6 +186,7 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
     messages = [f"- {m}" if m.startswith(f"{form}:") else f"- {form}: {m}"
                 for form, entry in entries.items() for m in entry_warnings(form, entry)]
     lines += messages or ["none"]
+    lines += ["", *factorization_section(entries)]
     lines += ["", *throughput_section(runs)]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
@@ -257,47 +303,72 @@ def _errorbar(ax: Any, x: float, y: float, interval: list[float] | None, scale: 
 RHO_AXIS_MAX = 1.6  # ρ beyond this (an unidentified fit) is drawn on the edge, so the tanh curves stay readable
 
 
+def _single_gmse(recipe: Recipe) -> tuple[str, float, int] | None:
+    """(type, GMSE, count) when every component of ``recipe`` has one type and one GMSE (W4A4: two int4
+    quantizations), else None (bf16, or a mix that no single tanh curve describes)."""
+    components = recipe_components(recipe)
+    kinds = {(c.type, c.gmse.value) for c in components}
+    if len(kinds) != 1:
+        return None
+    kind, value = kinds.pop()
+    return kind, value, len(components)
+
+
 def plot_capacity_vs_gmse(entries: dict[str, dict[str, Any]], path: str | Path) -> None:
-    """ρ vs GMSE: points per recipe whose quantized roles share one format; tanh curves (fitted and published)."""
+    """ρ vs GMSE: points per recipe whose components share one type and one GMSE; tanh curves (fitted per type by
+    the factorized form, the gmse form's single curve, and the published quantization constants)."""
     form, points = _points(entries)
     highest = max([1.0, *(max(rho, interval[1] if interval else rho) for _, _, rho, interval in points)])
     top = 1.08 * min(highest, RHO_AXIS_MAX)
     x = np.geomspace(1e-5, 0.6, 200)
     fig = _figure((6.6, 4.8))
     ax = fig.subplots()
-    curves = [("published (1, 0.41, 1.39)", PUBLISHED_GMSE, "0.5", "--")]
+    curves = []
+    if "factorized" in entries:
+        p = entries["factorized"]["params"]
+        for kind, color in zip(COMPONENT_TYPES, ("C0", "C4"), strict=True):
+            names = (f"L_c[{kind}]", f"F[{kind}]", f"C[{kind}]")
+            if set(names) <= set(p):
+                values = {"L_c": p[names[0]], "F": p[names[1]], "C": p[names[2]]}
+                curves.append((f"factorized {kind} ({', '.join(f'{v:.3g}' for v in values.values())})", values,
+                               color, "-", kind == "quantization"))
     if "gmse" in entries:
         p = entries["gmse"]["params"]
-        curves.insert(0, (f"gmse fit ({p['L_c']:.3g}, {p['F']:.3g}, {p['C']:.3g})", p, "C0", "-"))
-    for label, p, color, style in curves:
+        curves.append((f"gmse fit ({p['L_c']:.3g}, {p['F']:.3g}, {p['C']:.3g})", p, "C1", "-.", True))
+    curves.append(("published quantization (1, 0.41, 1.39)", PUBLISHED_GMSE, "0.5", "--", True))
+    # ρ² (weights and inputs at one GMSE) only for quantization: recipes sparsify weights alone.
+    for label, p, color, style, squared in curves:
         rho = tanh_capacity(x, p["L_c"], p["F"], p["C"])
         off = " (off scale)" if rho.min() > top else ""
-        ax.plot(x, rho, color=color, ls=style, label=f"{label}: one role{off}")
-        off = " (off scale)" if (rho**2).min() > top else ""
-        ax.plot(x, rho**2, color=color, ls=style, lw=0.8, alpha=0.7, label=f"{label}: weights & inputs (ρ²){off}")
+        ax.plot(x, rho, color=color, ls=style, label=f"{label}: one component{off}")
+        if squared:
+            off = " (off scale)" if (rho**2).min() > top else ""
+            ax.plot(x, rho**2, color=color, ls=style, lw=0.8, alpha=0.7, label=f"{label}: two (ρ²){off}")
+    shown = set()
     for name, recipe, rho, interval in points:
-        formats = {getattr(recipe, role).format for role in ("weight", "input") if getattr(recipe, role).quantized}
-        if len(formats) != 1:
-            continue  # bf16 (no quantized role) or mixed formats: no single GMSE to place it at
-        both = recipe.weight.quantized and recipe.input.quantized
-        position = gmse(formats.pop())
-        _errorbar(ax, position, rho, interval, 1.0, top, color="C3" if both else "C2")
+        single = _single_gmse(recipe)
+        if single is None:
+            continue
+        kind, position, count = single
+        color = {("quantization", 1): "C2", ("quantization", 2): "C3"}.get((kind, count), "C4")
+        shown.add((kind, count, color))
+        _errorbar(ax, position, rho, interval, 1.0, top, color=color)
         if rho > top:  # on the top edge: the label goes below-left so it stays inside the axes
             ax.annotate(f"{name} (ρ = {rho:.3g})", (position, top * 0.98), fontsize=7, xytext=(-6, -4),
                         textcoords="offset points", ha="right", va="top")
         else:
             ax.annotate(name, (position, rho), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.plot([], [], "o", color="C3", label=f"{form} fit: weights & inputs quantized (±1σ)")
-    ax.plot([], [], "o", color="C2", label=f"{form} fit: one role quantized (±1σ)")
+    for kind, count, color in sorted(shown):
+        ax.plot([], [], "o", color=color, label=f"{form} fit: {count} {kind} component{'s' if count > 1 else ''} (±1σ)")
     if highest > top:
         ax.plot([], [], "^", color="0.3", label=f"ρ above {top:.2g}, value in the label")
     ax.set_xscale("log")
-    ax.set_xlabel("GMSE of the format (Gaussian MSE at the optimal scale)")
+    ax.set_xlabel("GMSE of each component (Gaussian MSE of the representation)")
     ax.set_ylabel("capacity ρ")
     ax.set_ylim(0, top)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(f"capacity vs GMSE (two quantized roles: ρ²){_warned(entries, form)}", fontsize=10)
+    ax.legend(fontsize=6, loc="lower left")
+    ax.set_title(f"capacity vs GMSE (two components of one GMSE: ρ²){_warned(entries, form)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

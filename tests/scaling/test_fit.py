@@ -126,7 +126,8 @@ def test_fewer_runs_than_parameters_and_bad_arguments_are_errors():
                                          r"E, L_c, F, C\)"):
         fit_law(runs, "gmse")
     runs = make_runs("gmse")
-    with pytest.raises(ValueError, match="law form 'power' is not allowed; allowed: decoupled, gmse, kumar"):
+    with pytest.raises(ValueError,
+                       match="law form 'power' is not allowed; allowed: decoupled, gmse, factorized, kumar"):
         fit_law(runs, "power")
     with pytest.raises(ValueError, match=r"delta=0 is not allowed"):
         fit_law(runs, "gmse", delta=0)

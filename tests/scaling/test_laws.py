@@ -25,7 +25,7 @@ def test_published_constants_give_the_published_int4_and_int2_capacities():
     assert gmse_capacity(load_recipe("bf16"), **PUBLISHED_GMSE) == 1.0
 
 
-@pytest.mark.parametrize("form", ["decoupled", "gmse", "kumar"])
+@pytest.mark.parametrize("form", ["decoupled", "gmse", "factorized", "kumar"])
 def test_capacity_and_loss_match_the_reference_formulas(form):
     params = {**SHARED, **EXTRA[form]}
     for name in RECIPES:
@@ -40,7 +40,8 @@ def test_decoupled_capacity_of_an_unfitted_recipe_is_an_error_naming_the_fitted_
     params = {**SHARED, **EXTRA["decoupled"]}
     with pytest.raises(ValueError, match=r"'quest_w3a3' was not fitted; allowed: bf16, quest_w4a4, quest_w2a2"):
         capacity("decoupled", params, load_recipe("quest_w3a3"))
-    with pytest.raises(ValueError, match=r"law form 'chinchilla' is not allowed; allowed: decoupled, gmse, kumar"):
+    with pytest.raises(ValueError,
+                       match=r"law form 'chinchilla' is not allowed; allowed: decoupled, gmse, factorized, kumar"):
         capacity("chinchilla", params, load_recipe("bf16"))
 
 
