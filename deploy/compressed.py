@@ -32,7 +32,6 @@ the export measured, and the size and sha256 of every file.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bitlaw.deploy.hf import hf_config, tokenizer_eos_id, wrap_transformers_model
+from bitlaw.deploy.hf import hf_config, wrap_transformers_model, write_hf_tokenizer
 from bitlaw.deploy.load import LoadedModel
 from bitlaw.deploy.manifest import CT_FORMAT, verify_export
 from bitlaw.deploy.native import (
@@ -252,14 +251,8 @@ def export_compressed_tensors(loaded: LoadedModel, out: str | Path, plan: Storag
                      "bitlaw.deploy.compressed.load_for_transformers, or apply compressed_tensors.transform."
                      "apply_transform_config after from_pretrained")
     with staged(out, force, loaded.source) as staging:
-        eos_id = None
-        if tokenizer is not None:
-            eos_id = tokenizer_eos_id(tokenizer)
-            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
-            (staging / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                "model_max_length": loaded.config.max_seq_len}, indent=2) + "\n")
-        else:
+        eos_id = write_hf_tokenizer(staging, tokenizer, loaded.config.max_seq_len)
+        if tokenizer is None:
             notes.append(NO_TOKENIZER_NOTE)
         save_file(ct_state_dict(loaded, plan), str(staging / TENSOR_FILE), metadata={"format": "pt"})
         config = {**hf_config(loaded.config, eos_id), "quantization_config": quantization_config(loaded.recipe, plan)}

@@ -62,6 +62,18 @@ def hf_config(config: LlamaConfig, eos_id: int | None) -> dict[str, Any]:
     }
 
 
+def write_hf_tokenizer(directory: Path, tokenizer: Path | None, max_seq_len: int) -> int | None:
+    """Copy ``tokenizer`` (a tokenizers ``tokenizer.json``) into ``directory`` with the ``tokenizer_config.json``
+    transformers' ``AutoTokenizer`` reads; return its end-of-text id for ``config.json`` (None without one)."""
+    if tokenizer is None:
+        return None
+    shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "model_max_length": max_seq_len}, indent=2) + "\n")
+    return tokenizer_eos_id(tokenizer)
+
+
 def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list[str]:
     """Write a directory ``transformers.LlamaForCausalLM`` loads offline; return notes for the user.
 
@@ -78,14 +90,8 @@ def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list
         notes.append(f"recipe {loaded.recipe.name!r} quantizes activations ({what}); the Hugging Face export has "
                      "weight-only semantics: activations run in high precision there")
     with staged(out, force, loaded.source) as staging:
-        eos_id = None
-        if tokenizer is not None:
-            eos_id = tokenizer_eos_id(tokenizer)
-            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
-            (staging / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                "model_max_length": loaded.config.max_seq_len}, indent=2) + "\n")
-        else:
+        eos_id = write_hf_tokenizer(staging, tokenizer, loaded.config.max_seq_len)
+        if tokenizer is None:
             notes.append(NO_TOKENIZER_NOTE)
         save_file(hf_state_dict(loaded), str(staging / TENSOR_FILE), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config(loaded.config, eos_id), indent=2) + "\n")
