@@ -128,9 +128,10 @@ def read_run_dirs(directory: str | Path) -> list[Run]:
                                 "its run.json when bitlaw-train finishes (pass finished run directories, a "
                                 "sweep directory holding them, or a CSV with columns N, D, loss, recipe)")
     finished = {p.parent for p in records}
-    # bitlaw-train writes <run_dir>/config.yaml first and run.json last; Hydra's own copies live in .hydra/.
+    # bitlaw-train writes <run_dir>/config.yaml first and run.json last; Hydra's own copies live in .hydra/ and,
+    # one per attempt, in .hydra/<time>/ (docs/training.md §4): none of those is a run directory.
     unfinished = sorted(str(p.parent) for p in directory.rglob("config.yaml")
-                        if p.parent.name != ".hydra" and p.parent not in finished)
+                        if ".hydra" not in p.relative_to(directory).parts and p.parent not in finished)
     if unfinished:
         warnings.warn(f"skipped {len(unfinished)} unfinished run director{'y' if len(unfinished) == 1 else 'ies'} "
                       f"(config.yaml but no run.json): {', '.join(unfinished[:5])}"

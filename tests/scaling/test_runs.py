@@ -22,6 +22,10 @@ def test_run_directories_are_collected_recursively_and_unfinished_ones_are_named
     _record(tmp_path / "sweep" / "b", N=2e6, loss=3.1)
     (tmp_path / "sweep" / "c").mkdir()
     (tmp_path / "sweep" / "c" / "config.yaml").write_text("seed: 0\n")  # started, never finished
+    first = tmp_path / "sweep" / "a" / ".hydra"
+    for hydra in (first, first / "2026-12-01_20-43-07-825760"):
+        hydra.mkdir(parents=True)  # Hydra's copies of the config, one set per attempt: not run directories
+        (hydra / "config.yaml").write_text("seed: 0\n")
     with pytest.warns(UserWarning, match=r"skipped 1 unfinished run directory .*sweep/c"):
         runs = read_run_dirs(tmp_path / "sweep")
     assert [(r.N, r.D, r.loss, r.recipe_name) for r in runs] == [(1e6, 2e7, 3.5, "bf16"), (2e6, 2e7, 3.1, "quest_w4a4")]
