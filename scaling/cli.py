@@ -220,10 +220,11 @@ def run_predict(args: argparse.Namespace) -> None:
     print(f"bitlaw-fit: {why}", file=sys.stderr)
     _warn_out_of_range(form, {row.name: row.rho for row in rows})
     print(f"{form} law at {what}:")
-    print(f"{'rank':>4} {'recipe':>14} {'bits_w':>6} {'bits_a':>6} {'N':>10} {'D':>10} {'rho':>7} {'loss':>8}")
+    print(f"{'rank':>4} {'recipe':>14} {'bits_w':>6} {'bits_a':>6} {'stored_w':>8} {'N':>10} {'D':>10} {'rho':>7} "
+          f"{'loss':>8}")
     for rank, row in enumerate(rows, start=1):
-        print(f"{rank:>4} {row.name:>14} {row.bits_w:>6} {row.bits_a:>6} {row.N:>10.4g} {row.D:>10.4g} "
-              f"{row.rho:>7.4f} {row.loss:>8.4f}")
+        print(f"{rank:>4} {row.name:>14} {row.bits_w:>6} {row.bits_a:>6} {row.storage_w:>8.3f} {row.N:>10.4g} "
+              f"{row.D:>10.4g} {row.rho:>7.4f} {row.loss:>8.4f}")
     print(f"best: {rows[0].name} (predicted loss {rows[0].loss:.4f})")
 
 

@@ -128,8 +128,22 @@ def kumar_capacity(recipe: Recipe, gamma_w: float, gamma_a: float) -> float:
 
 
 def recipe_bits(recipe: Recipe) -> tuple[int, int]:
-    """Storage bits per element of (weight, input); 16 for bf16."""
+    """Format bits per element of (weight, input); 16 for bf16. The width a matmul runs at, not what a compressed
+    weight costs to store (:func:`weight_storage_bits`)."""
     return recipe.weight.fmt.bits, recipe.input.fmt.bits
+
+
+STORAGE_ROW = 4096
+"""Reduction width at which :func:`weight_storage_bits` counts a weight row: per-row metadata (scales, survivor
+counts) is spread over this many entries, the order of the widths of the larger sweep models."""
+
+
+def weight_storage_bits(recipe: Recipe) -> float:
+    """Bits per element a block weight of ``recipe`` takes in storage, metadata included
+    (``TensorSpec.storage_bits`` at :data:`STORAGE_ROW` entries per row): 16 for bf16, 4 + 32/4096 for a per-row
+    scaled int4, about 9 for a 50 % sparse bf16 weight (survivors plus a bitmap). The memory budgets of
+    :mod:`bitlaw.scaling.predict` and the report's ρ per bit use it."""
+    return recipe.weight.storage_bits(STORAGE_ROW)
 
 
 class Law(ABC):

@@ -6,8 +6,9 @@ be redrawn from a saved fit (``bitlaw-fit plot``) without refitting. Plots:
 - ``loss_vs_N.png``: observed loss against N per recipe, one panel per D/N ratio, with the best form's curves;
 - ``capacity_vs_gmse.png``: ρ against GMSE with the fitted tanh curves, one per compression type of the factorized
   form and the gmse form's (ρ for one component, ρ² for two of one GMSE);
-- ``capacity_per_bit.png``: effective parameters per bit of weight storage, ρ(R) / bits_w, against the weight
-  bit width: the highest point is the most memory-efficient recipe.
+- ``capacity_per_bit.png``: effective parameters per bit of weight storage, ρ(R) / S_w, against the bits S_w a
+  weight takes in storage (``laws.weight_storage_bits``: scales, sparsity and outliers counted): the highest
+  point is the most memory-efficient recipe.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from bitlaw.kernels.gmse import COMPONENT_TYPES, recipe_components
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 from bitlaw.scaling.laws import (
     PUBLISHED_GMSE,
+    STORAGE_ROW,
     capacity,
     capacity_in_range,
     capacity_range_warning,
     chinchilla_loss,
-    recipe_bits,
     tanh_capacity,
+    weight_storage_bits,
 )
 from bitlaw.scaling.runs import Run, levels, recipes_of, write_csv
 
@@ -164,13 +166,15 @@ def markdown_report(entries: dict[str, dict[str, Any]], runs: Sequence[Run]) -> 
     forms = list(entries)
     lines += ["## Capacity ρ per recipe", "",
               f"ρ/bit = ρ / bits of weight storage under the best form ({best}): effective parameters per stored "
-              "weight bit, higher is more memory-efficient. GMSE per component of each role (q quantization, "
-              "s sparsity), ± the standard error where it is a Monte Carlo value (docs/scaling-laws.md §7).", "",
+              "weight bit (storage with scales, sparsity bitmaps and outliers counted, rows of "
+              f"{STORAGE_ROW} entries), higher is more memory-efficient. GMSE per component of each role (q "
+              "quantization, s sparsity), ± the standard error where it is a Monte Carlo value "
+              "(docs/scaling-laws.md §7).", "",
               "| recipe | weight | input | GMSE w | GMSE in | " + " | ".join(f"ρ {f}" for f in forms) + " | ρ/bit |",
               "|---|---|---|---:|---:|" + "---:|" * (len(forms) + 1)]
     per_bit = {}
     for name, recipe in recipes.items():
-        bits_w, _ = recipe_bits(recipe)
+        bits_w = weight_storage_bits(recipe)
         rho = [entries[f]["capacity"].get(name) for f in forms]
         per_bit[name] = entries[best]["capacity"][name] / bits_w
         lines.append(f"| {name} | {_spec_label(recipe.weight)} | {_spec_label(recipe.input)} | "
@@ -389,9 +393,9 @@ def plot_capacity_per_bit(entries: dict[str, dict[str, Any]], path: str | Path) 
                 what = "weights & inputs" if both else "weights only"
                 ax.plot(bits, np.array(rho) / bits, color=color, ls=style, label=f"{form} law: int b, {what}")
     form, points = _points(entries)
-    best = max(points, key=lambda item: item[2] / recipe_bits(item[1])[0])
+    best = max(points, key=lambda item: item[2] / weight_storage_bits(item[1]))
     for name, recipe, rho, interval in points:
-        bits_w = recipe_bits(recipe)[0]
+        bits_w = weight_storage_bits(recipe)
         _errorbar(ax, bits_w, rho, interval, bits_w, math.inf, color="C3" if name == best[0] else "k")
         ax.annotate(name, (bits_w, rho / bits_w), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from bitlaw.kernels.recipe import load_recipe
-from bitlaw.scaling.laws import PUBLISHED_GMSE, capacity, gmse_capacity, gmse_spec_capacity, make_law, predict_loss
+from bitlaw.scaling.laws import (
+    PUBLISHED_GMSE,
+    capacity,
+    gmse_capacity,
+    gmse_spec_capacity,
+    make_law,
+    predict_loss,
+    weight_storage_bits,
+)
 from bitlaw.scaling.predict import budget_point, rank_recipes
 
 from .synthetic import EXTRA, RECIPES, SHARED, true_capacity, true_loss
@@ -66,11 +74,21 @@ def test_memory_budget_gives_low_bit_recipes_more_parameters():
     recipes = {name: load_recipe(name) for name in ("bf16", "quest_w4a4", "quest_w2")}
     rows = rank_recipes("gmse", params, recipes, memory_bytes=1e8, D=2e10)
     by_name = {row.name: row for row in rows}
-    assert by_name["bf16"].N == 8e8 / 16 and by_name["quest_w4a4"].N == 8e8 / 4 and by_name["quest_w2"].N == 4e8
-    weight_bits = {"bf16": 16, "quest_w4a4": 4, "quest_w2": 2}
-    expected = sorted(recipes, key=lambda n: true_loss("gmse", params, n, 8e8 / weight_bits[n], 2e10))
+    # Storage bits: the format's bits plus one fp32 scale per row of STORAGE_ROW entries.
+    assert by_name["bf16"].N == 8e8 / 16 and by_name["quest_w4a4"].N == pytest.approx(8e8 / (4 + 32 / 4096))
+    assert by_name["quest_w2"].N == pytest.approx(8e8 / (2 + 32 / 4096))
+    expected = sorted(recipes, key=lambda n: true_loss("gmse", params, n, by_name[n].N, 2e10))
     assert [row.name for row in rows] == expected
     assert all(row.loss == pytest.approx(true_loss("gmse", params, row.name, row.N, 2e10)) for row in rows)
+
+
+def test_memory_budget_credits_sparse_storage():
+    # 50 % of a 4096-entry bf16 row survives: 2048 values of 16 bits plus a 4096-bit bitmap (smaller than 2048
+    # positions of 12 bits) = 9 bits per element; 2:4 stores 2 values per 4 plus log2 C(4, 2) -> 3 bits per group.
+    assert weight_storage_bits(load_recipe("sparse50_magnitude")) == 9.0
+    assert weight_storage_bits(load_recipe("sparse_2of4")) == (2 * 16 + 3) / 4
+    N, _ = budget_point(load_recipe("sparse50_magnitude"), memory_bytes=9e8, D=1e10)
+    assert N == 8e8
 
 
 def test_compute_budget_charges_each_flop_by_the_wider_operand():
