@@ -128,9 +128,9 @@ def inverse_cholesky(h: torch.Tensor, out_features: int) -> torch.Tensor:
                      "e.g. 0.1, or more calibration rows")
 
 
-def _check(weight: torch.Tensor, hessian: torch.Tensor, spec: TensorSpec | None, sparsity: float,
-           nm: tuple[int, int] | None, damp: float, block_size: int, act_order: bool
-           ) -> tuple[float, tuple[int, int] | None]:
+def check_arguments(weight: torch.Tensor, hessian: torch.Tensor, spec: TensorSpec | None, sparsity: float,
+                    nm: tuple[int, int] | None, damp: float, block_size: int, act_order: bool
+                    ) -> tuple[float, tuple[int, int] | None]:
     """Validate :func:`compress_layer`'s arguments; returns the effective ``(sparsity, nm)`` (from ``spec`` when
     the arguments leave them unset)."""
     if weight.dim() != 2:
@@ -205,7 +205,7 @@ def compress_layer(weight: torch.Tensor, hessian: torch.Tensor, *, spec: TensorS
 
     Raises ValueError for bad arguments (before any work) and when the dampened Hessian is not positive definite.
     """
-    sparsity, nm = _check(weight, hessian, spec, sparsity, nm, damp, block_size, act_order)
+    sparsity, nm = check_arguments(weight, hessian, spec, sparsity, nm, damp, block_size, act_order)
     quantized = spec is not None and spec.quantized
     rotated = spec is not None and spec.rotated
     out_features, in_features = weight.shape

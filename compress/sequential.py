@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitlaw.compress.obs import HessianAccumulator, _check, compress_layer
+from bitlaw.compress.obs import HessianAccumulator, check_arguments, compress_layer
 from bitlaw.compress.scheduler import layer_pruning_loss
 from bitlaw.kernels.recipe import TensorSpec
 from bitlaw.models.llama import LlamaBlock, LlamaModel
@@ -180,10 +180,10 @@ def compress_model(model: LlamaModel, calibration: torch.Tensor, *, sparsity: fl
         targets = dict.fromkeys(names, sparsity)
     for name in names:
         weight = _linear(model, name).weight
-        # A zero Hessian of the right shape (a view, no memory): _check validates the arguments, not the data.
+        # A zero Hessian of the right shape (a view, no memory): check_arguments validates the arguments, not the data.
         hessian = torch.zeros((), dtype=torch.float64).expand(weight.shape[1], weight.shape[1])
         try:
-            _check(weight, hessian, spec, targets[name], nm, damp, block_size, act_order)
+            check_arguments(weight, hessian, spec, targets[name], nm, damp, block_size, act_order)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
 
