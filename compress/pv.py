@@ -42,22 +42,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from bitlaw.kernels.formats import Format
-from bitlaw.kernels.quantizers import dequantize, reference_linear_given_weight, round_to_grid, unrotate
+from bitlaw.kernels.quantizers import dequantize, grid_step, reference_linear_given_weight, round_to_grid, unrotate
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.llama import RMSNorm
 from bitlaw.models.quant_linear import QuantLinear
-
-
-def grid_step(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """The parameter :func:`~bitlaw.kernels.quantizers.dequantize` takes, from the row scale α ``[..., 1]``: the step
-    for the integer grids (the expressions of :func:`~bitlaw.kernels.quantizers.round_to_grid`, so values are bitwise
-    those of the quantizer), α itself for the other grids."""
-    if fmt.kind == "int":
-        return 2 * scale / (2**fmt.bits - 1)
-    if fmt.kind == "intz":
-        return scale / fmt.integer_range[1]
-    return scale
 
 
 class PVLinear(nn.Module):

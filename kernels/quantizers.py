@@ -141,17 +141,28 @@ def row_scale(x_h: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | Non
     return scale.clamp_min(torch.finfo(x_h.dtype).tiny)
 
 
+def grid_step(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """What :func:`dequantize` multiplies the codes by, from the row scale α ``[..., 1]``: the step between levels
+    for the integer grids (``2α/(2^b - 1)`` for ``int{b}``, ``α/qmax`` for ``int{b}z``/``int{b}s``), α itself for
+    the other grids."""
+    if fmt.kind == "int":
+        return 2 * scale / (2**fmt.bits - 1)
+    if fmt.kind == "intz":
+        return scale / fmt.integer_range[1]
+    return scale
+
+
 def round_to_grid(x_h: torch.Tensor, scale: torch.Tensor, fmt: Format
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Nearest-level rounding of ``x_h`` onto ``fmt.levels · scale``: ``(values, codes, step)`` as in QuantResult."""
     if fmt.kind == "int":
         b = fmt.bits
-        step = 2 * scale / (2**b - 1)
+        step = grid_step(scale, fmt)
         q = torch.clamp(torch.floor(x_h / step), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
         return (q + 0.5) * step, (2 * q + 1).to(torch.int16), step
     if fmt.kind == "intz":
         qmin, qmax = fmt.integer_range
-        step = scale / qmax
+        step = grid_step(scale, fmt)
         # torch.round rounds half to even: a value exactly between two levels goes to the even q (measure zero).
         q = torch.clamp(torch.round(x_h / step), qmin, qmax)
         return q * step, (q - qmin).to(torch.int16), step
