@@ -47,7 +47,7 @@ from bitlaw.train.callbacks import Interrupted, NonFiniteLossError, Preemption, 
 from bitlaw.train.checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
 from bitlaw.train.config import max_steps, register_configs
 from bitlaw.train.datamodule import TokenDataModule
-from bitlaw.train.module import LitLlama
+from bitlaw.train.module import LitLlama, state_mismatch
 from bitlaw.train.record import code_version, finished_record, write_record
 from bitlaw.train.settings import run_settings
 
@@ -68,6 +68,7 @@ class RunPlan:
     recipe: Recipe
     data: DataConfig
     resume_from: Path | None  # the checkpoint to continue from
+    init_from: Path | None = None  # the checkpoint file whose weights, model and recipe the run starts from
 
     @property
     def geometry(self) -> dict[str, Any]:
@@ -78,13 +79,23 @@ class RunPlan:
 def plan_run(cfg: DictConfig) -> RunPlan:
     """Check every setting that needs no data or compute; raise :class:`UsageError` naming the first bad one."""
     try:
-        model = OmegaConf.to_container(cfg.model, resolve=True)
+        init = read_init_checkpoint(cfg.init_from) if cfg.init_from is not None else None
+        if init is not None:  # the checkpoint's architecture and recipe replace the model and quant groups
+            model, recipe = init.model, init.recipe
+        else:
+            model = OmegaConf.to_container(cfg.model, resolve=True)
+            recipe = Recipe.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
         model_cfg = LlamaConfig.from_dict(model)
-        recipe = Recipe.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
         with torch.device("meta"):
             meta_model = LlamaModel(model_cfg)
         if recipe.compressed:
             convert(meta_model, recipe)  # raises, naming the layer, if a block or group does not fit the width
+        if init is not None:
+            expected = {f"model.{name}": tensor for name, tensor in meta_model.state_dict().items()}
+            mismatch = state_mismatch(expected, init.shapes)
+            if mismatch:
+                raise ValueError(f"init_from={cfg.init_from!r}: the weights of {init.path} do not fit its own model "
+                                 f"and recipe ({mismatch})")
         if not 1 <= cfg.seq_len <= model_cfg.max_seq_len:
             raise ValueError(f"seq_len={cfg.seq_len} must be in [1, model.max_seq_len={model_cfg.max_seq_len}]")
         for key in ("global_batch", "val_every", "val_batches", "ckpt_every"):
@@ -104,9 +115,81 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         data.validate()
         run_dir = Path(cfg.run_dir)
         _check_writable(run_dir)
-        return RunPlan(cfg, run_dir, model, recipe, data, _resume_path(cfg, run_dir))
+        return RunPlan(cfg, run_dir, model, recipe, data, _resume_path(cfg, run_dir),
+                       init.path if init is not None else None)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+
+
+INIT_FROM_ALLOWED = ("allowed: a bitlaw checkpoint file (a torch-saved dict with 'bitlaw' {'model', 'recipe', ...} "
+                     "and 'state_dict' {'model.<parameter>': tensor}: a bitlaw-train *.ckpt or a bitlaw-compress "
+                     "output), a run directory holding checkpoints/last.ckpt, or null (random init)")
+
+
+@dataclass
+class InitCheckpoint:
+    """What ``init_from`` names, checked: the checkpoint file and its architecture, without its tensors' data."""
+
+    path: Path  # absolute: the file itself, or a run directory's checkpoints/last.ckpt
+    model: dict[str, Any]  # LlamaConfig fields, vocab_size included
+    recipe: Recipe
+    shapes: dict[str, torch.Size]  # state_dict key ("model.<parameter>") → shape
+
+
+def resolve_init_from(source: str) -> Path:
+    """``init_from`` as an absolute checkpoint file: a run directory means its ``checkpoints/last.ckpt`` (as
+    ``bitlaw.deploy.load.resolve_source`` maps it; train does not import deploy). FileNotFoundError naming the
+    path and what is allowed when there is none."""
+    path = Path(to_absolute_path(str(source)))
+    if not path.exists():
+        raise FileNotFoundError(f"init_from={source!r}: {path} does not exist; {INIT_FROM_ALLOWED}")
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"init_from={source!r}: the directory {path} has no checkpoints/last.ckpt; "
+                                    f"{INIT_FROM_ALLOWED}")
+        return last
+    return path
+
+
+def load_init_checkpoint(path: Path, source: str) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` (tensors memory-mapped when the file allows it, so reading the header
+    costs no copy of the weights); ValueError naming ``source`` and what is allowed when it is not a bitlaw
+    checkpoint."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # anything torch cannot read is not a checkpoint, whatever the reason
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"init_from={source!r}: {path} is not a bitlaw checkpoint (torch cannot read it: "
+                         f"{reason}); {INIT_FROM_ALLOWED}") from None
+    info = ckpt.get("bitlaw") if isinstance(ckpt, dict) else None
+    if not (isinstance(info, dict) and {"model", "recipe"} <= set(info) and isinstance(ckpt.get("state_dict"), dict)):
+        raise ValueError(f"init_from={source!r}: {path} is not a bitlaw checkpoint (no 'bitlaw' entry with 'model' "
+                         f"and 'recipe', or no 'state_dict'); {INIT_FROM_ALLOWED}")
+    return ckpt
+
+
+def read_init_checkpoint(source: str) -> InitCheckpoint:
+    """Check what ``init_from`` names (:func:`resolve_init_from`, :func:`load_init_checkpoint`) and return its
+    architecture and recipe; FileNotFoundError or ValueError naming the path and what is allowed."""
+    path = resolve_init_from(source)
+    ckpt = load_init_checkpoint(path, source)
+    try:
+        model = LlamaConfig.from_dict(dict(ckpt["bitlaw"]["model"])).to_dict()
+        recipe = Recipe.from_dict(dict(ckpt["bitlaw"]["recipe"]))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"init_from={source!r}: {path} records a model or recipe bitlaw cannot build "
+                         f"({err})") from None
+    shapes = {key: value.shape for key, value in ckpt["state_dict"].items() if isinstance(value, torch.Tensor)}
+    return InitCheckpoint(path, model, recipe, shapes)
+
+
+def init_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of the (already checked) checkpoint at ``path``, memory-mapped where possible."""
+    return load_init_checkpoint(path, str(path))["state_dict"]
 
 
 def _check_machine(cfg: DictConfig) -> None:
@@ -227,6 +310,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg`` (the composed ``conf/train.yaml``); return its run record."""
     plan = plan_run(cfg)
     data = prepare_run_data(plan)
+    if plan.init_from is not None and plan.model["vocab_size"] != data.vocab_size:
+        raise UsageError(f"init_from={cfg.init_from!r}: the checkpoint's vocab_size={plan.model['vocab_size']} differs "
+                         f"from the data set's tokenizer ({data.vocab_size} tokens, {data.tokenizer_path}); train on "
+                         "data tokenized with the checkpoint's tokenizer (data.tokenizer=<its tokenizer.json>)")
     model_cfg = LlamaConfig.from_dict({**plan.model, "vocab_size": data.vocab_size})
     steps = max_steps(cfg, model_cfg.params_non_embedding)
     settings = run_settings(model_cfg.to_dict(), plan.recipe.to_dict(), data.meta["config_hash"],
@@ -240,16 +327,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for name in ("run.json", "metrics.csv"):
             (plan.run_dir / name).unlink(missing_ok=True)
 
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, plan.run_dir, data.vocab_size)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = LitLlama(model_cfg.to_dict(), plan.recipe.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True),
                       steps, plan.geometry, mask_stats_every=cfg.mask_stats_every, compile=cfg.compile,
                       backend=cfg.backend, settings=settings)
+    if plan.init_from is not None:
+        module.init_from = str(plan.init_from)
+        if plan.resume_from is None:  # resuming: the weights come from the resume checkpoint
+            try:
+                module.load_weights(init_weights(plan.init_from), str(plan.init_from))
+            except ValueError as err:
+                raise UsageError(f"init_from={cfg.init_from!r}: {err}") from None
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, plan.run_dir, model_cfg, plan.recipe if plan.init_from is not None else None)
     module.tokenizer_path = str(data.tokenizer_path)
     module.data_source = {"directory": str(data.directory), "config_hash": data.meta["config_hash"]}
     datamodule = TokenDataModule(data, cfg.seq_len, cfg.global_batch, cfg.seed, steps, cfg.val_batches)
     trainer = build_trainer(cfg, steps)
+    if trainer.is_global_zero and plan.init_from is not None:
+        print(f"{PROG}: init_from {plan.init_from}: model and recipe from the checkpoint (n_layer={model_cfg.n_layer}, "
+              f"d_model={model_cfg.d_model}, recipe {plan.recipe.name}); " + (
+                  "fresh optimizer and schedule" if plan.resume_from is None else
+                  f"weights, optimizer and schedule from the resume checkpoint {plan.resume_from}"))
     if trainer.is_global_zero:
         print(f"{PROG}: {model_cfg.n_layer} layers × d_model {model_cfg.d_model}, N = "
               f"{model_cfg.params_non_embedding:,} non-embedding parameters, recipe {plan.recipe.name}; {steps} steps "
@@ -274,6 +373,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     val_loss = float(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluate, verbose=False)[0]["val/loss"])
     record = final_record(cfg, trainer, module, data, model_cfg, plan.recipe, val_loss, steps, wall_tokens_per_s)
     record["settings"] = settings
+    record["init_from"] = str(plan.init_from) if plan.init_from is not None else None
+    if plan.init_from is not None:
+        record["model_preset"] = None  # the model group was not used: the architecture is the checkpoint's
     if trainer.is_global_zero:
         path = write_record(plan.run_dir, record)
         print(f"final validation loss {val_loss:.4f} nats/token (the first {cfg.val_batches} × {cfg.global_batch} "
@@ -302,10 +404,13 @@ def _check_continuation(plan: RunPlan, settings: dict[str, Any]) -> int | dict[s
         raise UsageError(str(err)) from None
 
 
-def _write_config(cfg: DictConfig, run_dir: Path, vocab_size: int) -> None:
-    """``config.yaml``: the resolved config with the values the run uses (the tokenizer's vocabulary size)."""
+def _write_config(cfg: DictConfig, run_dir: Path, model_cfg: LlamaConfig, init_recipe: Recipe | None = None) -> None:
+    """``config.yaml``: the resolved config with the values the run uses (the tokenizer's vocabulary size; with
+    ``init_from``, the checkpoint's model and recipe, ``init_recipe``, in place of the model and quant groups)."""
     used = OmegaConf.to_container(cfg, resolve=True)
-    used["model"]["vocab_size"] = vocab_size
+    used["model"]["vocab_size"] = model_cfg.vocab_size
+    if init_recipe is not None:
+        used["model"], used["quant"] = model_cfg.to_dict(), init_recipe.to_dict()
     text = OmegaConf.to_yaml(OmegaConf.create(used))
     atomic_write_bytes(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -78,6 +81,13 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     backend: str | None = None  # quantized-linear path: auto, reference, triton; None: $BITLAW_BACKEND (else auto)
     resume: str = "auto"  # "auto": continue from <run_dir>/checkpoints/last.ckpt if present; "never"; or a path
+    init_from: str | None = None  # start from a bitlaw checkpoint's weights instead of random init (fine-tuning,
+    #   healing after compression): a checkpoint file ({"bitlaw": {"model", "recipe", ...}, "state_dict"}: a
+    #   bitlaw-train *.ckpt, or the one bitlaw-compress writes to heal) or a run directory (its checkpoints/last.ckpt). Its model
+    #   and recipe replace the model and quant groups; optimizer, schedule and step count start fresh at step 0 and
+    #   the budget is tokens/tokens_per_param. A run directory that already has checkpoints/last.ckpt resumes from
+    #   it (resume=auto): the weights then come from that checkpoint, and init_from must still name a valid
+    #   checkpoint (it gives the architecture). None: random init from seed.
     run_dir: str = "runs/default"  # set by conf/train.yaml from hydra's run directory
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: looked up for known GPUs
 
@@ -90,6 +100,25 @@ def register_configs() -> None:
     """
     ConfigStore.instance().store(name="train_schema", node=RunConfig)
     OmegaConf.register_new_resolver("bitlaw_suffix", run_dir_suffix, replace=True)
+    OmegaConf.register_new_resolver("bitlaw_name", run_dir_name, replace=True)
+
+
+def run_dir_name(model_choice: str, recipe_name: str, init_from: str | None = None) -> str:
+    """What ``conf/train.yaml``'s default run directory starts with: ``<model>-<recipe>`` (the groups' choices), or,
+    with ``init_from`` (whose checkpoint replaces both groups), ``from-<name>-<hash>``: ``<name>`` the checkpoint's
+    run directory (``<run>/checkpoints/last.ckpt`` and ``<run>``: ``<run>``'s name; ``<run>/checkpoints/step8.ckpt``:
+    ``<run>-step8``) or file stem, characters other than letters, digits and ``._=+-`` as ``_`` (one directory
+    level, whatever the path), at most 60; ``<hash>`` 6 hex digits of the absolute path, so two checkpoints of the
+    same name do not share a directory."""
+    if init_from is None or str(init_from) == "":
+        return f"{model_choice}-{recipe_name}"
+    path = Path(os.path.abspath(str(init_from)))
+    if path.parent.name == "checkpoints" and path.suffix:
+        name = path.parent.parent.name + ("" if path.stem == "last" else f"-{path.stem}")
+    else:
+        name = path.stem if path.suffix == ".ckpt" else path.name
+    name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name)[:60] or "checkpoint"
+    return f"from-{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
 
 
 def run_dir_suffix(overrides: str, limit: int = 120) -> str:

@@ -58,6 +58,26 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return decay, no_decay
 
 
+def state_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """How the state dict ``given`` (key → tensor or shape) differs from ``expected`` (key → tensor, meta tensors
+    allowed): missing keys, unexpected keys and shape mismatches, each named (the first 8 of each); None when every
+    key and shape matches, as a strict ``load_state_dict`` needs."""
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(value.shape if isinstance(value, torch.Tensor) else value)
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [f"{key}: {list(shape(given[key]))} ≠ {list(shape(expected[key]))}"
+              for key in sorted(set(expected) & set(given)) if shape(given[key]) != shape(expected[key])]
+    problems = [f"{what} {names(keys)}" for what, keys in (("missing keys:", missing),
+                                                             ("unexpected keys:", unexpected),
+                                                             ("shapes (checkpoint ≠ model):", shapes)) if keys]
+    return "; ".join(problems) or None
+
+
 class LitLlama(L.LightningModule):
     """Trains a (possibly quantized) :class:`LlamaModel`.
 
@@ -99,12 +119,21 @@ class LitLlama(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation
+        self.init_from: str | None = None  # the checkpoint the weights started from (init_from), set by the CLI
         # The prepared data set ({"directory", "config_hash"}), set by the CLI; stored in checkpoints so exports and
         # bitlaw-eval find the validation split the model was trained beside.
         self.data_source: dict[str, str] | None = None
         self.flops_per_batch: int | None = None  # model FLOPs of one micro-batch, forward + backward (setup)
         self._backends: dict[str, dict[str, str | None]] = {}
         self._val_sum = self._val_count = 0.0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Copy a bitlaw checkpoint's weights (keys ``model.<parameter>``, as :meth:`state_dict` names them) into the
+        model, strictly: ValueError naming ``source`` and every missing or unexpected key and wrong shape."""
+        mismatch = state_mismatch(self.state_dict(), state_dict)
+        if mismatch:
+            raise ValueError(f"the weights of {source} do not fit the model ({mismatch})")
+        self.load_state_dict(state_dict, strict=True)
 
     def setup(self, stage: str) -> None:
         # Model FLOPs (the unquantized architecture: rotations and rounding are overhead, not model work) of one
@@ -210,4 +239,4 @@ class LitLlama(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bitlaw"] = {"model": self.model_config.to_dict(), "recipe": self.recipe.to_dict(),
                                 "tokenizer": self.tokenizer_path, "data": self.data_source,
-                                "settings": self.settings}
+                                "settings": self.settings, "init_from": self.init_from}
