@@ -2,7 +2,7 @@
 
 Method (Malinovskii et al. 2024, "PV-Tuning: Beyond Straight-Through Estimation for Extreme LLM Compression"):
 a quantized weight is a pair of *discrete* parameters (the codes: which grid level each entry takes) and
-*continuous* parameters (here one scale α per row, plus everything left in high precision). Fine-tuning alternates:
+*continuous* parameters (here one step per row, plus everything left in high precision). Fine-tuning alternates:
 
 - **P-step.** The codes are fixed and the continuous parameters follow the loss gradient (Adam). Three parameter
   groups with their own learning rates: (a) the row scales of the quantized layers (with their biases and a learned
@@ -23,10 +23,11 @@ when ``spec.rotated``): for the ``rotate_back`` layout the weight is ``ŵ·Hᵀ`
 the target and the squared distances there are the weight-space ones rotated, and the ranking is unchanged.
 
 Layers after tuning: :func:`to_pv` replaces each :class:`~bitlaw.models.quant_linear.QuantLinear` by a
-:class:`PVLinear`, which stays in the model as its inference layer. A ``QuantLinear`` cannot hold the result: it
-re-derives an RMS scale from its master weight at every forward, so learned scales (and codes chosen against them)
-would be lost. A ``PVLinear`` computes ``x̂ · dequantize(codes, α)ᵀ`` with the recipe's input quantization applied
-live, through the same function as the native export's inference layer.
+:class:`~bitlaw.models.frozen_linear.FrozenQuantLinear`, which stays in the model as its inference layer (and is what
+the native export stores). A ``QuantLinear`` cannot hold the result: it re-derives an RMS scale from its master weight
+at every forward, so learned steps (and codes chosen against them) would be lost. The P-step learns the row step
+``dequantize`` multiplies the codes by (the level step of the integer grids, the scale of the others): a fixed
+multiple of the row scale α, so the learned quantity is the same.
 
 Calibration batches are token ids ``[B, T]``; the loss is next-token cross-entropy of ``batch[:, :-1]`` against
 ``batch[:, 1:]``. The caller passes separate training and validation splits to :meth:`PVTuner.tune`, which keeps the
@@ -42,98 +43,32 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from bitlaw.kernels.quantizers import dequantize, grid_step, reference_linear_given_weight, round_to_grid, unrotate
-from bitlaw.kernels.recipe import Recipe
+from bitlaw.models.frozen_linear import FrozenQuantLinear
 from bitlaw.models.llama import RMSNorm
 from bitlaw.models.quant_linear import QuantLinear
 
 
-class PVLinear(nn.Module):
-    """A linear layer with fixed grid codes and learned row scales: ``y = Q_in(x) · ŵᵀ (+ bias)``.
+def to_pv(model: nn.Module) -> list[FrozenQuantLinear]:
+    """The layers PV-tuning moves: every :class:`QuantLinear` of ``model`` replaced in place by a
+    :class:`~bitlaw.models.frozen_linear.FrozenQuantLinear` with the same forward, and the frozen layers already
+    there (from GPTQ), all in module order.
 
-    ``codes``: int16 buffer ``[out, in]`` as :class:`~bitlaw.kernels.quantizers.QuantResult` defines them for
-    ``recipe.weight``'s format; ``scale``: fp32 parameter α ``[out, 1]`` (the largest level of a row's grid);
-    ``ŵ = dequantize(codes, grid_step(α))`` in the stored domain (rotated when the weight spec rotates). The product
-    follows the recipe exactly as training does (:func:`~bitlaw.kernels.quantizers.reference_linear_given_weight`):
-    input quantization, the rotation back for ``rotate_back``, the rotated weight as it is for ``layout='rotated'``.
-    With ``capture_grad`` set, the forward keeps ``ŵ`` in ``captured_values`` with its gradient retained (V-step).
+    ValueError (before any swap) when the model has no quantized layer or a layer's weight is not PV-tunable (see
+    :meth:`FrozenQuantLinear.from_quant_linear`).
     """
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
-                 input_lsq_scale: torch.Tensor | None = None, name: str = "linear") -> None:
-        super().__init__()
-        if codes.dim() != 2 or scale.shape != (codes.shape[0], 1):
-            raise ValueError(f"{name}: codes must be [out, in] and scale [out, 1]; got codes {tuple(codes.shape)}, "
-                             f"scale {tuple(scale.shape)}")
-        self.recipe = recipe
-        self.layer_name = name
-        self.register_buffer("codes", codes.to(torch.int16))
-        self.scale = nn.Parameter(scale.detach().float().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.input_lsq_scale = None if input_lsq_scale is None else nn.Parameter(input_lsq_scale.detach().clone())
-        self.capture_grad = False
-        self.captured_values: torch.Tensor | None = None
-
-    @classmethod
-    def from_quant_linear(cls, layer: QuantLinear, name: str = "linear") -> PVLinear:
-        """The codes and row scales ``layer`` quantizes its current weight to, so the forward is unchanged (bitwise,
-        on the reference backend). ValueError for weights whose codes and row scales do not describe them."""
-        spec = layer.recipe.weight
-        unsupported = [field for field, used in (("sparsity", spec.sparse), ("group", spec.group is not None),
-                                                 ("outliers", spec.outliers > 0)) if used]
-        if not spec.quantized or unsupported:
-            raise ValueError(f"{name}: PV-tuning needs a quantized weight with one scale per row; recipe "
-                             f"{layer.recipe.name!r} has weight format={spec.format!r}"
-                             + (f" with {', '.join(unsupported)}" if unsupported else ""))
-        res = layer.quantized_weight()
-        return cls(res.codes, res.scale, layer.recipe, layer.bias, layer.input_lsq_scale, name)
-
-    def values(self) -> torch.Tensor:
-        """``ŵ`` ``[out, in]`` fp32 in the stored domain, differentiable in ``scale``."""
-        fmt = self.recipe.weight.fmt
-        return dequantize(self.codes, grid_step(self.scale, fmt), fmt)
-
-    def dense_weight(self) -> torch.Tensor:
-        """``W`` ``[out, in]`` with ``y = x · Wᵀ`` when the input is not quantized: ``ŵ`` rotated back, except for the
-        ``rotated`` layout, which multiplies by ``ŵ`` as it is."""
-        values = self.values()
-        return values if self.recipe.layout == "rotated" else unrotate(values, self.recipe.weight)
-
-    def round_codes(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Round-to-nearest of ``target`` (stored domain ``[out, in]``) on the current grid: ``(codes, values)``."""
-        values, codes, _ = round_to_grid(target, self.scale.detach(), self.recipe.weight.fmt)
-        return codes, values
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[..., in]`` → ``[..., out]`` in ``x.dtype``."""
-        values = self.values()
-        if self.capture_grad:
-            values.retain_grad()
-            self.captured_values = values
-        return reference_linear_given_weight(x, values, self.recipe, self.bias, self.input_lsq_scale)
-
-    def extra_repr(self) -> str:
-        return f"out={self.codes.shape[0]}, in={self.codes.shape[1]}, recipe={self.recipe.name}"
-
-
-def to_pv(model: nn.Module) -> list[PVLinear]:
-    """Replace every :class:`QuantLinear` of ``model`` by a :class:`PVLinear` with the same forward, in place.
-
-    Returns the new layers in module order. ValueError (before any swap) when the model has no quantized layer or a
-    layer's weight is not PV-tunable (see :meth:`PVLinear.from_quant_linear`).
-    """
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear | FrozenQuantLinear)]
     if not found:
-        raise ValueError(f"to_pv: {type(model).__name__} has no QuantLinear layer (convert it with a quantized "
-                         "recipe first)")
-    layers = [PVLinear.from_quant_linear(module, name) for name, module in found]
-    for (name, _), layer in zip(found, layers, strict=True):
+        raise ValueError(f"to_pv: {type(model).__name__} has no QuantLinear or FrozenQuantLinear layer (convert it "
+                         "with a quantized recipe, or quantize it by GPTQ, first)")
+    swaps = {name: FrozenQuantLinear.from_quant_linear(module, name) for name, module in found
+             if isinstance(module, QuantLinear)}
+    for name, layer in swaps.items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, layer)
-    return layers
+    return [swaps.get(name, module) for name, module in found]
 
 
-def v_update(layer: PVLinear, target: torch.Tensor, tau: float) -> int:
+def v_update(layer: FrozenQuantLinear, target: torch.Tensor, tau: float) -> int:
     """The V-step of one matrix: move at most ``⌈τ·n⌉`` codes of ``layer`` towards round-to-nearest of ``target``.
 
     ``target``: stored domain ``[out, in]``. Codes whose rounding differs are ranked by the reduction of the squared
@@ -163,18 +98,18 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 class PVTuner:
     """PV-tuning of ``model`` whose quantized layers are ``layers`` (from :func:`to_pv`).
 
-    ``lr_scale``, ``lr_norm``, ``lr_embed``: Adam learning rates of the three P-step groups (quantization scales and
+    ``lr_scale``, ``lr_norm``, ``lr_embed``: Adam learning rates of the three P-step groups (quantization steps and
     biases; RMSNorm weights; embeddings, ``lm_head`` and remaining weights). ``lr_v``: the V-step's step size in weight
     units per unit of gradient. ``tau`` in ``[0, 1]``: the largest fraction of each matrix's codes a V-step changes.
     ``ste``: keep a persistent target per matrix (initialised at ``ŵ``) moved by ``−lr_v·g`` each V-step.
     """
 
-    def __init__(self, model: nn.Module, layers: list[PVLinear], lr_scale: float = 1e-3, lr_norm: float = 1e-3,
+    def __init__(self, model: nn.Module, layers: list[FrozenQuantLinear], lr_scale: float = 1e-3, lr_norm: float = 1e-3,
                  lr_embed: float = 1e-4, lr_v: float = 1e-2, tau: float = 0.01, ste: bool = False) -> None:
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"PVTuner: tau={tau!r} must be a fraction in [0, 1]")
         self.model, self.layers, self.lr_v, self.tau, self.ste = model, layers, lr_v, tau, ste
-        quant = [p for layer in layers for p in (layer.scale, layer.bias, layer.input_lsq_scale) if p is not None]
+        quant = [p for layer in layers for p in (layer.step, layer.bias, layer.input_lsq_scale) if p is not None]
         norms = [m.weight for m in model.modules() if isinstance(m, RMSNorm)]
         taken = {id(p) for p in quant + norms}
         rest = [p for p in model.parameters() if id(p) not in taken and p.requires_grad]
@@ -191,9 +126,9 @@ class PVTuner:
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            # The V-step divides by α; a row scale Adam pushed through zero would flip the row's grid.
+            # Rounding divides by the step; a step Adam pushed through zero would flip the row's grid.
             for layer in self.layers:
-                layer.scale.clamp_(min=torch.finfo(layer.scale.dtype).tiny)
+                layer.step.clamp_(min=torch.finfo(layer.step.dtype).tiny)
         return loss.item()
 
     def v_step(self, batch: torch.Tensor) -> float:

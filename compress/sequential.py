@@ -12,7 +12,7 @@ for one chunk of sequences.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,8 @@ from torch import nn
 
 from bitlaw.compress.obs import HessianAccumulator, check_arguments, compress_layer
 from bitlaw.compress.scheduler import layer_pruning_loss
-from bitlaw.kernels.recipe import TensorSpec
+from bitlaw.kernels.recipe import Recipe, TensorSpec
+from bitlaw.models.frozen_linear import FrozenQuantLinear
 from bitlaw.models.llama import LlamaBlock, LlamaModel
 from bitlaw.models.quant_linear import QuantLinear
 
@@ -149,7 +150,7 @@ class _Pass:
 def compress_model(model: LlamaModel, calibration: torch.Tensor, *, sparsity: float | dict[str, float] = 0.0,
                    nm: tuple[int, int] | None = None, spec: TensorSpec | None = None, damp: float = 0.01,
                    block_size: int = 128, act_order: bool = False, layer_filter: Sequence[str] = PROJECTIONS,
-                   chunk_size: int = 8) -> dict[str, LayerSummary]:
+                   chunk_size: int = 8, freeze: Recipe | None = None) -> dict[str, LayerSummary]:
     """Prune and/or quantize the block projections of ``model`` **in place** by GPTQ/SparseGPT, sequentially.
 
     calibration: token ids, integer ``[S, T]`` (``S >= 1``, ``T <= max_seq_len``, ids in ``[0, vocab_size)``).
@@ -161,6 +162,10 @@ def compress_model(model: LlamaModel, calibration: torch.Tensor, *, sparsity: fl
     layer_filter: the projections of every block to compress, a subset of :data:`PROJECTIONS`; the others are left
         as they are (their inputs still change as the earlier layers are compressed).
     chunk_size: sequences per forward; bounds the activation memory of a capture.
+    freeze: a recipe whose weight spec is ``spec``: every compressed layer is replaced by a
+        :class:`~bitlaw.models.frozen_linear.FrozenQuantLinear` of this recipe holding the sweep's codes, steps and
+        (with sparsity) mask, so the codes are kept exactly (and the native export stores them). The recipe's input
+        spec then applies in the forward, so it must not quantize (GPTQ's Hessian is of the unquantized inputs).
 
     Covered layers must be ``nn.Linear`` or a ``QuantLinear`` with a bf16 recipe (ValueError otherwise). Each layer
     is swept with the Hessian of the inputs it receives once every earlier layer is compressed. With sparsity 0,
@@ -169,6 +174,9 @@ def compress_model(model: LlamaModel, calibration: torch.Tensor, *, sparsity: fl
     bad arguments before anything is computed or modified; the model's train/eval mode is restored.
     """
     _check_model_input(model, calibration, layer_filter, chunk_size)
+    if freeze is not None and (spec is None or freeze.weight != spec or freeze.input.compressed):
+        raise ValueError(f"freeze={freeze.name!r} is not allowed with spec={spec!r}; allowed: a recipe whose weight "
+                         "spec is the quantized spec and whose input spec is bf16")
     names = _layer_names(model, layer_filter)
     if isinstance(sparsity, dict):
         if set(sparsity) != set(names):
@@ -200,7 +208,14 @@ def compress_model(model: LlamaModel, calibration: torch.Tensor, *, sparsity: fl
                     module = model.get_submodule(name)
                     result = compress_layer(module.weight, hessian.hessian, spec=spec, sparsity=targets[name], nm=nm,
                                             damp=damp, block_size=block_size, act_order=act_order)
-                    module.weight.copy_(result.weight)
+                    if freeze is None:
+                        module.weight.copy_(result.weight)
+                    else:
+                        step = result.step if result.step is not None else result.scale
+                        mask = result.mask if result.sparsity > 0 else None
+                        parent, _, attr = name.rpartition(".")
+                        setattr(model.get_submodule(parent), attr, FrozenQuantLinear(
+                            result.codes, step, freeze, module.bias, mask=mask, name=name).to(module.weight.device))
                     summaries[name] = LayerSummary(sparsity=result.sparsity, loss=result.loss,
                                                    params=module.weight.numel(), rows=hessian.rows)
             run.hidden = _block_outputs(block, run.hidden, run.cos, run.sin, chunk_size)
@@ -216,16 +231,32 @@ def layer_losses(model: LlamaModel, calibration: torch.Tensor, sparsity: float, 
     Arguments as :func:`compress_model`; the model is not modified (its train/eval mode is restored). Block by
     block, so only one block's Hessians exist at a time. Raises ValueError for bad arguments before any work.
     """
-    _check_model_input(model, calibration, layer_filter, chunk_size)
     if not (isinstance(sparsity, int | float) and not isinstance(sparsity, bool) and 0 <= sparsity < 1):
         raise ValueError(f"sparsity={sparsity!r} is not allowed; allowed: a fraction in [0, 1)")
     if not (isinstance(damp, int | float) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp={damp!r} is not allowed; allowed: a finite number >= 0 (0.01 in GPTQ)")
+    return layer_statistics(model, calibration, lambda weight, hessian: layer_pruning_loss(weight, hessian,
+                                                                                           sparsity, damp),
+                            layer_filter=layer_filter, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def layer_statistics(model: LlamaModel, calibration: torch.Tensor,
+                     statistic: Callable[[torch.Tensor, torch.Tensor], float], *,
+                     layer_filter: Sequence[str] = PROJECTIONS, chunk_size: int = 8) -> dict[str, float]:
+    """``{module name: statistic(weight [out, in], hessian [in, in])}`` of every covered projection, each Hessian
+    (``H = 2XᵀX/N``) of the inputs the dense (unmodified) model gives it: what the per-layer allocations
+    (``scheduler.schedule``'s losses, ``scheduler.owl``'s outlier ratios) are computed from.
+
+    Arguments as :func:`compress_model`; the model is not modified (its train/eval mode is restored). Block by
+    block, so only one block's Hessians exist at a time. Raises ValueError for bad arguments before any work.
+    """
+    _check_model_input(model, calibration, layer_filter, chunk_size)
     names = _layer_names(model, layer_filter)
     for name in names:
         _linear(model, name)
 
-    losses: dict[str, float] = {}
+    values: dict[str, float] = {}
     with _Pass(model, calibration) as run:
         for index, block in enumerate(model.layers):
             groups = [[f"layers.{index}.{name}" for name in group if name in layer_filter] for group in GROUPS]
@@ -235,7 +266,6 @@ def layer_losses(model: LlamaModel, calibration: torch.Tensor, sparsity: float, 
                                 run.hidden, run.cos, run.sin, chunk_size)
             for members in groups:
                 for name in members:
-                    losses[name] = layer_pruning_loss(model.get_submodule(name).weight, hessians[members[0]].hessian,
-                                                      sparsity, damp)
+                    values[name] = statistic(model.get_submodule(name).weight, hessians[members[0]].hessian)
             run.hidden = _block_outputs(block, run.hidden, run.cos, run.sin, chunk_size)
-    return losses
+    return values

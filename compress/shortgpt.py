@@ -85,8 +85,8 @@ def remove_blocks(model: LlamaModel, indices: Iterable[int]) -> LlamaModel:
     The kept blocks keep their order and parameters; ``model.config`` becomes a copy with ``n_layer`` set to the
     number kept. Blocks do not store their position: ``LlamaModel.forward`` numbers them as it iterates, so the
     KV-cache slots of the kept blocks are again ``0 … n_layer − 1`` and ``make_cache`` sizes caches for the new
-    depth. Layers that record their module path in ``layer_name`` (``QuantLinear``, ``PVLinear``) get the new one,
-    so their messages name the right block.
+    depth. Layers that record their module path in ``layer_name`` (``QuantLinear``, ``FrozenQuantLinear``) get the
+    new one, so their messages name the right block.
 
     ValueError for an index that is not an int in ``[0, n_layer)``, a repeated index, or removing every block.
     """

@@ -23,17 +23,18 @@ from bitlaw.deploy.compressed import export_compressed_tensors, load_for_transfo
 from bitlaw.deploy.evaluate import evaluate
 from bitlaw.deploy.hf import export_hf, wrap_transformers_model
 from bitlaw.deploy.load import LoadedModel, describe_source, load_checkpoint, resolve_source, run_record_for
-from bitlaw.deploy.manifest import read_manifest
-from bitlaw.deploy.native import NO_TOKENIZER_NOTE, export_native
+from bitlaw.deploy.manifest import MANIFEST_FILE, NATIVE_FORMAT, read_manifest
+from bitlaw.deploy.native import NO_TOKENIZER_NOTE, export_native, load_native
 from bitlaw.deploy.staging import check_out
 
 PROG = "bitlaw-export"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Export a bitlaw-train checkpoint.")
-    parser.add_argument("checkpoint", help="a bitlaw-train checkpoint (runs/<run>/checkpoints/last.ckpt) or a run "
-                                           "directory (its checkpoints/last.ckpt)")
+    parser = argparse.ArgumentParser(prog=PROG, description="Export a bitlaw-train checkpoint or a native export.")
+    parser.add_argument("checkpoint", help="a bitlaw-train checkpoint (runs/<run>/checkpoints/last.ckpt), a run "
+                                           "directory (its checkpoints/last.ckpt), or a native export (e.g. "
+                                           "bitlaw-compress' output) for --format hf or native")
     parser.add_argument("--format", choices=["native", "hf", "compressed-tensors"], required=True,
                         help="native: packed quantized safetensors, exact; hf: a transformers LlamaForCausalLM "
                              "directory, weights dequantized; compressed-tensors: packed integers for transformers "
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--tokenizer", help="tokenizer.json to ship, instead of the one the checkpoint records")
     which.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
     return parser
+
+
+def _is_native_export(path: Path) -> bool:
+    """True for a directory holding a native export's manifest."""
+    return path.is_dir() and (path / MANIFEST_FILE).is_file() and read_manifest(path).get("format") == NATIVE_FORMAT
 
 
 def _with_tokenizer(loaded: LoadedModel, tokenizer: str | None, no_tokenizer: bool) -> LoadedModel:
@@ -89,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         source = resolve_source(args.checkpoint)
-        if not source.is_file():
-            raise ValueError(f"{source} is not a training checkpoint: bitlaw-export reads a *.ckpt file or a run "
-                             "directory (its checkpoints/last.ckpt)")
+        native_source = _is_native_export(source)
+        if not source.is_file() and not native_source:
+            raise ValueError(f"{source} is neither a training checkpoint nor a native export: bitlaw-export reads a "
+                             "*.ckpt file, a run directory (its checkpoints/last.ckpt) or a native export directory "
+                             "(bitlaw-compress writes one)")
+        if native_source and args.format == "compressed-tensors":
+            raise ValueError(f"{source} is a native export: --format compressed-tensors is written from training "
+                             "checkpoints only (allowed from a native export: --format hf, --format native)")
         check_out(out, args.force, source)  # before the (possibly long) checkpoint load
         if args.tokenizer is not None and not Path(args.tokenizer).is_file():
             raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no such file (nothing was written)")
@@ -103,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                                ("--no-measure", args.no_measure)) if given]
         if ct_options and args.format != "compressed-tensors":
             raise ValueError(f"{', '.join(ct_options)}: only for --format compressed-tensors, not {args.format}")
-        loaded = _with_tokenizer(load_checkpoint(source), args.tokenizer, args.no_tokenizer)
+        loaded = _with_tokenizer(load_native(source) if native_source else load_checkpoint(source), args.tokenizer,
+                                 args.no_tokenizer)
         if args.format == "compressed-tensors":
             _export_compressed(loaded, out, args)
         elif args.format == "native":

@@ -25,14 +25,16 @@ from bitlaw.deploy.staging import staged
 from bitlaw.kernels.quantizers import unrotate
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import quantized_layers
+from bitlaw.models.frozen_linear import frozen_layers
 from bitlaw.models.llama import LlamaConfig
 
 
 def hf_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     """Hugging Face Llama tensor names → fp32 tensors, quantized weights dequantized and rotated back (kept rotated
-    for ``layout='rotated'``, which is what that layer multiplies by)."""
+    for ``layout='rotated'``, which is what that layer multiplies by): a ``QuantLinear``'s as its forward quantizes
+    them, a ``FrozenQuantLinear``'s from its codes, steps and mask."""
     model, recipe = loaded.model, loaded.recipe
-    qlayers = quantized_layers(model)
+    qlayers, frozen = quantized_layers(model), frozen_layers(model)
     out = {}
     for key, value in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
@@ -42,6 +44,10 @@ def hf_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
             layer = qlayers[module_name]
             res = layer.quantized_weight()  # the forward's own values: sparsity (RigL's mask too), groups, outliers
             value = unrotate(res.values, recipe.weight) if recipe.layout == "rotate_back" else res.values
+        elif module_name in frozen:
+            if leaf != "codes":
+                continue  # steps and mask are in the dense weight written for "codes"
+            key, value = f"{module_name}.weight", frozen[module_name].dense_weight().detach()
         name = key if key.startswith("lm_head.") else f"model.{key}"
         out[name] = value.detach().float().contiguous().cpu()
     return out

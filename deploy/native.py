@@ -4,20 +4,24 @@ A directory with:
 - ``model.safetensors``: high-precision tensors as trained (embeddings, norms, lm_head, unquantized layers) and,
   per quantized layer, ``<layer>.weight.codes`` (uint8 level-index fields of ``field_bits(levels)`` bits, the one
   encoding of :mod:`bitlaw.kernels.packing`), ``<layer>.weight.step`` (integer grids: QuEST's odd ``int{b}``,
-  ``int{b}z``, ``int{b}s``; fp32 ``[out, 1]``) or ``<layer>.weight.scale`` (other grids), ``<layer>.input_lsq_scale``
+  ``int{b}z``, ``int{b}s``; fp32 ``[out, 1]``) or ``<layer>.weight.scale`` (other grids), ``<layer>.weight.mask``
+  (1 bit per entry, packed like the codes) when post-training pruning fixed a sparsity mask, ``<layer>.input_lsq_scale``
   when the input scale is learned;
 - ``tokenizer.json`` unless the export was made without one;
 - ``bitlaw.json``, the manifest (:mod:`bitlaw.deploy.manifest`, format ``bitlaw-native`` version 2): model config,
   recipe, per-layer code layout (``layers``), the tokenizer file name (or null) and the size and sha256 of every
   other file, all checked before any tensor is read.
-Loading rebuilds the weight values with the training arithmetic, so the logits equal the training model's
-quantized forward bitwise on CPU with the reference backend.
+Loading rebuilds each quantized layer as a :class:`~bitlaw.models.frozen_linear.FrozenQuantLinear` holding exactly
+these tensors, whose values follow the training arithmetic, so the logits equal the training model's quantized forward
+bitwise on CPU with the reference backend. The layers come from a checkpoint's ``QuantLinear`` layers (quantized from
+their master weights) or from frozen layers (GPTQ and PV-tuning in ``bitlaw-compress``), stored as they are.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +33,15 @@ from bitlaw.deploy.load import LoadedModel, run_summary
 from bitlaw.deploy.manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
 from bitlaw.deploy.staging import staged
 from bitlaw.kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
-from bitlaw.kernels.quantizers import dequantize, quantize, reference_linear_given_weight
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 from bitlaw.models.convert import quantized_layers
+from bitlaw.models.frozen_linear import FrozenQuantLinear, frozen_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 
 TENSOR_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 NO_TOKENIZER_NOTE = ("exported without a tokenizer: generating text with this export, or evaluating it on --text, "
                      "needs --tokenizer PATH/tokenizer.json")
-
-
-class QuantizedWeightLinear(nn.Module):
-    """Inference linear layer of a native export: the weight is stored quantized and its values are fixed at load
-    (``weight_values`` ``[out, in]``, in the rotated domain when the recipe rotates it); the input is quantized live,
-    exactly as in training (:func:`bitlaw.kernels.quantizers.reference_linear_given_weight`)."""
-
-    def __init__(self, weight_values: torch.Tensor, recipe: Recipe, input_lsq_scale: torch.Tensor | None):
-        super().__init__()
-        self.recipe = recipe
-        self.register_buffer("weight_values", weight_values)
-        self.register_buffer("input_lsq_scale", input_lsq_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference_linear_given_weight(x, self.weight_values, self.recipe, None, self.input_lsq_scale)
 
 
 def export_tokenizer(loaded: LoadedModel) -> Path | None:
@@ -70,7 +59,7 @@ def write_manifest(staging: Path, loaded: LoadedModel, fmt: str, tokenizer: str 
     """Write ``bitlaw.json`` into the finished ``staging`` directory, listing every file already in it."""
     meta = {"format": fmt, "version": FORMATS[fmt], "model": loaded.config.to_dict(),
             "recipe": loaded.recipe.to_dict(), "tokenizer": tokenizer, "data": loaded.data,
-            "run": run_summary(loaded.source) if loaded.kind == "checkpoint" else None, **extra,
+            "run": run_summary(loaded.source) if loaded.kind in ("checkpoint", "native") else None, **extra,
             "files": file_records(staging)}
     (staging / MANIFEST_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -92,48 +81,75 @@ def check_native_recipe(recipe: Recipe) -> None:
                          "(nothing was written)")
 
 
-def export_native(loaded: LoadedModel, out: str | Path, force: bool = False) -> dict[str, Any]:
+def export_native(loaded: LoadedModel, out: str | Path, force: bool = False, extra: dict[str, Any] | None = None,
+                  write_extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Write the native export of ``loaded`` (a checkpoint model) to ``out``; return a size report (bytes).
 
     The tokenizer is ``loaded.tokenizer_path`` (None: none, recorded as such). ``out`` follows
     :func:`bitlaw.deploy.staging.check_out` (``loaded.source`` is protected) and is replaced only once the new
-    export is complete. ValueError before anything is written for weights it cannot store
+    export is complete. ``extra``: more manifest fields (``bitlaw-compress`` records its stages);
+    ``write_extra(staging)``: writes more files into the export (a report) once the tensors are written, before the
+    manifest lists every file. ValueError before anything is written for weights it cannot store
     (:func:`check_native_recipe`).
     """
     out = Path(out)
     check_native_recipe(loaded.recipe)
     tokenizer = export_tokenizer(loaded)
-    model, recipe = loaded.model, loaded.recipe
+    model = loaded.model
     with staged(out, force, loaded.source) as staging:
-        qlayers = quantized_layers(model)
-        skip = {f"{name}.{p}" for name in qlayers for p in ("weight", "weight_lsq_scale", "input_lsq_scale",
-                                                            "lsq_initialized")}
+        stored = stored_layers(model, loaded.recipe)
+        skip = {f"{name}.{leaf}" for name in stored for leaf in _QUANTIZER_LEAVES}
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
         layers, block_bytes, block_elems = {}, 0, 0
-        for name, layer in qlayers.items():
-            spec = recipe.weight
-            res = quantize(layer.weight.detach().cpu(), spec, layer.weight_lsq_scale)
-            fmt = spec.fmt
-            index = code_to_index(res.codes, fmt.bits) if fmt.kind == "int" else res.codes.long()
+        fmt = loaded.recipe.weight.fmt
+        for name, layer in stored.items():
+            index = code_to_index(layer.codes, fmt.bits) if fmt.kind == "int" else layer.codes.long()
             bits = field_bits(len(fmt.levels))
-            tensors[f"{name}.weight.codes"] = pack_fields(index, bits)
-            key, values = ("step", res.step) if res.step is not None else ("scale", res.scale)
-            tensors[f"{name}.weight.{key}"] = values.float().contiguous()
+            key = "step" if fmt.kind in ("int", "intz") else "scale"
+            tensors[f"{name}.weight.codes"] = pack_fields(index.cpu(), bits)
+            tensors[f"{name}.weight.{key}"] = layer.step.detach().float().contiguous().cpu()
+            if layer.mask is not None:
+                tensors[f"{name}.weight.mask"] = pack_fields(layer.mask.to(torch.uint8).cpu(), 1)
             if layer.input_lsq_scale is not None:
-                tensors[f"{name}.input_lsq_scale"] = layer.input_lsq_scale.detach().cpu().float()
-            layers[name] = {"shape": list(layer.weight.shape), "field_bits": bits, "scale_key": key}
-            block_bytes += tensors[f"{name}.weight.codes"].numel() + 4 * values.numel()
-            block_elems += layer.weight.numel()
+                tensors[f"{name}.input_lsq_scale"] = layer.input_lsq_scale.detach().float().cpu()
+            layers[name] = {"shape": list(layer.codes.shape), "field_bits": bits, "scale_key": key,
+                            "mask": layer.mask is not None}
+            block_bytes += sum(tensors[k].numel() * tensors[k].element_size()
+                               for k in (f"{name}.weight.{leaf}" for leaf in ("codes", key, "mask")) if k in tensors)
+            block_elems += layer.codes.numel()
         save_file(tensors, str(staging / TENSOR_FILE))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
-        write_manifest(staging, loaded, NATIVE_FORMAT, TOKENIZER_FILE if tokenizer else None, layers=layers)
-    if not qlayers:
-        block_elems = sum(m.weight.numel() for n, m in model.named_modules()
-                          if isinstance(m, nn.Linear) and n.startswith("layers."))
-        block_bytes = block_elems * tensors[next(k for k in tensors if k.startswith("layers."))].element_size()
+        if write_extra is not None:
+            write_extra(staging)
+        write_manifest(staging, loaded, NATIVE_FORMAT, TOKENIZER_FILE if tokenizer else None, layers=layers,
+                       **(extra or {}))
+    plain = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")
+             and n not in stored]
+    for module in plain:
+        block_elems += module.weight.numel()
+        block_bytes += module.weight.numel() * module.weight.element_size()
     return {"file_bytes": (out / TENSOR_FILE).stat().st_size, "block_weight_bytes": block_bytes,
             "block_weight_bytes_bf16": 2 * block_elems}
+
+
+# A quantized layer's tensors that the native layout replaces by its packed codes, steps and mask.
+_QUANTIZER_LEAVES = ("weight", "weight_lsq_scale", "input_lsq_scale", "lsq_initialized", "codes", "step", "mask")
+
+
+@torch.no_grad()
+def stored_layers(model: nn.Module, recipe: Recipe) -> dict[str, FrozenQuantLinear]:
+    """``{module name: frozen layer}`` of what the native export stores for every quantized layer of ``model``: a
+    ``QuantLinear`` quantized from its master weight (:meth:`FrozenQuantLinear.from_quant_linear`, on the CPU), a
+    ``FrozenQuantLinear`` as it is. ValueError naming the layer when one follows another recipe than ``recipe``."""
+    found = {name: FrozenQuantLinear.from_quant_linear(module, name)
+             for name, module in quantized_layers(model).items()}
+    found.update(frozen_layers(model))
+    for name, layer in found.items():
+        if layer.recipe != recipe:
+            raise ValueError(f"layer {name!r} follows recipe {layer.recipe.name!r}, not the model's {recipe.name!r}: "
+                             "the native export stores one recipe (nothing was written)")
+    return {name: found[name] for name, _ in model.named_modules() if name in found}
 
 
 def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
@@ -148,18 +164,20 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
         model = LlamaModel(config)
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables; every parameter is overwritten below
+    fmt = recipe.weight.fmt
     for name, info in meta["layers"].items():
         out_features, in_features = info["shape"]
         index = unpack_fields(tensors.pop(f"{name}.weight.codes"), info["field_bits"], in_features)
-        step_or_scale = tensors.pop(f"{name}.weight.{info['scale_key']}")
-        fmt = recipe.weight.fmt
         codes = index_to_code(index, fmt.bits) if fmt.kind == "int" else index
-        values = dequantize(codes, step_or_scale, fmt)
+        mask = unpack_fields(tensors.pop(f"{name}.weight.mask"), 1, in_features).bool() if info.get("mask") else None
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr,
-                QuantizedWeightLinear(values, recipe, tensors.pop(f"{name}.input_lsq_scale", None)))
+                FrozenQuantLinear(codes, tensors.pop(f"{name}.weight.{info['scale_key']}"), recipe,
+                                  tensors.pop(f"{name}.bias", None), tensors.pop(f"{name}.input_lsq_scale", None),
+                                  mask, name))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [k for k in missing if not k.endswith(("weight_values", "input_lsq_scale"))]:
+    frozen = frozen_layers(model)
+    if unexpected or [k for k in missing if k.rpartition(".")[0] not in frozen]:
         raise ValueError(f"{tensor_path}: tensors do not match the model: missing {missing}, unexpected {unexpected}")
     tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
     return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native", directory, True,

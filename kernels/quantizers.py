@@ -155,17 +155,26 @@ def grid_step(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
 def round_to_grid(x_h: torch.Tensor, scale: torch.Tensor, fmt: Format
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Nearest-level rounding of ``x_h`` onto ``fmt.levels · scale``: ``(values, codes, step)`` as in QuantResult."""
+    return round_with_step(x_h, grid_step(scale, fmt), fmt)
+
+
+def round_with_step(x_h: torch.Tensor, step_or_scale: torch.Tensor, fmt: Format
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Nearest-level rounding of ``x_h`` onto the grid :func:`dequantize` builds from ``step_or_scale`` (``[..., 1]``:
+    the step of the integer grids, the scale of the others): ``(values, codes, step)`` as in QuantResult, the
+    values bitwise equal to ``dequantize(codes, step_or_scale, fmt)``."""
     if fmt.kind == "int":
         b = fmt.bits
-        step = grid_step(scale, fmt)
+        step = step_or_scale
         q = torch.clamp(torch.floor(x_h / step), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
         return (q + 0.5) * step, (2 * q + 1).to(torch.int16), step
     if fmt.kind == "intz":
         qmin, qmax = fmt.integer_range
-        step = grid_step(scale, fmt)
+        step = step_or_scale
         # torch.round rounds half to even: a value exactly between two levels goes to the even q (measure zero).
         q = torch.clamp(torch.round(x_h / step), qmin, qmax)
         return q * step, (q - qmin).to(torch.int16), step
+    scale = step_or_scale
     levels = torch.tensor(fmt.levels, dtype=x_h.dtype, device=x_h.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     idx = torch.bucketize(x_h / scale, midpoints)

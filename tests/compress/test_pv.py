@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from bitlaw.compress.pv import PVLinear, PVTuner, lm_loss, to_pv, v_update
-from bitlaw.kernels.quantizers import round_to_grid
+from bitlaw.compress.pv import PVTuner, lm_loss, to_pv, v_update
+from bitlaw.kernels.quantizers import dequantize
 from bitlaw.kernels.recipe import load_recipe
 from bitlaw.models.convert import convert
+from bitlaw.models.frozen_linear import FrozenQuantLinear
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 
 VOCAB = 64
@@ -28,7 +29,14 @@ def batch(seed: int, rows: int = 4, seq: int = 17) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def codes_of(layers: list[PVLinear]) -> list[torch.Tensor]:
+def all_codes_of(fmt) -> list[int]:
+    """Every code of ``fmt`` as QuantResult defines them: odd integers for int{b}, level indices otherwise."""
+    if fmt.kind == "int":
+        return list(range(-(2**fmt.bits) + 1, 2**fmt.bits, 2))
+    return list(range(len(fmt.levels)))
+
+
+def codes_of(layers: list[FrozenQuantLinear]) -> list[torch.Tensor]:
     return [layer.codes.clone() for layer in layers]
 
 
@@ -59,10 +67,10 @@ def test_to_pv_refuses_a_model_without_quantized_layers():
 def test_p_step_keeps_codes_and_moves_scales():
     model = quantized_model()
     layers = to_pv(model)
-    codes, scales = codes_of(layers), [layer.scale.detach().clone() for layer in layers]
+    codes, scales = codes_of(layers), [layer.step.detach().clone() for layer in layers]
     PVTuner(model, layers, lr_scale=1e-2).p_step(batch(1))
     assert all(torch.equal(layer.codes, c) for layer, c in zip(layers, codes, strict=True))
-    assert all(not torch.equal(layer.scale, s) for layer, s in zip(layers, scales, strict=True))
+    assert all(not torch.equal(layer.step, s) for layer, s in zip(layers, scales, strict=True))
 
 
 @pytest.mark.parametrize("tau", [0.001, 0.01, 0.2])
@@ -70,14 +78,14 @@ def test_v_step_changes_at_most_tau_n_codes_per_matrix(tau):
     model = quantized_model()
     layers = to_pv(model)
     before = codes_of(layers)
-    scales = [layer.scale.detach().clone() for layer in layers]
+    scales = [layer.step.detach().clone() for layer in layers]
     # A step size large enough that the plain rounding of the target would move far more than τ·n codes.
     PVTuner(model, layers, lr_v=50.0, tau=tau).v_step(batch(1))
     changed = [int((layer.codes != c).sum()) for layer, c in zip(layers, before, strict=True)]
     assert all(n <= math.ceil(tau * layer.codes.numel()) for n, layer in zip(changed, layers, strict=True))
     assert sum(changed) > 0
     assert max(n - math.ceil(tau * layer.codes.numel()) for n, layer in zip(changed, layers, strict=True)) == 0
-    assert all(torch.equal(layer.scale, s) for layer, s in zip(layers, scales, strict=True))
+    assert all(torch.equal(layer.step, s) for layer, s in zip(layers, scales, strict=True))
 
 
 @pytest.mark.parametrize("quant", ["quest_w2", "quest_w4z", "quest_fp4"])
@@ -85,8 +93,11 @@ def test_v_update_with_tau_one_is_round_to_nearest_and_stays_on_the_grid(quant):
     layer = to_pv(quantized_model(quant))[3]
     fmt = layer.recipe.weight.fmt
     # Far beyond the grid's range in places, so clamping to the end levels is exercised.
-    target = layer.values().detach() + 3 * torch.randn(layer.codes.shape) * layer.scale.detach()
-    expected = round_to_grid(target, layer.scale.detach(), fmt)[1]
+    target = layer.values().detach() + 3 * torch.randn(layer.codes.shape) * layer.step.detach()
+    # Nearest level by exhaustive search over every code of the format.
+    all_codes = torch.tensor(all_codes_of(fmt), dtype=torch.int16)
+    levels = dequantize(all_codes.expand(layer.step.shape[0], -1), layer.step.detach(), fmt)  # [out, levels]
+    expected = all_codes[(target[:, :, None] - levels[:, None, :]).abs().argmin(dim=-1)]
     v_update(layer, target, 1.0)
     assert torch.equal(layer.codes, expected)
     codes = layer.codes.int()
@@ -101,7 +112,7 @@ def test_v_update_applies_the_largest_improvements_first():
     layer = to_pv(quantized_model())[0]
     values = layer.values().detach()
     target = values.clone()
-    step = (2 * layer.scale.detach() / 3)[0, 0]  # int2: levels ±step/2, ±3·step/2
+    step = layer.step.detach()[0, 0]  # int2: levels ±step/2, ±3·step/2
     # Three entries pushed to the next level by growing amounts; with a budget of two the smaller one stays.
     for column, push in ((0, 0.9), (1, 1.0), (2, 0.8)):
         target[0, column] = values[0, column] + push * step * (1 if values[0, column] < 0 else -1)
@@ -111,7 +122,7 @@ def test_v_update_applies_the_largest_improvements_first():
     assert moved == [[0, 0], [0, 1]]
 
 
-def value_grads(model: LlamaModel, layers: list[PVLinear], data: torch.Tensor) -> list[torch.Tensor]:
+def value_grads(model: LlamaModel, layers: list[FrozenQuantLinear], data: torch.Tensor) -> list[torch.Tensor]:
     for layer in layers:
         layer.capture_grad = True
     lm_loss(model, data).backward()

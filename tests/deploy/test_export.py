@@ -119,5 +119,11 @@ def test_cli_refuses_to_overwrite_and_reports_sizes(tmp_path, capsys):
     assert "missing.ckpt' does not exist (allowed: a *.ckpt file, a run directory" in capsys.readouterr().err
     shutil.copytree(out, tmp_path / "copy")
     assert main([str(tmp_path / "copy"), "--format", "native", "--out", str(tmp_path / "x")]) == 2
-    assert "copy is not a training checkpoint: bitlaw-export reads a *.ckpt file or a run directory" in (
+    assert "copy is neither a training checkpoint nor a native export: bitlaw-export reads a *.ckpt file" in (
+        capsys.readouterr().err)  # a Hugging Face export is no source for another export
+    native = tmp_path / "native"
+    assert main([str(ckpt), "--format", "native", "--out", str(native), "--no-tokenizer"]) == 0
+    assert main([str(native), "--format", "compressed-tensors", "--out", str(tmp_path / "x")]) == 2
+    assert "is a native export: --format compressed-tensors is written from training checkpoints only" in (
         capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
