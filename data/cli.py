@@ -45,6 +45,17 @@ def to_data_config(node: DictConfig | dict[str, Any]) -> DataConfig:
     return data_cfg
 
 
+def resolved_data_config(node: DictConfig | dict[str, Any]) -> DataConfig:
+    """:func:`to_data_config` with the paths the user gave (cache folder, data files, a tokenizer file) made
+    absolute against the directory the command started in."""
+    data_cfg = to_data_config(node)
+    data_cfg.cache_dir = _absolute(data_cfg.cache_dir)
+    data_cfg.paths = [_absolute(path) for path in data_cfg.paths]
+    if data_cfg.tokenizer.endswith(".json"):
+        data_cfg.tokenizer = _absolute(data_cfg.tokenizer)
+    return data_cfg
+
+
 def _absolute(path: str) -> str:
     # Hydra may change the working directory; paths on the command line mean the directory we started in.
     return path if os.path.isabs(path) else to_absolute_path(path)
@@ -72,11 +83,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point: compose conf/prepare.yaml, prepare the data set, print its summary; bad input (the
     ValueError / FileNotFoundError of `to_data_config` and `prepare_data`) exits 2 with one line."""
     try:
-        data_cfg = to_data_config(cfg.data)
-        data_cfg.cache_dir = _absolute(data_cfg.cache_dir)
-        data_cfg.paths = [_absolute(path) for path in data_cfg.paths]
-        if data_cfg.tokenizer.endswith(".json"):
-            data_cfg.tokenizer = _absolute(data_cfg.tokenizer)
+        data_cfg = resolved_data_config(cfg.data)
         prepared = prepare_data(data_cfg, force=bool(cfg.force), progress=bool(cfg.progress))
     except (ValueError, FileNotFoundError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
