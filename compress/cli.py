@@ -224,6 +224,7 @@ def compress(run: Plan) -> dict[str, Any]:
         if name == "shortgpt":
             info = stages.shortgpt(model, calibration, settings, run.chunk_size)
             if settings["heal_tokens"]:
+                info["before_healing"] = _evaluate(model, data, seq_len, run)
                 loaded_now = replace(loaded, model=model, config=model.config, recipe=recipe)
                 with tempfile.TemporaryDirectory(prefix="bitlaw-heal-") as workdir:
                     model = heal(loaded_now, settings, run, seq_len, Path(workdir)).model

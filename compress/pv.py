@@ -170,29 +170,33 @@ class PVTuner:
         return total / count
 
     def tune(self, train_batches: Iterable[torch.Tensor], val_batches: list[torch.Tensor], steps: int,
-             mode: str = "pv") -> dict:
+             mode: str = "pv", eval_every: int = 1) -> dict:
         """``steps`` steps over ``train_batches`` (cycled), each a P-step, a V-step, or both (``mode`` ``"p"``,
-        ``"v"``, ``"pv"``) on the same batch; the validation loss is measured before the first and after every step.
+        ``"v"``, ``"pv"``) on the same batch; the validation loss is measured before the first step, after every
+        ``eval_every``-th step and after the last.
 
-        The model ends in the state of lowest validation loss (possibly the starting one); the optimizer and +STE
-        targets stay as the last step left them. Returns ``{"train_loss": [steps floats], "val_loss": [steps + 1
-        floats, index 0 the start], "best_step": int}``.
+        The model ends in the evaluated state of lowest validation loss (possibly the starting one); the optimizer
+        and +STE targets stay as the last step left them. Returns ``{"train_loss": [steps floats], "val_steps":
+        [steps evaluated, 0 the start], "val_loss": [their losses], "best_step": int}``.
         """
         if mode not in ("p", "v", "pv"):
             raise ValueError(f"PVTuner.tune: mode={mode!r}; allowed: 'p', 'v', 'pv'")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"PVTuner.tune: steps={steps!r} must be a positive int")
-        history = {"train_loss": [], "val_loss": [self.evaluate(val_batches)], "best_step": 0}
-        best_state = _snapshot(self.model)
+        for name, value in (("steps", steps), ("eval_every", eval_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PVTuner.tune: {name}={value!r} must be a positive int")
+        history = {"train_loss": [], "val_steps": [0], "val_loss": [self.evaluate(val_batches)], "best_step": 0}
+        best_loss, best_state = history["val_loss"][0], _snapshot(self.model)
         for step, batch in enumerate(itertools.islice(itertools.cycle(train_batches), steps), start=1):
             losses = [self.p_step(batch)] if "p" in mode else []
             if "v" in mode:
                 losses.append(self.v_step(batch))
             history["train_loss"].append(losses[0])
+            if step % eval_every and step != steps:
+                continue
+            history["val_steps"].append(step)
             history["val_loss"].append(self.evaluate(val_batches))
-            if history["val_loss"][-1] < history["val_loss"][history["best_step"]]:
-                history["best_step"] = step
-                best_state = _snapshot(self.model)
+            if history["val_loss"][-1] < best_loss:
+                best_loss, history["best_step"], best_state = history["val_loss"][-1], step, _snapshot(self.model)
         self.model.load_state_dict(best_state)
         return history
 

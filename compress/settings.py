@@ -57,7 +57,7 @@ FIELDS: dict[str, dict[str, tuple[Callable, str]]] = {
              "block": _integer(2), "damp": _NONNEGATIVE, "block_size": _integer(1), "act_order": _BOOL},
     "pv": {"steps": _integer(1), "mode": _choice("pv", "p", "v"), "tau": _number(0, 1), "lr_v": _POSITIVE,
            "ste": _BOOL, "lr_scale": _NONNEGATIVE, "lr_norm": _NONNEGATIVE, "lr_embed": _NONNEGATIVE,
-           "batch_size": _integer(1), "selection_sequences": _integer(1)},
+           "batch_size": _integer(1), "selection_sequences": _integer(1), "select_every": _integer(1)},
 }
 
 

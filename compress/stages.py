@@ -136,6 +136,7 @@ def pv(model: LlamaModel, calibration: torch.Tensor, selection: torch.Tensor, se
                     lr_embed=settings["lr_embed"], lr_v=settings["lr_v"], tau=settings["tau"], ste=settings["ste"])
     batch = settings["batch_size"]
     train = list(calibration.split(batch))
-    history = tuner.tune(train, list(selection.split(batch)), settings["steps"], settings["mode"])
+    history = tuner.tune(train, list(selection.split(batch)), settings["steps"], settings["mode"],
+                         settings["select_every"])
     history["epochs"] = settings["steps"] / math.ceil(calibration.shape[0] / batch)
     return history

@@ -328,18 +328,35 @@ def reference_linear_given_weight(x: torch.Tensor, weight_values: torch.Tensor, 
 
     Shared by training and the inference layers of exported models, so both compute bitwise the same thing.
     """
+    return linear_given_operand(x, weight_operand(weight_values, recipe), recipe, bias, input_lsq_scale, stats)
+
+
+def _same_domain(recipe: Recipe) -> bool:
+    """Whether the quantized input and weight meet in one domain (both rotated alike, or neither)."""
     w_spec, x_spec = recipe.weight, recipe.input
+    return w_spec.rotated == x_spec.rotated and (not w_spec.rotated or w_spec.block == x_spec.block)
+
+
+def weight_operand(weight_values: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """What :func:`reference_linear_given_weight` multiplies the input by, from ``ŵ`` ``[N, K]``: ``ŵ`` rotated back
+    when input and weight are in different domains under the ``rotate_back`` layout, else ``ŵ``. Depends on the
+    weight only, so inference layers with fixed weights may compute it once."""
+    if not _same_domain(recipe) and recipe.layout == "rotate_back":
+        return unrotate(weight_values, recipe.weight)
+    return weight_values
+
+
+def linear_given_operand(x: torch.Tensor, operand: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
+                         input_lsq_scale: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
+    """:func:`reference_linear_given_weight` given :func:`weight_operand`'s result ``[N, K]``."""
+    x_spec = recipe.input
     x_stats = {} if stats is not None and x_spec.compressed else None
-    wq = weight_values
     xq = fake_quantize(x, x_spec, input_lsq_scale, x_stats)
-    same_domain = w_spec.rotated == x_spec.rotated and (not w_spec.rotated or w_spec.block == x_spec.block)
-    if not same_domain:
+    if not _same_domain(recipe):
         # layout 'rotated' (weight-only, QuEST's runs) multiplies the plain input by Q(W·H) as it is.
-        if recipe.layout == "rotate_back":
-            wq = unrotate(wq, w_spec)
         xq = unrotate(xq, x_spec)
-    dtype = torch.promote_types(xq.dtype, wq.dtype)
-    y = torch.matmul(xq.to(dtype), wq.to(dtype).t())
+    dtype = torch.promote_types(xq.dtype, operand.dtype)
+    y = torch.matmul(xq.to(dtype), operand.to(dtype).t())
     if bias is not None:
         y = y + bias
     if x_stats:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitlaw.kernels.quantizers import dequantize, reference_linear_given_weight, round_with_step, unrotate
+from bitlaw.kernels.quantizers import dequantize, linear_given_operand, round_with_step, unrotate, weight_operand
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.quant_linear import QuantLinear
 
@@ -51,6 +51,8 @@ class FrozenQuantLinear(nn.Module):
         self.input_lsq_scale = None if input_lsq_scale is None else nn.Parameter(input_lsq_scale.detach().clone())
         self.capture_grad = False
         self.captured_values: torch.Tensor | None = None
+        self._operand: torch.Tensor | None = None  # see _cached_operand
+        self._operand_key: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -98,11 +100,27 @@ class FrozenQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in]`` → ``[..., out]`` in ``x.dtype``."""
-        values = self.values()
-        if self.capture_grad:
-            values.retain_grad()
-            self.captured_values = values
-        return reference_linear_given_weight(x, values, self.recipe, self.bias, self.input_lsq_scale)
+        if not torch.is_grad_enabled() and not self.capture_grad:
+            operand = self._cached_operand()
+        else:
+            values = self.values()
+            if self.capture_grad:
+                values.retain_grad()
+                self.captured_values = values
+            operand = weight_operand(values, self.recipe)
+        return linear_given_operand(x, operand, self.recipe, self.bias, self.input_lsq_scale)
+
+    def _cached_operand(self) -> torch.Tensor:
+        """:func:`~bitlaw.kernels.quantizers.weight_operand` of the current values, computed again only when the
+        codes, steps or mask changed (their tensor versions count every in-place write: optimizer steps, V-steps,
+        ``load_state_dict``), so inference skips the dequantization and rotation of every call."""
+        key = (self.codes._version, self.step._version, None if self.mask is None else self.mask._version,
+               self.codes.data_ptr(), self.step.data_ptr(), self.codes.device)
+        if self._operand is None or self._operand_key != key:
+            with torch.no_grad():
+                self._operand = weight_operand(self.values(), self.recipe)
+            self._operand_key = key
+        return self._operand
 
     def extra_repr(self) -> str:
         sparse = "" if self.mask is None else f", sparsity={1 - self.mask.float().mean().item():.3f}"

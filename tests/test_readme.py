@@ -1,10 +1,10 @@
 """The README's examples, as a new user runs them after the quick start.
 
-``test_readme_examples_run_as_written`` runs every CPU command of the Quick start, Training and Export sections in
-order in an empty directory (about 8 minutes on 2 cores: two full default trainings), so it is marked ``slow``
-and deselected by default (``python -m pytest -m slow``). The fast test checks on every run of the suite what
-made an example fail right after the quick start before: each training example must either be the quick start's
-own run or get a directory of its own.
+``test_readme_examples_run_as_written`` runs every CPU command of the Quick start, Training, Export and Post-training
+compression sections in order in an empty directory (about 12 minutes on 2 cores: two full default trainings),
+so it is marked ``slow`` and deselected by default (``python -m pytest -m slow``). The fast test checks on every run
+of the suite what made an example fail right after the quick start before: each training example must either be
+the quick start's own run or get a directory of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from bitlaw.kernels.recipe import CONF_DIR
 from bitlaw.train.config import register_configs, run_dir_suffix
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("## Quick start", "## Training", "## Export and inference")
+SECTIONS = ("## Quick start", "## Training", "## Export and inference", "## Post-training compression")
 NOT_HERE = ("trainer=gpu", "trainer=ddp", "trainer=slurm", "-m ", "...", "data=c4", "data=fineweb_edu")
 
 

@@ -83,11 +83,11 @@ class RunConfig:
     resume: str = "auto"  # "auto": continue from <run_dir>/checkpoints/last.ckpt if present; "never"; or a path
     init_from: str | None = None  # start from a bitlaw checkpoint's weights instead of random init (fine-tuning,
     #   healing after compression): a checkpoint file ({"bitlaw": {"model", "recipe", ...}, "state_dict"}: a
-    #   bitlaw-train *.ckpt, or the one bitlaw-compress writes to heal) or a run directory (its checkpoints/last.ckpt). Its model
-    #   and recipe replace the model and quant groups; optimizer, schedule and step count start fresh at step 0 and
-    #   the budget is tokens/tokens_per_param. A run directory that already has checkpoints/last.ckpt resumes from
-    #   it (resume=auto): the weights then come from that checkpoint, and init_from must still name a valid
-    #   checkpoint (it gives the architecture). None: random init from seed.
+    #   bitlaw-train *.ckpt, or the one bitlaw-compress writes to heal) or a run directory (its
+    #   checkpoints/last.ckpt). Its model and recipe replace the model and quant groups; optimizer, schedule and
+    #   step count start fresh at step 0 and the budget is tokens/tokens_per_param. A run directory that already
+    #   has checkpoints/last.ckpt resumes from it (resume=auto): the weights then come from that checkpoint, and
+    #   init_from must still name a valid checkpoint (it gives the architecture). None: random init from seed.
     run_dir: str = "runs/default"  # set by conf/train.yaml from hydra's run directory
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: looked up for known GPUs
 

@@ -176,6 +176,7 @@ def test_tune_keeps_the_best_state_on_validation():
     tuner = PVTuner(model, layers, lr_scale=0.3, lr_norm=0.3, lr_embed=0.3, lr_v=5.0, tau=0.05)
     history = tuner.tune(train, val, steps=5, mode="pv")
     assert len(history["val_loss"]) == 6 and len(history["train_loss"]) == 5
+    assert history["val_steps"] == list(range(6))
     best = history["best_step"]
     assert history["val_loss"][best] == min(history["val_loss"])
     assert history["val_loss"][-1] > min(history["val_loss"])  # the last state is not the best one here
