@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pv-steps", type=int, default=100)
     parser.add_argument("--heal-tokens", type=int, default=200_000)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data.cache_dir=DIR")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may sit between the source and the overrides
     out = Path(args.out)
     started = time.perf_counter()
     rows, base = [], None

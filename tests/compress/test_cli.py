@@ -183,3 +183,15 @@ def test_healing_fine_tunes_the_pruned_model_through_bitlaw_train(bf16_run, tmp_
     unhealed = compress(plan(configured(run_dir, tmp_path / "plain", data, "shortgpt=default", "shortgpt.blocks=1")))
     assert pruned_then_healed["info"]["before_healing"] == unhealed["stages"][-1]["eval"]
     assert pruned_then_healed["eval"]["loss"] < unhealed["stages"][-1]["eval"]["loss"]
+
+
+def test_two_of_four_sparsegpt_leaves_exactly_two_nonzeros_in_every_group_of_four(bf16_run, tmp_path):
+    run_dir, data = bf16_run
+    report = compress(plan(configured(run_dir, tmp_path / "out", data, "prune=sparsegpt", "prune.nm=2:4",
+                                      "prune.sparsity=null")))
+    assert report["stages"][-1]["stage"] == "sparsegpt2of4-uniform"
+    model = load_native(tmp_path / "out").model
+    for name, module in model.named_modules():
+        if name.startswith("layers.") and isinstance(module, torch.nn.Linear):
+            groups = (module.weight != 0).reshape(module.weight.shape[0], -1, 4).sum(dim=-1)
+            assert bool((groups == 2).all()), name
