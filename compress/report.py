@@ -126,22 +126,23 @@ def plot_sparsity(layers: dict[str, dict[str, Any]], path: Path, title: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     names = list(layers)
     kinds = sorted({name.split(".", 2)[2] for name in names})
     colours = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 3.6))
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 4.0))
     axes.bar(range(len(names)), [layers[n]["sparsity"] for n in names],
              color=[colours[n.split(".", 2)[2]] for n in names])
-    for kind in kinds:
-        axes.bar([], [], color=colours[kind], label=kind)  # one legend entry per projection kind
     blocks = sorted({int(name.split(".")[1]) for name in names})
-    starts = [names.index(next(n for n in names if int(n.split(".")[1]) == b)) for b in blocks]
-    axes.set_xticks(starts, [f"block {b}" for b in blocks], rotation=90 if len(blocks) > 12 else 0, fontsize=7)
+    centres = [sum(i for i, n in enumerate(names) if int(n.split(".")[1]) == b)
+               / sum(1 for n in names if int(n.split(".")[1]) == b) for b in blocks]
+    axes.set_xticks(centres, [f"block {b}" for b in blocks], rotation=90 if len(blocks) > 12 else 0, fontsize=7)
     axes.set_ylim(0, 1)
     axes.set_ylabel("sparsity (fraction of zeros)")
     axes.set_title(title, fontsize=8)
-    axes.legend(fontsize=6, ncol=min(len(kinds), 4), loc="upper right")
+    axes.legend(handles=[Patch(color=colours[kind], label=kind) for kind in kinds], fontsize=6,
+                ncol=min(len(kinds), 4), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
