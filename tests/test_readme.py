@@ -1,7 +1,7 @@
 """The README's examples, as a new user runs them after the quick start.
 
 ``test_readme_examples_run_as_written`` runs every CPU command of the Quick start, Training, Export and Post-training
-compression sections in order in an empty directory (about 12 minutes on 2 cores: two full default trainings),
+compression sections in order in an empty directory (about 18 minutes on 2 cores: two full default trainings),
 so it is marked ``slow`` and deselected by default (``python -m pytest -m slow``). The fast test checks on every run
 of the suite what made an example fail right after the quick start before: each training example must either be
 the quick start's own run or get a directory of its own.

@@ -173,6 +173,7 @@ def test_a_model_that_is_not_a_llama_is_refused(bf16_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a bitlaw-train process of its own (~25 s); bitlaw-train's init_from is tested in tests/train
 def test_healing_fine_tunes_the_pruned_model_through_bitlaw_train(bf16_run, tmp_path):
     run_dir, data = bf16_run
     # The data overrides go to the healing run, as bitlaw-compress passes its command line's.
