@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitlaw.compress.cli import compress, plan
+from bitlaw.compress.cli import compress, data_overrides, plan
 from bitlaw.kernels.recipe import CONF_DIR
 
 
@@ -30,8 +30,7 @@ def _run(source: str, out: Path, name: str, overrides: list[str]) -> dict[str, A
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="compress", overrides=[f"source={source}", f"out={out / name}", "force=true",
                                                          *overrides])
-    data = [item for item in overrides if item.startswith("data")]
-    return compress(plan(cfg, data))
+    return compress(plan(cfg, data_overrides(overrides)))
 
 
 def _row(method: str, setting: str, quality: dict[str, Any], size: dict[str, Any], base: float) -> str:

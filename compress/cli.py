@@ -15,6 +15,7 @@ which appears only once complete.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,9 +36,17 @@ from bitlaw.compress.report import model_size, write_report
 from bitlaw.compress.settings import STAGES, check_group, check_stages
 from bitlaw.compress.source import load_source
 from bitlaw.data.cli import resolved_data_config
+from bitlaw.data.config import DataConfig
 from bitlaw.data.shards import PreparedData, config_hash, prepare_data
 from bitlaw.deploy.evaluate import evaluate
-from bitlaw.deploy.load import LoadedModel, check_device, load_checkpoint, resolve_source, run_record_for
+from bitlaw.deploy.load import (
+    LoadedModel,
+    check_device,
+    load_checkpoint,
+    resolve_source,
+    run_record_for,
+    save_checkpoint,
+)
 from bitlaw.deploy.native import TENSOR_FILE, compression_fields, export_native
 from bitlaw.deploy.staging import check_out
 from bitlaw.kernels.recipe import CONF_DIR
@@ -63,7 +72,7 @@ class Plan:
     eval_batch_size: int
     eval_max_batches: int | None
     selected: dict[str, dict[str, Any] | None]
-    data: Any  # DataConfig
+    data: DataConfig
     data_overrides: list[str]  # the command line's data=… and data.…=… overrides, for a healing run
 
     @property
@@ -87,9 +96,8 @@ def plan(cfg: DictConfig, data_overrides: list[str] = ()) -> Plan:
     selected = {name: (check_group(name, dict(raw[name])) if raw.get(name) is not None else None)
                 for name in STAGES}
     check_stages(selected)
-    for name in ("seed",):
-        if not isinstance(raw[name], int) or isinstance(raw[name], bool) or raw[name] < 0:
-            raise ValueError(f"{name}={raw[name]!r} is not allowed; allowed: an integer >= 0")
+    if not isinstance(raw["seed"], int) or isinstance(raw["seed"], bool) or raw["seed"] < 0:
+        raise ValueError(f"seed={raw['seed']!r} is not allowed; allowed: an integer >= 0")
     _positive_int("chunk_size", raw["chunk_size"])
     _positive_int("calibration.sequences", raw["calibration"]["sequences"])
     _positive_int("calibration.length", raw["calibration"]["length"])
@@ -124,15 +132,16 @@ def check_model(run: Plan, loaded: LoadedModel) -> None:
     """What depends on the model, before any data is read: the blocks ShortGPT removes, the layers GPTQ and
     pruning change (high precision), the layers PV-tuning tunes (quantized), healing (a trainable model)."""
     model, selected = loaded.model, run.selected
+    frozen = frozen_layers(model)
     if selected["shortgpt"]:
         stages.blocks_to_remove(selected["shortgpt"], len(model.layers))
-        if selected["shortgpt"]["heal_tokens"] and frozen_layers(model):
+        if selected["shortgpt"]["heal_tokens"] and frozen:
             raise ValueError(f"shortgpt.heal_tokens: {run.source} holds frozen quantized layers (a compressed "
                              "model), which bitlaw-train cannot fine-tune; allowed: heal_tokens=0")
     changes_weights = selected["prune"] or selected["gptq"]
     if changes_weights:
         compressed = [name for name, m in model.named_modules() if name.startswith("layers.")
-                      and ((isinstance(m, QuantLinear) and m.recipe.compressed) or name in frozen_layers(model))]
+                      and ((isinstance(m, QuantLinear) and m.recipe.compressed) or name in frozen)]
         if compressed:
             what = "prune" if selected["prune"] else "gptq"
             raise ValueError(f"{what}: the block projections of {run.source} are already quantized (recipe "
@@ -140,7 +149,7 @@ def check_model(run: Plan, loaded: LoadedModel) -> None:
                              "high-precision layers (a bf16 recipe). Allowed here: shortgpt, pv")
     if selected["gptq"]:
         stages.gptq_recipe(selected["gptq"], loaded.recipe)
-    if selected["pv"] and not selected["gptq"] and not (loaded.recipe.weight.quantized or frozen_layers(model)):
+    if selected["pv"] and not selected["gptq"] and not (loaded.recipe.weight.quantized or frozen):
         raise ValueError(f"pv: {run.source} has no quantized layer (recipe {loaded.recipe.name!r}); select gptq=w2 "
                          "(or w3, w4) before it, or start from a quantization-aware-trained model")
     unsupported = compression_fields(loaded.recipe.weight)
@@ -174,11 +183,7 @@ def _evaluate(model: torch.nn.Module, data: PreparedData, seq_len: int, run: Pla
 def heal(loaded: LoadedModel, settings: dict[str, Any], run: Plan, seq_len: int, workdir: Path) -> LoadedModel:
     """Fine-tune ``loaded`` (a trainable model: plain or QuantLinear layers) for ``heal_tokens`` tokens by a
     ``bitlaw-train`` run started from it (``init_from``) on the same data; returns the healed model."""
-    checkpoint = workdir / "pruned.ckpt"
-    state = {f"model.{key}": value.detach().cpu() for key, value in loaded.model.state_dict().items()}
-    torch.save({"bitlaw": {"model": loaded.model.config.to_dict(), "recipe": loaded.recipe.to_dict(),
-                           "tokenizer": str(loaded.tokenizer_path) if loaded.tokenizer_path else None,
-                           "data": loaded.data}, "state_dict": state}, checkpoint)
+    checkpoint = save_checkpoint(loaded, workdir / "pruned.ckpt")
     run_dir = workdir / "heal"
     command = [sys.executable, "-m", "bitlaw.train", f"init_from={checkpoint}", f"tokens={settings['heal_tokens']}",
                f"optim.lr={settings['heal_lr']}", f"seq_len={seq_len}", f"run_dir={run_dir}",
@@ -274,21 +279,24 @@ def _print_stage(stage: dict[str, Any]) -> None:
           f"{size['bytes']:,} bytes; {stage['seconds']:.1f} s", flush=True)
 
 
-def _data_overrides() -> list[str]:
-    """The ``data=…`` / ``data.…=…`` overrides of this command line (a healing run must see the same data)."""
+def data_overrides(overrides: list[str]) -> list[str]:
+    """The ``data=…`` and ``data.…=…`` items of Hydra ``overrides`` (a healing run must see the same data)."""
+    return [item for item in overrides if re.match(r"[+~]*data(=|\.)", item)]
+
+
+def _command_line_overrides() -> list[str]:
+    """This command line's Hydra overrides; none when not run under Hydra (a test composing the config)."""
     try:
-        overrides = HydraConfig.get().overrides.task
-    except ValueError:  # not under Hydra (a test calling main's body)
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
         return []
-    return [item for item in overrides if item.split("=", 1)[0].lstrip("+~") in ("data",)
-            or item.lstrip("+~").startswith("data.")]
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="compress")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; bad input exits 2 with one line on stderr and nothing written."""
     try:
-        report = compress(plan(cfg, _data_overrides()))
+        report = compress(plan(cfg, data_overrides(_command_line_overrides())))
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         raise SystemExit(2) from None

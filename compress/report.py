@@ -4,13 +4,12 @@ and bits per block weight, and the report files (``report.json``, ``report.md``,
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from bitlaw.kernels.packing import field_bits
+from bitlaw.deploy.native import packed_layer_bytes
 from bitlaw.models.frozen_linear import FrozenQuantLinear
 from bitlaw.models.quant_linear import QuantLinear
 
@@ -19,26 +18,8 @@ REPORT_MD = "report.md"
 SPARSITY_PLOT = "sparsity.png"
 
 
-def _frozen_bytes(layer: FrozenQuantLinear) -> int:
-    """Bytes of a frozen layer's tensors in the native export: packed codes, fp32 steps, a 1-bit mask, bias."""
-    out_features, in_features = layer.codes.shape
-    bits = field_bits(len(layer.recipe.weight.fmt.levels))
-    total = out_features * math.ceil(in_features * bits / 8) + 4 * out_features
-    if layer.mask is not None:
-        total += out_features * math.ceil(in_features / 8)
-    if layer.bias is not None:
-        total += layer.bias.numel() * layer.bias.element_size()
-    return total
-
-
-def _quant_linear_bytes(layer: QuantLinear) -> int:
-    """Bytes of a quantization-aware-trained layer in the native export (its codes and row steps), or its
-    high-precision weight when the recipe does not quantize it."""
-    if not layer.recipe.weight.quantized:
-        return sum(p.numel() * p.element_size() for p in (layer.weight, layer.bias) if p is not None)
-    out_features, in_features = layer.weight.shape
-    bits = field_bits(len(layer.recipe.weight.fmt.levels))
-    return out_features * math.ceil(in_features * bits / 8) + 4 * out_features
+def _bias_bytes(layer: nn.Module) -> int:
+    return 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
 
 
 def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -50,15 +31,17 @@ def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
         if not name.startswith("layers."):
             continue
         if isinstance(module, FrozenQuantLinear):
-            nbytes, params = _frozen_bytes(module), module.codes.numel()
+            nbytes = packed_layer_bytes(*module.codes.shape, module.recipe.weight.fmt, module.mask is not None)
+            nbytes, params = nbytes + _bias_bytes(module), module.codes.numel()
             zeros = 0.0 if module.mask is None else 1.0 - module.mask.float().mean().item()
             kind = f"{module.recipe.weight.format} frozen"
-        elif isinstance(module, QuantLinear):
-            nbytes, params = _quant_linear_bytes(module), module.weight.numel()
+        elif isinstance(module, QuantLinear) and module.recipe.weight.quantized:
+            nbytes = packed_layer_bytes(*module.weight.shape, module.recipe.weight.fmt, False)
+            nbytes, params = nbytes + _bias_bytes(module), module.weight.numel()
             zeros = (module.weight == 0).float().mean().item()
             kind = f"{module.recipe.weight.format} trained"
         elif isinstance(module, nn.Linear):
-            nbytes = sum(p.numel() * p.element_size() for p in (module.weight, module.bias) if p is not None)
+            nbytes = module.weight.numel() * module.weight.element_size() + _bias_bytes(module)
             params, zeros = module.weight.numel(), (module.weight == 0).float().mean().item()
             kind = str(module.weight.dtype).removeprefix("torch.")
         else:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from bitlaw.deploy.load import LoadedModel, load_checkpoint, resolve_source
-from bitlaw.deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, NATIVE_FORMAT, read_manifest
+from bitlaw.deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, NATIVE_FORMAT, read_manifest, verify_export
 from bitlaw.deploy.native import load_native
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.llama import LlamaConfig, LlamaModel
@@ -74,8 +74,6 @@ def hf_llama_config(config: dict[str, Any], where: str) -> LlamaConfig:
 def load_hf_llama(directory: Path) -> LoadedModel:
     """A Hugging Face Llama directory (``config.json`` and ``model.safetensors`` or a sharded safetensors index) as
     a bf16-recipe LlamaModel in fp32; bitlaw's own Hugging Face exports are verified against their manifest first."""
-    from bitlaw.deploy.manifest import verify_export
-
     meta = verify_export(directory, HF_FORMAT, ("config.json",)) if (directory / MANIFEST_FILE).is_file() else None
     config = hf_llama_config(json.loads((directory / "config.json").read_text(encoding="utf-8")),
                              str(directory / "config.json"))

@@ -113,6 +113,18 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
                        info.get("data") or _run_data(path))
 
 
+def save_checkpoint(loaded: LoadedModel, path: str | Path) -> Path:
+    """Write ``loaded`` (a LlamaModel of plain or ``QuantLinear`` layers) as the minimal bitlaw checkpoint that
+    :func:`load_checkpoint` and ``bitlaw-train init_from`` read: ``{"bitlaw": {"model", "recipe", "tokenizer",
+    "data"}, "state_dict": {"model.<name>": tensor}}`` (no optimizer state, no step). Returns ``path``."""
+    path = Path(path)
+    state = {f"model.{key}": value.detach().cpu() for key, value in loaded.model.state_dict().items()}
+    info = {"model": loaded.config.to_dict(), "recipe": loaded.recipe.to_dict(),
+            "tokenizer": str(loaded.tokenizer_path) if loaded.tokenizer_path else None, "data": loaded.data}
+    torch.save({"bitlaw": info, "state_dict": state}, path)
+    return path
+
+
 def _run_data(checkpoint: Path) -> dict[str, str] | None:
     """The data set named by the run record beside ``checkpoint``, for checkpoints written before they recorded
     it themselves; None when there is none or it cannot be read."""

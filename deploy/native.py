@@ -20,6 +20,7 @@ their master weights) or from frozen layers (GPTQ and PV-tuning in ``bitlaw-comp
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 from bitlaw.deploy.load import LoadedModel, run_summary
 from bitlaw.deploy.manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
 from bitlaw.deploy.staging import staged
+from bitlaw.kernels.formats import Format
 from bitlaw.kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 from bitlaw.models.convert import quantized_layers
@@ -114,8 +116,7 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False, ext
                 tensors[f"{name}.input_lsq_scale"] = layer.input_lsq_scale.detach().float().cpu()
             layers[name] = {"shape": list(layer.codes.shape), "field_bits": bits, "scale_key": key,
                             "mask": layer.mask is not None}
-            block_bytes += sum(tensors[k].numel() * tensors[k].element_size()
-                               for k in (f"{name}.weight.{leaf}" for leaf in ("codes", key, "mask")) if k in tensors)
+            block_bytes += packed_layer_bytes(*layer.codes.shape, fmt, layer.mask is not None)
             block_elems += layer.codes.numel()
         save_file(tensors, str(staging / TENSOR_FILE))
         if tokenizer is not None:
@@ -133,6 +134,14 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False, ext
             "block_weight_bytes_bf16": 2 * block_elems}
 
 
+def packed_layer_bytes(out_features: int, in_features: int, fmt: Format, masked: bool) -> int:
+    """Bytes of one quantized ``[out, in]`` weight in the native layout: its codes packed row by row in
+    ``field_bits(levels)``-bit fields, one fp32 step (or scale) per row, and a 1-bit-per-entry mask when
+    ``masked``."""
+    row_bytes = math.ceil(in_features * field_bits(len(fmt.levels)) / 8)
+    return out_features * (row_bytes + 4 + (math.ceil(in_features / 8) if masked else 0))
+
+
 # A quantized layer's tensors that the native layout replaces by its packed codes, steps and mask.
 _QUANTIZER_LEAVES = ("weight", "weight_lsq_scale", "input_lsq_scale", "lsq_initialized", "codes", "step", "mask")
 
@@ -140,7 +149,7 @@ _QUANTIZER_LEAVES = ("weight", "weight_lsq_scale", "input_lsq_scale", "lsq_initi
 @torch.no_grad()
 def stored_layers(model: nn.Module, recipe: Recipe) -> dict[str, FrozenQuantLinear]:
     """``{module name: frozen layer}`` of what the native export stores for every quantized layer of ``model``: a
-    ``QuantLinear`` quantized from its master weight (:meth:`FrozenQuantLinear.from_quant_linear`, on the CPU), a
+    ``QuantLinear`` quantized from its master weight (:meth:`FrozenQuantLinear.from_quant_linear`), a
     ``FrozenQuantLinear`` as it is. ValueError naming the layer when one follows another recipe than ``recipe``."""
     found = {name: FrozenQuantLinear.from_quant_linear(module, name)
              for name, module in quantized_layers(model).items()}

@@ -122,8 +122,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 
 
 INIT_FROM_ALLOWED = ("allowed: a bitlaw checkpoint file (a torch-saved dict with 'bitlaw' {'model', 'recipe', ...} "
-                     "and 'state_dict' {'model.<parameter>': tensor}: a bitlaw-train *.ckpt or a bitlaw-compress "
-                     "output), a run directory holding checkpoints/last.ckpt, or null (random init)")
+                     "and 'state_dict' {'model.<parameter>': tensor}: a bitlaw-train *.ckpt or the checkpoint "
+                     "bitlaw-compress writes to heal), a run directory holding checkpoints/last.ckpt, or null "
+                     "(random init)")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitlaw.compress.cli import compress, plan
+from bitlaw.compress.cli import compress, data_overrides, plan
 from bitlaw.compress.cli import main as compress_main
 from bitlaw.deploy.evaluate import main as evaluate_main
 from bitlaw.deploy.export import main as export_main
@@ -196,3 +196,22 @@ def test_two_of_four_sparsegpt_leaves_exactly_two_nonzeros_in_every_group_of_fou
         if name.startswith("layers.") and isinstance(module, torch.nn.Linear):
             groups = (module.weight != 0).reshape(module.weight.shape[0], -1, 4).sum(dim=-1)
             assert bool((groups == 2).all()), name
+
+
+def test_the_healing_run_gets_the_data_overrides_and_only_them():
+    assert data_overrides(["data=files", "data.paths=[a.jsonl]", "+data.seed=1", "database=x", "prune=sparsegpt",
+                           "metadata.x=1", "calibration.length=32"]) == ["data=files", "data.paths=[a.jsonl]",
+                                                                         "+data.seed=1"]
+
+
+def test_a_saved_checkpoint_loads_back_with_the_same_forward(bf16_run, tmp_path):
+    from bitlaw.deploy.load import load_checkpoint, save_checkpoint
+
+    run_dir, _ = bf16_run
+    loaded = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    again = load_checkpoint(save_checkpoint(loaded, tmp_path / "copy.ckpt"))
+    assert (again.config, again.recipe, again.tokenizer_path, again.data) == (
+        loaded.config, loaded.recipe, loaded.tokenizer_path, loaded.data)
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), loaded.model(ids))
