@@ -43,7 +43,7 @@ GPU_SHAPES = [(16384, 2048, 2048), (16384, 2048, 5632), (16384, 5632, 2048), (16
 # Under the interpreter: one small shape with two row tiles and two Hadamard blocks, seconds per measurement.
 INTERPRETER_SHAPES = [(96, 256, 128)]
 RECIPES = ["quest_w4a4", "quest_w1a1", "quest_w4"]
-KERNEL_RECIPES = ["quest_w4a4", "quest_w1a1"]
+KERNEL_RECIPES = ["quest_w4a4", "quest_w4a4_g8g8", "quest_w1a1"]
 
 
 def _fwd_bwd(fn, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:

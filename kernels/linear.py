@@ -5,8 +5,9 @@
 ``"reference"`` the plain PyTorch oracle, ``"auto"`` Triton on CUDA tensors and the reference elsewhere. Without
 the argument the environment variable ``BITLAW_BACKEND`` decides (default auto).
 Recipes the kernels do not implement (lsq/lsq_step/absmax scales, ternary/fp grids, int8, the grids with a zero level
-int{b}z/int{b}s, other Hadamard blocks, roles in different domains, fp16/float64 tensors, and any sparsity, group
-scales or outliers) always run the reference, whatever the backend.
+int{b}z/int{b}s, other Hadamard blocks, roles in different domains, fp16/float64 tensors, any sparsity, group
+scales or outliers, and quantized backwards other than int8 block-scaled without rotation) always run the
+reference, whatever the backend.
 
 On the Triton path backward needs only the codes, per-row steps and bit-packed masks of both roles (no
 activations): :func:`saved_bytes_per_linear` gives that memory next to ``nn.Linear``'s.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitlaw.kernels.gradients import layer_seed
 from bitlaw.kernels.packing import field_bits
 from bitlaw.kernels.quantizers import reference_linear
 from bitlaw.kernels.recipe import Recipe, TensorSpec
@@ -84,6 +86,12 @@ def _ops():
     return ops
 
 
+def _grad_gemm():
+    from bitlaw.kernels.triton import grad_gemm
+
+    return grad_gemm
+
+
 def _compression_reason(spec: TensorSpec, role: str) -> str | None:
     """The sparsity, group and outlier fields of ``spec`` that only the reference implements, named with values."""
     fields = []
@@ -121,19 +129,26 @@ def triton_unsupported_reason(recipe: Recipe, x_dtype: torch.dtype = torch.float
         return "the weight is not quantized (only weight+input and weight-only recipes have kernels)"
     if weight_dtype not in _KERNEL_DTYPES:
         return f"weight dtype {weight_dtype} (the kernels read float32 or bfloat16)"
-    if x_spec.quantized:
-        if x_dtype not in _KERNEL_DTYPES:
-            return f"input dtype {x_dtype} (the kernels read float32 or bfloat16)"
-        if w_spec.rotated != x_spec.rotated:
-            return "weight and input are quantized in different domains (one rotated, one not)"
-        return _spec_reason(w_spec, "weight") or _spec_reason(x_spec, "input")
-    return _spec_reason(w_spec, "weight")
+    if not x_spec.quantized:
+        if recipe.quantized_backward:
+            return "a quantized backward (grad_input/grad_weight) has kernels only with a quantized input"
+        return _spec_reason(w_spec, "weight")
+    if x_dtype not in _KERNEL_DTYPES:
+        return f"input dtype {x_dtype} (the kernels read float32 or bfloat16)"
+    if w_spec.rotated != x_spec.rotated:
+        return "weight and input are quantized in different domains (one rotated, one not)"
+    reason = _spec_reason(w_spec, "weight") or _spec_reason(x_spec, "input")
+    if reason is None and recipe.quantized_backward:
+        # grad_input multiplies the gradient by the weight's codes, grad_weight by the input's.
+        reason = _grad_gemm().unsupported_reason(recipe.grad_input, w_spec.fmt.bits, "grad_input") or \
+            _grad_gemm().unsupported_reason(recipe.grad_weight, x_spec.fmt.bits, "grad_weight")
+    return reason
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
                      weight_lsq_scale: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
                      stats: dict | None = None, backend: str | None = None,
-                     weight_sparse: SparseState | None = None) -> torch.Tensor:
+                     weight_sparse: SparseState | None = None, grad_seed: torch.Tensor | None = None) -> torch.Tensor:
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)`` by ``recipe`` on the chosen backend (see the module docstring).
 
     x: ``[..., K]``; weight: ``[N, K]``; bias: ``[N]`` or None; returns ``[..., N]``. Under autocast the layer takes
@@ -142,6 +157,8 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     a cast copy). Without autocast the output has ``x``'s dtype.
     ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction`` (0-dim tensors).
     ``weight_sparse``: the weight's sparsity state (reference path only: sparse recipes never run Triton).
+    ``grad_seed``: the seed (0-dim int64 tensor) of a quantized backward's stochastic rounding
+    (:func:`bitlaw.kernels.gradients.layer_seed`); None draws one.
     """
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit; "
@@ -151,17 +168,20 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
         x = x.to(torch.get_autocast_dtype(device_type))
     if select_backend(recipe, x, weight, backend).backend == "triton":
         with torch.autocast(device_type, enabled=False):
-            return _triton_linear(x, weight, recipe, bias, stats)
-    return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats, weight_sparse)
+            return _triton_linear(x, weight, recipe, bias, stats, grad_seed)
+    return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats, weight_sparse,
+                            grad_seed)
 
 
 def _triton_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None,
-                   stats: dict | None) -> torch.Tensor:
+                   stats: dict | None, grad_seed: torch.Tensor | None) -> torch.Tensor:
     ops = _ops()
     x2d = x.reshape(-1, x.shape[-1])
     text = ops.recipe_text(recipe)
     if recipe.input.quantized:
-        y, _, _, x_mask, _, _, w_mask = ops.quantized_linear_op(x2d, weight, bias, text)
+        if recipe.quantized_backward and grad_seed is None:
+            grad_seed = layer_seed("linear")
+        y, _, _, x_mask, _, _, w_mask = ops.quantized_linear_op(x2d, weight, bias, text, grad_seed)
         _record(stats, "input", x_mask, x.shape[-1])
     else:
         # Weight-only: the quantized weight (rotated back unless layout 'rotated'), then an ordinary matmul as the

@@ -171,6 +171,35 @@ def variants(capability: int = 90) -> list[Variant]:
         out.append(Variant("masked_rotate", label, signature, constexprs, warps, 3,
                            rows * 128 * (2 if grad_dtype == "bf16" else 4) + rows * 16,
                            rows * 128 * (2 if out_dtype == "bf16" else 4)))
+    out.extend(_grad_variants(capability))
+    return out
+
+
+def _grad_variants(capability: int) -> list[Variant]:
+    """The quantized backward's kernels (bitlaw.kernels.triton.grad_gemm) as the int8-gradient presets launch them."""
+    from bitlaw.kernels.triton import grad_gemm
+
+    out = []
+    for label, do_in, do_w in (("g_y → int8 for g_x and g_w (g8g8)", True, True), ("g_y → int8 for g_x (g8)", True,
+                                                                                    False)):
+        signature = {"g_ptr": "*bf16", **_ints(["stride_gm", "stride_gn"]), "unit_in_ptr": "*fp32",
+                     "unit_w_ptr": "*fp32", "qin_ptr": "*i8", "sin_ptr": "*fp32", "qw_ptr": "*i8", "sw_ptr": "*fp32",
+                     **_ints(["M", "N"]), "key": "u32"}
+        constexprs = {"DO_IN": do_in, "DO_W": do_w, "SR_IN": True, "SR_W": True}
+        out.append(Variant("quantize_grad", label, signature, constexprs, grad_gemm.QUANT_WARPS, 1, 128 * 128 * 2,
+                           128 * 128 * (do_in + do_w)))
+    signature = {"packed_ptr": "*u8", "out_ptr": "*i8", **_ints(["R", "K", "stride_packed"])}
+    out.append(Variant("codes_t", "int4 codes → int8, transposed", signature,
+                       {"BITS": 4, "FIELD_BITS": 4, "BLOCK_R": 64}, 4, 1, 64 * 64, 64 * 128))
+    block_m, warps, stages = grad_gemm.GEMM_LAUNCH[90 if capability >= 90 else 80]
+    # bf16 training: the rotation reads the bf16 output gradient's sums with one bf16 dot (DOT 1) in both GEMMs.
+    for label, out_dtype, dot in (("g_x (bf16 g_y, bf16 out)", "bf16", 1), ("g_w (bf16 g_y, fp32 out)", "fp32", 1)):
+        signature = {"a_ptr": "*i8", "sa_ptr": "*fp32", "b_ptr": "*i8", "mask_ptr": "*u8", "stride_mask": "i32",
+                     "signs_ptr": "*bf16", "out_ptr": f"*{out_dtype}", **_ints(["R", "C", "RED"]),
+                     "inv_sqrt_block": "fp32"}
+        constexprs = {"ROTATE": True, "DOT": dot, "EVEN_RED": True, "BLOCK_M": block_m}
+        out.append(Variant("grad_gemm", f"{block_m}x128x128 {label}", signature, constexprs, warps, stages,
+                           (block_m + 128) * 128, 0, gemm=True))
     return out
 
 
@@ -181,10 +210,12 @@ def torch_dtype(name: str):
 
 
 def _kernel_fn(name: str):
-    from bitlaw.kernels.triton import backward, gemm, quant
+    from bitlaw.kernels.triton import backward, gemm, grad_gemm, quant
 
     return {"quantize": quant._quantize_kernel, "gemm": gemm._gemm_kernel.fn,
-            "dequantize": backward._dequantize_kernel, "masked_rotate": backward._masked_rotate_kernel}[name]
+            "dequantize": backward._dequantize_kernel, "masked_rotate": backward._masked_rotate_kernel,
+            "quantize_grad": grad_gemm._quantize_grad_kernel, "codes_t": grad_gemm._codes_t_kernel,
+            "grad_gemm": grad_gemm._block_scaled_gemm_kernel}[name]
 
 
 _MMA_SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)")
@@ -333,10 +364,17 @@ def _main_loop(profiles: list[Profile], kernel: str, label: str | None = None) -
     return None
 
 
-def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 4, gpu: Gpu = Gpu()
-                   ) -> dict[str, Any]:
+BACKWARDS = ("bf16", "g8", "g8g8")  # the layer estimate's backward: QuEST's, int8 grad_input, int8 both GEMMs
+
+
+def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 4, gpu: Gpu = Gpu(),
+                   backward: str = "bf16") -> dict[str, Any]:
     """Estimated forward + backward time (µs) of one quantized linear (``bits``-bit weights and inputs) and of
-    ``nn.Linear`` under bf16 autocast at ``M x K x N``, per step, with the model of docs/kernels.md §3."""
+    ``nn.Linear`` under bf16 autocast at ``M x K x N``, per step, with the model of docs/kernels.md §3.
+    ``backward``: ``bf16`` (QuEST's: dequantize, cuBLAS, mask + IHT), ``g8`` (int8 ``g_y`` for ``g_x``, the preset
+    ``quest_w4a4_g8``), ``g8g8`` (int8 ``g_y`` for both GEMMs, ``quest_w4a4_g8g8``)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"layer_estimate: backward={backward!r} is not allowed; allowed: {', '.join(BACKWARDS)}")
     field_bytes = {1: 1 / 8, 2: 2 / 8, 3: 4 / 8, 4: 4 / 8}[bits]
     issue_rate = gpu.sms * 4 * 32 * gpu.clock  # thread-instructions per second
 
@@ -348,6 +386,14 @@ def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 
 
     def matmul(kind: str, issue_ratio: float = 1.0) -> float:
         return 2.0 * m * k * n / (gpu.peak(kind) * gpu.matmul_efficiency) * max(1.0, issue_ratio) * 1e6
+
+    def ratio(loop: Loop | None) -> float:
+        return loop.issue_cycles / loop.tensor_cycles if loop else 1.0
+
+    def rotation(rows: int, dots: int) -> float:
+        # The epilogue's inverse Hadamard: per 128-column tile a dot of rows × 128 × 128 against ±1, ``dots`` bf16
+        # dots (1 in bf16 training).
+        return 2.0 * rows * k * 128 * dots / (gpu.peak("bf16") * gpu.matmul_efficiency) * 1e6
 
     label = {4: "w4a4", 1: "w1a1", 2: "w2a2", 3: "w3a3"}[bits]
     quant_x = _main_loop(profiles, "quantize", f"{label} input (bf16)")
@@ -362,14 +408,27 @@ def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 
         # Pass 1 reads x for the RMS, pass 2 again (counted from HBM both times, though mostly L2).
         "quantize x": memory(4 * m * k, (code_bytes + mask_bytes) * m * k + 4 * m, per_byte(quant_x)),
         "quantize w": memory(8 * n * k, (code_bytes + mask_bytes) * n * k + 4 * n, per_byte(quant_w)),
-        "int8 GEMM": matmul("int8", gemm.issue_cycles / gemm.tensor_cycles if gemm else 1.0),
-        "dequantize ŵ": memory(field_bytes * n * k, 2 * n * k),
-        "g_y·ŵ (cuBLAS)": matmul("bf16"),
-        "mask + IHT g_x": memory((2 + mask_bytes) * m * k, 2 * m * k, per_byte(rotate_bf16)),
-        "dequantize x̂": memory(field_bytes * m * k, 2 * m * k),
-        "g_yᵀ·x̂ (cuBLAS)": matmul("bf16"),
-        "mask + IHT g_w": memory((2 + mask_bytes) * n * k, 4 * n * k, per_byte(rotate_w)),
+        "int8 GEMM": matmul("int8", ratio(gemm)),
     }
+    if backward == "bf16":
+        ours |= {"dequantize ŵ": memory(field_bytes * n * k, 2 * n * k), "g_y·ŵ (cuBLAS)": matmul("bf16"),
+                 "mask + IHT g_x": memory((2 + mask_bytes) * m * k, 2 * m * k, per_byte(rotate_bf16))}
+    else:
+        quant_g = _main_loop(profiles, "quantize_grad", "g_y → int8 for g_x and g_w (g8g8)" if backward == "g8g8"
+                             else "g_y → int8 for g_x (g8)")
+        codes_t = _main_loop(profiles, "codes_t")
+        grad_x = _main_loop(profiles, "grad_gemm", "128x128x128 g_x (bf16 g_y, bf16 out)")
+        outputs = 2 if backward == "g8g8" else 1  # int8 operands written, each with a scale per 128 entries
+        ours |= {"quantize g_y (int8)": memory(2 * m * n, outputs * m * n * (1 + 4 / 128), per_byte(quant_g)),
+                 "ŵ codes, transposed": memory(field_bytes * n * k, n * k, per_byte(codes_t)),
+                 "g_y·ŵ (int8, + mask, IHT)": matmul("int8", ratio(grad_x)) + rotation(m, 1)}
+    if backward == "g8g8":
+        grad_w = _main_loop(profiles, "grad_gemm", "128x128x128 g_w (bf16 g_y, fp32 out)")
+        ours |= {"x̂ codes, transposed": memory(field_bytes * m * k, m * k, per_byte(codes_t)),
+                 "g_yᵀ·x̂ (int8, + mask, IHT)": matmul("int8", ratio(grad_w)) + rotation(n, 1)}
+    else:
+        ours |= {"dequantize x̂": memory(field_bytes * m * k, 2 * m * k), "g_yᵀ·x̂ (cuBLAS)": matmul("bf16"),
+                 "mask + IHT g_w": memory((2 + mask_bytes) * n * k, 4 * n * k, per_byte(rotate_w))}
     plain = {
         "weight cast fp32 → bf16": memory(4 * n * k, 2 * n * k),
         "x·wᵀ (cuBLAS)": matmul("bf16"),
@@ -377,8 +436,8 @@ def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 
         "g_yᵀ·x (cuBLAS)": matmul("bf16"),
         "weight gradient bf16 → fp32": memory(2 * n * k, 4 * n * k),
     }
-    return {"shape": [m, k, n], "bits": bits, "gpu": asdict(gpu), "quantized_us": ours, "nn_linear_us": plain,
-            "ratio": sum(ours.values()) / sum(plain.values())}
+    return {"shape": [m, k, n], "bits": bits, "backward": backward, "gpu": asdict(gpu), "quantized_us": ours,
+            "nn_linear_us": plain, "ratio": sum(ours.values()) / sum(plain.values())}
 
 
 # ---- output ----
@@ -409,11 +468,11 @@ def markdown_table(profiles: list[Profile]) -> str:
 
 
 def estimate_table(estimates: list[dict[str, Any]]) -> str:
-    lines = ["| layer M x K x N | bits | quantized µs (estimate) | nn.Linear bf16 µs (estimate) | ratio |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| layer M x K x N | bits | backward | quantized µs (estimate) | nn.Linear bf16 µs (estimate) | ratio |",
+             "|---|---:|---|---:|---:|---:|"]
     for item in estimates:
         shape = "x".join(map(str, item["shape"]))
-        lines.append(f"| {shape} | {item['bits']} | {sum(item['quantized_us'].values()):.0f} | "
+        lines.append(f"| {shape} | {item['bits']} | {item['backward']} | {sum(item['quantized_us'].values()):.0f} | "
                      f"{sum(item['nn_linear_us'].values()):.0f} | {item['ratio']:.2f}x |")
     return "\n".join(lines)
 
@@ -435,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = run_profile(args.targets, args.jobs)
     estimates = [layer_estimate(profiles, m, k, n, bits) for m, k, n in LAYER_SHAPES for bits in (4, 1)]
+    estimates += [layer_estimate(profiles, m, k, n, 4, backward=backward) for m, k, n in LAYER_SHAPES
+                  for backward in BACKWARDS[1:]]
     print(f"triton {triton.__version__}; compiled for {', '.join(args.targets)} on this CPU (no GPU)")
     print(markdown_table(profiles))
     print()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from bitlaw.kernels.formats import Format
+from bitlaw.kernels.gradients import code_unit, quantized_backward_matmul
 from bitlaw.kernels.hadamard import block_hadamard, inverse_block_hadamard
 from bitlaw.kernels.recipe import Recipe, TensorSpec
 from bitlaw.kernels.sparsity import SparseState, select
@@ -245,7 +246,8 @@ class FakeQuantize(torch.autograd.Function):
 
     Inputs: ``x`` ``[..., K]``; ``lsq_scale`` the 1-element learned parameter of a ``lsq``/``lsq_step`` spec (else
     None); ``spec``;
-    ``stats`` an optional dict that receives ``masked_fraction`` (float tensor, the share of entries with M=0);
+    ``stats`` an optional dict that receives ``masked_fraction`` (float tensor, the share of entries with M=0) and
+    ``step`` (``QuantResult.step``, detached; None for grids without one);
     ``sparse`` the weight's :class:`~bitlaw.kernels.sparsity.SparseState` or None. When ``sparse.grad_sink`` is a
     dict, backward adds the unmasked gradient of the values (stored domain) to its ``"dense_grad"`` (RigL's grow
     criterion).
@@ -257,6 +259,7 @@ class FakeQuantize(torch.autograd.Function):
         ctx.grad_sink = None if sparse is None else sparse.grad_sink
         if stats is not None:
             stats["masked_fraction"] = 1.0 - res.mask.float().mean().detach()
+            stats["step"] = None if res.step is None else res.step.detach()
         ctx.spec = spec
         ctx.x_dtype = x.dtype
         if lsq_scale is not None and spec.learned_scale:
@@ -302,7 +305,8 @@ def fake_quantize(x: torch.Tensor, spec: TensorSpec, lsq_scale: torch.Tensor | N
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
                      weight_lsq_scale: torch.Tensor | None = None, input_lsq_scale: torch.Tensor | None = None,
-                     stats: dict | None = None, weight_sparse: SparseState | None = None) -> torch.Tensor:
+                     stats: dict | None = None, weight_sparse: SparseState | None = None,
+                     grad_seed: torch.Tensor | None = None) -> torch.Tensor:
     """``y = Q_in(x) · Q_w(w)ᵀ (+ bias)``: the reference forward and backward of a quantized linear layer.
 
     x: ``[..., K]``; weight: ``[N, K]``; returns ``[..., N]`` in ``x.dtype``. When both roles are quantized in
@@ -311,11 +315,15 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     first, except the weight of a ``layout='rotated'`` recipe, used as ``Q(W·H)`` (``y = x · Q(W·H)ᵀ``).
     ``stats``, if given, receives ``weight_masked_fraction`` / ``input_masked_fraction``. ``weight_sparse``: the
     weight's :class:`~bitlaw.kernels.sparsity.SparseState` (schedule, RigL mask), None for the spec's own sparsity.
+    With ``recipe.grad_input`` / ``recipe.grad_weight`` quantized, the backward GEMMs quantize the output gradient
+    (:mod:`bitlaw.kernels.gradients`), seeded by ``grad_seed`` (a 0-dim int64 tensor; None draws one).
     """
-    w_stats = {} if stats is not None and recipe.weight.compressed else None
+    w_stats = {} if (stats is not None or recipe.quantized_backward) and recipe.weight.compressed else None
     wq = fake_quantize(weight, recipe.weight, weight_lsq_scale, w_stats, weight_sparse)
-    y = reference_linear_given_weight(x, wq, recipe, bias, input_lsq_scale, stats)
-    if w_stats:
+    weight_unit = code_unit(w_stats.get("step"), recipe.weight) if w_stats else None
+    y = linear_given_operand(x, weight_operand(wq, recipe), recipe, bias, input_lsq_scale, stats,
+                             weight_unit if _same_domain(recipe) else None, grad_seed)
+    if w_stats and stats is not None:
         stats["weight_masked_fraction"] = w_stats["masked_fraction"]
     return y
 
@@ -347,19 +355,28 @@ def weight_operand(weight_values: torch.Tensor, recipe: Recipe) -> torch.Tensor:
 
 
 def linear_given_operand(x: torch.Tensor, operand: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None = None,
-                         input_lsq_scale: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
-    """:func:`reference_linear_given_weight` given :func:`weight_operand`'s result ``[N, K]``."""
+                         input_lsq_scale: torch.Tensor | None = None, stats: dict | None = None,
+                         weight_unit: torch.Tensor | None = None, grad_seed: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """:func:`reference_linear_given_weight` given :func:`weight_operand`'s result ``[N, K]``. ``weight_unit``
+    ``[N]``: the operand's value per code unit (half its row step), which a quantized backward folds into the
+    gradient (:mod:`bitlaw.kernels.gradients`); ``grad_seed``: that backward's seed."""
     x_spec = recipe.input
-    x_stats = {} if stats is not None and x_spec.compressed else None
+    backward = recipe.quantized_backward
+    x_stats = {} if (stats is not None or backward) and x_spec.compressed else None
     xq = fake_quantize(x, x_spec, input_lsq_scale, x_stats)
+    x_unit = code_unit(x_stats.get("step"), x_spec) if x_stats else None
     if not _same_domain(recipe):
         # layout 'rotated' (weight-only, QuEST's runs) multiplies the plain input by Q(W·H) as it is.
-        xq = unrotate(xq, x_spec)
+        xq, x_unit = unrotate(xq, x_spec), None
     dtype = torch.promote_types(xq.dtype, operand.dtype)
-    y = torch.matmul(xq.to(dtype), operand.to(dtype).t())
+    if backward:
+        y = quantized_backward_matmul(xq.to(dtype), operand.to(dtype), recipe, x_unit, weight_unit, grad_seed)
+    else:
+        y = torch.matmul(xq.to(dtype), operand.to(dtype).t())
     if bias is not None:
         y = y + bias
-    if x_stats:
+    if x_stats and stats is not None:
         stats["input_masked_fraction"] = x_stats["masked_fraction"]
     return y.to(x.dtype)
 

@@ -25,6 +25,11 @@ LEARNED_SCALES = ("lsq", "lsq_step")
 GRAD_RULES = ("trust", "clip", "ste")
 ROTATIONS = ("hadamard", "none")
 LAYOUTS = ("rotate_back", "rotated")
+# The backward GEMMs' output-gradient formats (docs/numerics.md §8): bf16 leaves the gradient as it is (QuEST).
+GRAD_FORMATS = ("bf16", "int8", "fp8_e4m3", "fp8_e5m2")
+GRAD_ROUNDINGS = ("nearest", "stochastic")
+GRAD_SCALES = ("token", "channel", "block")
+GRAD_ROLES = ("grad_input", "grad_weight")
 # QuEST's 1-bit clip mask |x_h| <= s·α: s = 1.30 with the Hadamard rotation, 1.25 without (docs/numerics.md §4).
 DEFAULT_CLIP = {"hadamard": 1.30, "none": 1.25}
 
@@ -328,6 +333,78 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class GradSpec:
+    """How one backward GEMM of a quantized linear quantizes the output gradient ``g_y`` (docs/numerics.md §8).
+
+    ``grad_input`` is ``g_x̂ = g_y · ŵ`` (reduced over the output channels), ``grad_weight`` is ``g_ŵ = g_yᵀ · x̂``
+    (reduced over the tokens). Before quantizing, ``g_y`` is multiplied along the reduced dimension by the other
+    operand's value per code unit (half the weight's row step, resp. half the input's token step), so that the other
+    operand enters the GEMM as its integer codes, exactly.
+
+    Fields:
+        format:   ``bf16`` (not quantized: QuEST's backward), ``int8`` (symmetric, ±127), ``fp8_e4m3`` (max 448),
+                  ``fp8_e5m2`` (max 57344). The other fields only matter for a quantized format.
+        rounding: ``nearest`` (half up), ``stochastic`` (up with probability equal to the distance from the level
+                  below, in steps: unbiased), its random bits from a seeded generator.
+        scale:    one absmax scale per ``token`` (row of ``g_y``), per ``channel`` (column of ``g_y``) or per
+                  ``block`` of ``block`` consecutive entries along the GEMM's reduced dimension.
+        hadamard: rotate the gradient along the reduced dimension by blocks of ``block`` before quantizing (the
+                  inverse rotation is folded into the other operand, so the product is unchanged when nothing is
+                  rounded).
+        block:    the entries per scale (``scale: block``) and per rotation block; a power of two.
+    """
+
+    format: str = "bf16"
+    rounding: str = "nearest"
+    scale: str = "block"
+    hadamard: bool = False
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        _choice("format", self.format, GRAD_FORMATS)
+        _choice("rounding", self.rounding, GRAD_ROUNDINGS)
+        _choice("scale", self.scale, GRAD_SCALES)
+        if not isinstance(self.hadamard, bool):
+            raise ValueError(f"hadamard={self.hadamard!r} is not allowed; allowed: true, false")
+        if not (isinstance(self.block, int) and not isinstance(self.block, bool) and self.block >= 2
+                and not self.block & (self.block - 1)):
+            raise ValueError(f"block={self.block!r} is not allowed; allowed: a power of two ≥ 2 such as 128")
+        if not self.quantized:
+            for name in ("rounding", "scale", "hadamard", "block"):
+                if getattr(self, name) != _GRAD_DEFAULTS[name]:
+                    raise ValueError(f"{name}={getattr(self, name)!r} is only allowed with a quantized gradient "
+                                     f"format ({', '.join(GRAD_FORMATS[1:])}); got format='bf16'")
+
+    @property
+    def quantized(self) -> bool:
+        """False for ``bf16``: the GEMM takes the gradient as it is."""
+        return self.format != "bf16"
+
+    @property
+    def stochastic(self) -> bool:
+        return self.quantized and self.rounding == "stochastic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> GradSpec:
+        """Build from a plain dict; errors are prefixed with ``where`` (e.g. ``grad_input``)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping of {_field_names(cls)}, got {data!r}")
+        unknown = sorted(set(data) - set(_field_names(cls)))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(_field_names(cls))}")
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{where}.{err}") from None
+
+
+_GRAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GradSpec)}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What each role of a linear layer gets: ``weight`` and ``input`` (activation) specs.
 
@@ -337,12 +414,16 @@ class Recipe:
     ``x·Wᵀ``; ``rotated`` computes ``y = x · Q(W·H)ᵀ``, the quantized rotated weight used as it is and the input
     not rotated (QuEST's published weight-only runs). ``rotated`` needs a weight-only recipe (input ``bf16``) whose
     weight is rotated.
+    ``grad_input`` / ``grad_weight`` (:class:`GradSpec`) quantize the output gradient of the two backward GEMMs;
+    the default ``bf16`` keeps QuEST's backward. Only for recipes with a quantized weight.
     """
 
     name: str = "bf16"
     weight: TensorSpec = field(default_factory=TensorSpec)
     input: TensorSpec = field(default_factory=TensorSpec)
     layout: str = "rotate_back"
+    grad_input: GradSpec = field(default_factory=GradSpec)
+    grad_weight: GradSpec = field(default_factory=GradSpec)
 
     def __post_init__(self) -> None:
         for role in ("weight", "input"):
@@ -358,6 +439,18 @@ class Recipe:
                                  f"hadamard); got weight format={self.weight.format!r}, "
                                  f"rotation={self.weight.rotation!r}")
         _check_input_sparsity(self.input)
+        for role in GRAD_ROLES:
+            spec = getattr(self, role)
+            if not isinstance(spec, GradSpec):
+                raise ValueError(f"{role}: expected a GradSpec, got {spec!r}")
+            if spec.quantized and not self.weight.quantized:
+                raise ValueError(f"{role}.format={spec.format!r} needs a quantized weight (the backward is quantized "
+                                 f"only in quantized layers); got weight format={self.weight.format!r}")
+
+    @property
+    def quantized_backward(self) -> bool:
+        """True when either backward GEMM quantizes the output gradient."""
+        return self.grad_input.quantized or self.grad_weight.quantized
 
     @property
     def quantized(self) -> bool:
@@ -375,27 +468,34 @@ class Recipe:
         self.input.check_in_features(in_features, f"{layer} (recipe {self.name!r}, input)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the recipe. ``layout`` is written only when it is not ``rotate_back``, so the records and
-        checkpoints of every other recipe read as before the field existed (a resume compares them)."""
+        """Plain dict of the recipe. ``layout``, ``grad_input`` and ``grad_weight`` are written only when they are not
+        their defaults, so the records and checkpoints of every other recipe read as before the fields existed (a
+        resume compares them)."""
         data = {"name": self.name, "weight": self.weight.to_dict(), "input": self.input.to_dict()}
         if self.layout != "rotate_back":
             data["layout"] = self.layout
+        for role in GRAD_ROLES:
+            if getattr(self, role).quantized:
+                data[role] = getattr(self, role).to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Inverse of :meth:`to_dict`; missing roles default to ``bf16``, a missing layout to ``rotate_back``;
-        unknown keys are errors."""
+        """Inverse of :meth:`to_dict`; missing roles default to ``bf16``, a missing layout to ``rotate_back``, missing
+        backward specs to ``bf16``; unknown keys are errors."""
+        keys = ("name", "weight", "input", "layout", *GRAD_ROLES)
         if not isinstance(data, dict):
-            raise ValueError(f"recipe: expected a mapping with keys name, weight, input, layout, got {data!r}")
-        unknown = sorted(set(data) - {"name", "weight", "input", "layout"})
+            raise ValueError(f"recipe: expected a mapping with keys {', '.join(keys)}, got {data!r}")
+        unknown = sorted(set(data) - set(keys))
         if unknown:
-            raise ValueError(f"recipe: unknown field(s) {unknown}; allowed: name, weight, input, layout")
+            raise ValueError(f"recipe: unknown field(s) {unknown}; allowed: {', '.join(keys)}")
         name = data.get("name", "custom")
         weight = TensorSpec.from_dict(dict(data.get("weight") or {}), f"recipe {name!r}: weight")
         inputs = TensorSpec.from_dict(dict(data.get("input") or {}), f"recipe {name!r}: input")
+        grads = {role: GradSpec.from_dict(dict(data.get(role) or {}), f"recipe {name!r}: {role}")
+                 for role in GRAD_ROLES}
         try:
-            return cls(name=str(name), weight=weight, input=inputs, layout=data.get("layout", "rotate_back"))
+            return cls(name=str(name), weight=weight, input=inputs, layout=data.get("layout", "rotate_back"), **grads)
         except ValueError as err:
             raise ValueError(f"recipe {name!r}: {err}") from None
 

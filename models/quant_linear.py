@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bitlaw.kernels.gradients import layer_seed
 from bitlaw.kernels.linear import BackendChoice, quantized_linear, select_backend
 from bitlaw.kernels.quantizers import QuantResult, initial_lsq_scale, quantize
 from bitlaw.kernels.recipe import Recipe
@@ -135,8 +136,10 @@ class QuantLinear(nn.Linear):
             self._init_lsq(x)
         stats = {} if self.track_stats else None
         self.last_backend = select_backend(self.recipe, x, self.weight, self.backend)
+        # A quantized backward's random bits are keyed by this layer's name (and the trainer's noise context).
+        seed = layer_seed(self.layer_name) if self.recipe.quantized_backward and torch.is_grad_enabled() else None
         y = quantized_linear(x, self.weight, self.recipe, self.bias, self.weight_lsq_scale, self.input_lsq_scale,
-                             stats, self.last_backend.backend, self._weight_sparse())
+                             stats, self.last_backend.backend, self._weight_sparse(), seed)
         if stats is not None:
             self.stats = stats
         return y

@@ -2,7 +2,7 @@
 # One GPU check of the fused kernels, meant to finish within 8 minutes on one H100/H200:
 #   1. python -m bitlaw.kernels.bench   (quantizer vs copy, GEMM vs cuBLAS bf16 and int8, layer fwd+bwd vs nn.Linear)
 #   2. pytest -m gpu                     (the kernel contracts at the 800M shapes, a few GPU training steps)
-#   3. 50 steps of model=30m in bf16 and quest_w4a4 (bitlaw.train.bench): the training tokens/s ratio
+#   3. 50 steps of model=30m in bf16, quest_w4a4 and quest_w4a4_g8g8 (bitlaw.train.bench): the tokens/s ratios
 # and prints a summary to paste into BENCHMARKS.md. Logs go to $OUT (the device tool's output folder) or ./gpu-check.
 #
 # Run from the repository root on a machine with CUDA:   tools/gpu-check.sh
@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 
 step bench 180 python3 -m bitlaw.kernels.bench --min-run-time 0.3
 step pytest_gpu 180 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/kernels/triton/test_gpu.py
-step train_30m 150 python3 -m bitlaw.train.bench --steps 50 --quant bf16 quest_w4a4 model=30m trainer=gpu \
+step train_30m 200 python3 -m bitlaw.train.bench --steps 50 --quant bf16 quest_w4a4 quest_w4a4_g8g8 model=30m trainer=gpu \
   seq_len=512 global_batch=64 "data.cache_dir=$PWD/$out/data_cache"
 
 {

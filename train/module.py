@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
+from bitlaw.kernels.gradients import set_noise_context
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.models.convert import convert, quantized_layers
 from bitlaw.models.llama import LlamaConfig, LlamaModel
@@ -78,6 +79,12 @@ def state_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | Non
     return "; ".join(problems) or None
 
 
+def noise_index(global_step: int, batch_idx: int, accumulate: int) -> int:
+    """The micro-batch's index in the whole run (the noise context of :mod:`bitlaw.kernels.gradients`): optimizer
+    steps done × micro-batches per step + this micro-batch's place in its step."""
+    return global_step * accumulate + batch_idx % accumulate
+
+
 class LitLlama(L.LightningModule):
     """Trains a (possibly quantized) :class:`LlamaModel`.
 
@@ -105,6 +112,7 @@ class LitLlama(L.LightningModule):
         self.tokens_per_step = run["global_batch"] * run["seq_len"]
         self.mask_stats_every = mask_stats_every
         self.global_batch = run["global_batch"]
+        self.seed = run["seed"]
         self.settings = settings  # what defines the run (bitlaw.train.settings), kept in every checkpoint
         # The model is built here, seeded, so every rank and every resumed run starts from the same weights.
         with torch.random.fork_rng(devices=[]):
@@ -161,6 +169,11 @@ class LitLlama(L.LightningModule):
         layers = self._track_masks(sample_masks) if sample_masks else {}
         for layer in self._sparse_layers:
             layer.set_progress(step, self.total_steps)
+        if self.recipe.quantized_backward:
+            # The stochastic backward's bits: per run seed, DDP rank (independent ranks) and micro-batch, so a
+            # resumed run draws what the uninterrupted one would have.
+            set_noise_context(self.seed, self.global_rank, noise_index(step, batch_idx,
+                                                                       self.trainer.accumulate_grad_batches))
         _, loss = self(x, y)
         # The mean over ranks: one scalar all-reduce per step, small beside DDP's gradient all-reduce.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)

@@ -7,7 +7,9 @@ implementation giving output shapes and dtypes, so tracing needs no real kernels
 - ``bitlaw::quantized_linear``: both roles quantized; ``x [M, K]`` (fp32/bf16), ``weight [N, K]`` (read in its own
   dtype, the fp32 master weight, once), optional ``bias [N]`` → ``y [M, N]`` in ``x``'s dtype, plus the packed
   codes, steps and bit masks of both roles that backward keeps (no activation tensor).
-- ``bitlaw::quantized_linear_backward``: the gradients of docs/numerics.md §4 (:mod:`bitlaw.kernels.triton.backward`).
+- ``bitlaw::quantized_linear_backward``: the gradients of docs/numerics.md §4 (:mod:`bitlaw.kernels.triton.backward`);
+  with a quantized backward (the recipe's ``grad_input`` / ``grad_weight``, docs/numerics.md §8) those GEMMs take
+  the int8 gradient of :mod:`bitlaw.kernels.triton.grad_gemm`, seeded by the forward's ``seed`` tensor.
 - ``bitlaw::quantized_weight``: weight-only recipes; ``Q(w·H)·Hᵀ`` (``Q(w·H)`` for ``layout='rotated'``) in fp32
   and the mask.
 
@@ -26,6 +28,7 @@ from bitlaw.kernels.packing import field_bits, unpack_mask
 from bitlaw.kernels.recipe import Recipe
 from bitlaw.kernels.triton.backward import dequantize_rows, grad_input, grad_weight
 from bitlaw.kernels.triton.gemm import quantized_matmul
+from bitlaw.kernels.triton.grad_gemm import block_scaled_gemm, quantize_gradient, transposed_codes
 from bitlaw.kernels.triton.quant import QuantizedRows, quantize_rows
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -50,10 +53,12 @@ def _empty_like_rows(rows: int, k: int, bits: int, device: torch.device) -> tupl
 
 
 @torch.library.custom_op("bitlaw::quantized_linear", mutates_args=())
-def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: str  # noqa: UP045
+def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: str,  # noqa: UP045
+                        seed: Optional[torch.Tensor] = None  # noqa: UP045
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
-    """``(y, x_packed, x_step, x_mask, w_packed, w_step, w_mask)``; see the module docstring."""
+    """``(y, x_packed, x_step, x_mask, w_packed, w_step, w_mask)``; see the module docstring. ``seed``: a 0-dim int64
+    tensor keying a stochastic backward's bits (unused otherwise)."""
     spec = recipe_of(recipe)
     xq = quantize_rows(x, spec.input, codes=True, packed=True)
     wq = quantize_rows(weight, spec.weight, codes=True, packed=True)
@@ -62,7 +67,7 @@ def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 @quantized_linear_op.register_fake
-def _(x, weight, bias, recipe):
+def _(x, weight, bias, recipe, seed=None):
     spec = recipe_of(recipe)
     y = x.new_empty(x.shape[0], weight.shape[0])
     return (y, *_empty_like_rows(x.shape[0], x.shape[1], spec.input.fmt.bits, x.device),
@@ -73,35 +78,49 @@ def _(x, weight, bias, recipe):
 def quantized_linear_backward_op(grad_y: torch.Tensor, x_packed: torch.Tensor, x_step: torch.Tensor,
                                  x_mask: torch.Tensor, w_packed: torch.Tensor, w_step: torch.Tensor,
                                  w_mask: torch.Tensor, recipe: str, k: int, x_dtype: torch.dtype,
-                                 w_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x [M, K] in x_dtype, grad_w [N, K] in w_dtype)`` from the saved rows of both roles."""
+                                 w_dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x [M, K] in x_dtype, grad_w [N, K] in w_dtype)`` from the saved rows of both roles; ``seed`` keys a
+    stochastic backward's bits."""
     spec = recipe_of(recipe)
     xq = QuantizedRows(None, x_packed, x_step, x_mask, k, spec.input.fmt.bits, spec.input.rotated)
     wq = QuantizedRows(None, w_packed, w_step, w_mask, k, spec.weight.fmt.bits, spec.weight.rotated)
     grad_y = grad_y.contiguous()
     if grad_y.dtype not in _KERNEL_DTYPES:
         grad_y = grad_y.float()
-    return grad_input(grad_y, xq, wq, out_dtype=x_dtype), grad_weight(grad_y, xq, wq, out_dtype=w_dtype)
+    if not spec.quantized_backward:
+        return grad_input(grad_y, xq, wq, out_dtype=x_dtype), grad_weight(grad_y, xq, wq, out_dtype=w_dtype)
+    quant_in, quant_w = quantize_gradient(grad_y, xq, wq, spec.grad_input, spec.grad_weight, seed)
+    if quant_in is None:
+        grad_x = grad_input(grad_y, xq, wq, out_dtype=x_dtype)
+    else:
+        grad_x = block_scaled_gemm(*quant_in, transposed_codes(wq), xq, x_dtype, grad_y.dtype)
+    if quant_w is None:
+        grad_w = grad_weight(grad_y, xq, wq, out_dtype=w_dtype)
+    else:
+        grad_w = block_scaled_gemm(*quant_w, transposed_codes(xq), wq, w_dtype, grad_y.dtype)
+    return grad_x, grad_w
 
 
 @quantized_linear_backward_op.register_fake
-def _(grad_y, x_packed, x_step, x_mask, w_packed, w_step, w_mask, recipe, k, x_dtype, w_dtype):
+def _(grad_y, x_packed, x_step, x_mask, w_packed, w_step, w_mask, recipe, k, x_dtype, w_dtype, seed=0):
     return (grad_y.new_empty(x_step.shape[0], k, dtype=x_dtype),
             grad_y.new_empty(w_step.shape[0], k, dtype=w_dtype))
 
 
 def _setup_linear(ctx, inputs, output):
-    x, weight, bias, recipe = inputs
+    x, weight, bias, recipe, seed = inputs
     ctx.save_for_backward(*output[1:])
     ctx.recipe, ctx.k = recipe, x.shape[1]
+    ctx.seed = 0 if seed is None else int(seed)
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward_linear(ctx, grad_y, *unused):
     x_dtype, w_dtype, b_dtype = ctx.dtypes
-    grad_x, grad_w = quantized_linear_backward_op(grad_y, *ctx.saved_tensors, ctx.recipe, ctx.k, x_dtype, w_dtype)
+    grad_x, grad_w = quantized_linear_backward_op(grad_y, *ctx.saved_tensors, ctx.recipe, ctx.k, x_dtype, w_dtype,
+                                                  ctx.seed)
     grad_b = grad_y.float().sum(dim=0).to(b_dtype) if ctx.needs_input_grad[2] else None
-    return grad_x, grad_w, grad_b, None
+    return grad_x, grad_w, grad_b, None, None
 
 
 quantized_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)

@@ -51,18 +51,23 @@ def test_no_configuration_spills(profile):
 def test_every_dot_loop_runs_on_tensor_cores_and_every_gemm_loop_copies_asynchronously(profile):
     for p in profile["profiles"]:
         wgmma = p["target"] == "sm_90a"
-        has_dot = p["kernel"] in ("gemm", "quantize", "masked_rotate") or "rotated back" in p["label"]
+        has_dot = p["kernel"] in ("gemm", "grad_gemm", "quantize", "masked_rotate") or "rotated back" in p["label"]
         if not has_dot:
             assert not any(loop["mma"] for loop in p["loops"]), p["label"]
             continue
         dot_loops = [loop for loop in p["loops"] if loop["mma"]]
         assert dot_loops, (p["kernel"], p["label"], p["target"])
         for loop in dot_loops:
-            prefix = ("IGMMA" if wgmma else "IMMA") if p["kernel"] == "gemm" else ("HGMMA" if wgmma else "HMMA")
+            # The GEMMs' K-loops multiply int8 (the backward's too: its int8 gradient against the codes).
+            integer = p["kernel"] in ("gemm", "grad_gemm")
+            prefix = ("IGMMA" if wgmma else "IMMA") if integer else ("HGMMA" if wgmma else "HMMA")
             assert all(op.startswith(prefix) for op in loop["mma"]), (p["label"], loop["mma"])
         if p["kernel"] == "gemm":
             (k_loop,) = p["loops"]
             assert k_loop["async_copies"] > 0 and k_loop["scalar_loads"] == 0, (p["label"], p["target"])
+        if p["kernel"] == "grad_gemm":  # its per-row block scales are the only scalar loads
+            (k_loop,) = p["loops"]
+            assert k_loop["async_copies"] > 0, (p["label"], p["target"])
 
 
 def test_static_targets_hold(profile):
@@ -73,7 +78,18 @@ def test_static_targets_hold(profile):
     # the quantizer issues at most 12 thread-instructions per byte it reads (both passes) on Hopper,
     for p in _profiles(profile, kernel="quantize", target="sm_90a"):
         assert p["instructions_per_input_byte"] <= 12, (p["label"], p["instructions_per_input_byte"])
-    # and the estimated W4A4 layer forward + backward is no slower than nn.Linear in bf16 at the 800M MLP shape.
-    (main,) = [e for e in profile["estimates"] if e["shape"] == [16384, 2048, 5632] and e["bits"] == 4]
-    assert main["ratio"] <= 1.0, main
-    assert "| 16384x2048x5632 | 4 |" in profile["stdout"]
+    # the backward's block-scaled GEMM is tensor-bound on Hopper, and its gradient quantizer issues at most 30
+    # thread-instructions per byte of g_y it reads (both GEMMs' operands from one read),
+    for p in _profiles(profile, kernel="grad_gemm", target="sm_90a"):
+        (loop,) = p["loops"]
+        assert loop["issue_cycles"] <= loop["tensor_cycles"], (p["label"], loop)
+    for p in _profiles(profile, kernel="quantize_grad", target="sm_90a"):
+        assert p["instructions_per_input_byte"] <= 30, (p["label"], p["instructions_per_input_byte"])
+    # and the estimated W4A4 layer forward + backward is no slower than nn.Linear in bf16 at the 800M MLP shape; with
+    # both backward GEMMs in int8 (quest_w4a4_g8g8) at most 0.7x of it (BENCHMARKS.md: the issue's 0.65x is not met).
+    estimates = {e["backward"]: e for e in profile["estimates"] if e["shape"] == [16384, 2048, 5632] and e["bits"] == 4}
+    assert estimates["bf16"]["ratio"] <= 1.0, estimates["bf16"]
+    assert estimates["g8g8"]["ratio"] < estimates["g8"]["ratio"] < estimates["bf16"]["ratio"]
+    assert estimates["g8g8"]["ratio"] <= 0.7, estimates["g8g8"]
+    for backward in ("bf16", "g8g8"):
+        assert f"| 16384x2048x5632 | 4 | {backward} |" in profile["stdout"]

@@ -37,9 +37,9 @@ def triton_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
     original = linear._triton_linear
 
-    def spy(x, weight, recipe, bias, stats):
+    def spy(x, weight, recipe, bias, stats, grad_seed):
         calls.append(recipe.name)
-        return original(x, weight, recipe, bias, stats)
+        return original(x, weight, recipe, bias, stats, grad_seed)
 
     monkeypatch.setattr(linear, "_triton_linear", spy)
     return calls

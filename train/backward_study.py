@@ -1,0 +1,280 @@
+"""Loss study of the quantized backward: paired runs of bf16, quest_w4a4 and the presets that quantize the backward.
+
+Usage::
+
+    python -m bitlaw.train.backward_study --out study/backward [--seeds 0 1 2] [--models tiny mini]
+        [--quant bf16 quest_w4a4 quest_w4a4_g8 quest_w4a4_g8g8] [--probe-every 20]
+
+Every (model, recipe, seed) trains once with ``bitlaw-train``'s own code in ``OUT/runs/<model>-<recipe>-seed<s>``
+(finished runs are skipped, so an interrupted study continues). Runs of one seed share the initial weights and the
+data order, so differences between recipes are **paired**. Each finished run is evaluated on the whole validation
+split (``bitlaw-eval <run>``). Runs whose recipe quantizes the backward also record, every ``--probe-every`` steps,
+the gradient of the training batch under the recipe and under QuEST's backward (the same recipe with ``grad_input``
+and ``grad_weight`` in bf16, the same weights): their cosine similarity and relative error
+(:class:`GradientFidelity`). The study writes ``results.json``, ``report.md`` (paired differences to quest_w4a4 with
+standard errors, gradient fidelity) and ``curves.png`` (training loss per recipe, mean over seeds).
+
+Models: ``tiny`` (the default run: 4 layers, d_model 256, 320k tokens) and ``mini`` (the CPU mini-sweep's largest
+model, 4 layers at d_model 128, D/N = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+
+from bitlaw.kernels.gradients import noise_context
+from bitlaw.kernels.recipe import CONF_DIR, GradSpec, Recipe
+from bitlaw.models.convert import quantized_layers
+
+MODELS = {"tiny": [], "mini": ["experiment=cpu_mini_sweep", "model.n_layer=4", "tokens_per_param=1"]}
+BASELINE = "quest_w4a4"
+
+
+class GradientFidelity(L.Callback):
+    """Every ``every`` optimizer steps, before the step's first micro-batch: the gradient of that batch's loss under
+    the run's recipe and under QuEST's backward (the recipe with bf16 ``grad_input`` / ``grad_weight``), at the same
+    weights; appends ``{"step", "cosine", "rel_error", "linear_cosine", "linear_rel_error"}`` as a JSON line to
+    ``out`` (``linear_*``: the weights of the quantized layers only). Does nothing for a recipe without a quantized
+    backward."""
+
+    def __init__(self, out: str, every: int = 20):
+        self.out, self.every = Path(out), every
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        recipe: Recipe = pl_module.recipe
+        if not recipe.quantized_backward or trainer.global_step % self.every or \
+                batch_idx % trainer.accumulate_grad_batches:
+            return
+        layers = list(quantized_layers(pl_module.model).values())
+        params = [p for p in pl_module.model.parameters() if p.requires_grad]
+        linear = {id(layer.weight) for layer in layers}
+        quest = dataclasses.replace(recipe, grad_input=GradSpec(), grad_weight=GradSpec())
+        x, y = batch
+
+        def gradients(spec: Recipe) -> list[torch.Tensor]:
+            for layer in layers:
+                layer.recipe = spec
+            with torch.enable_grad(), noise_context(pl_module.seed, 0, -1 - trainer.global_step):
+                _, loss = pl_module.model(x, y)
+                return [g.detach().float().flatten() for g in torch.autograd.grad(loss, params)]
+
+        try:
+            reference, ours = gradients(quest), gradients(recipe)
+        finally:
+            for layer in layers:
+                layer.recipe = recipe
+        keep = [id(p) in linear for p in params]
+        row = {"step": trainer.global_step, **_agreement(reference, ours, "")}
+        row.update(_agreement([g for g, k in zip(reference, keep, strict=True) if k],
+                              [g for g, k in zip(ours, keep, strict=True) if k], "linear_"))
+        with open(self.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _agreement(reference: list[torch.Tensor], ours: list[torch.Tensor], prefix: str) -> dict[str, float]:
+    # float64: sums over millions of entries in fp32 put the cosine off by ~1e-3, the size of what is measured.
+    a, b = torch.cat(reference).double(), torch.cat(ours).double()
+    cosine = float(a @ b / (a.norm() * b.norm()))
+    return {f"{prefix}cosine": cosine, f"{prefix}rel_error": float((b - a).norm() / a.norm())}
+
+
+def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> dict[str, Any]:
+    """Train (unless ``run.json`` exists) and evaluate one run; returns its record with ``full_val_loss``."""
+    from bitlaw.deploy.evaluate import main as evaluate_main
+    from bitlaw.train.cli import train
+    from bitlaw.train.config import register_configs
+
+    run_dir = out / "runs" / f"{model}-{quant}-seed{seed}"
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        register_configs()
+        overrides = [*MODELS[model], f"quant={quant}", f"seed={seed}", f"run_dir={run_dir}",
+                     "trainer.enable_progress_bar=false",
+                     "+callbacks.fidelity._target_=bitlaw.train.backward_study.GradientFidelity",
+                     f"+callbacks.fidelity.out={run_dir / 'fidelity.jsonl'}",
+                     f"+callbacks.fidelity.every={probe_every}"]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="train", overrides=overrides)
+        (run_dir / "fidelity.jsonl").unlink(missing_ok=True)
+        train(cfg)
+    record = json.loads(record_path.read_text())
+    full = run_dir / "full_val.json"
+    if not full.is_file():
+        import contextlib
+        import io
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            evaluate_main([str(run_dir), "--json", "--no-progress"])
+        full.write_text(buffer.getvalue())
+    record["full_val"] = json.loads(full.read_text())
+    return record
+
+
+def train_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """``(step, train/loss)`` from the run's CSV log."""
+    points = []
+    with open(run_dir / "metrics.csv") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("train/loss"):
+                points.append((int(row["step"]), float(row["train/loss"])))
+    return points
+
+
+def fidelity(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "fidelity.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def paired(values: dict[int, float], base: dict[int, float]) -> tuple[float, float, int]:
+    """Mean and standard error of ``values[s] − base[s]`` over the seeds both have."""
+    diffs = [values[s] - base[s] for s in sorted(values) if s in base]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.nan
+    return mean, se, n
+
+
+def summarize(out: Path, models: list[str], quants: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Every figure of the report from the run directories under ``out``."""
+    summary: dict[str, Any] = {}
+    for model in models:
+        losses: dict[str, dict[int, float]] = {}
+        rows: dict[str, Any] = {}
+        for quant in quants:
+            for seed in seeds:
+                run_dir = out / "runs" / f"{model}-{quant}-seed{seed}"
+                full = json.loads((run_dir / "full_val.json").read_text())
+                losses.setdefault(quant, {})[seed] = full["loss"]
+        for quant in quants:
+            mean = sum(losses[quant].values()) / len(losses[quant])
+            row: dict[str, Any] = {"val_loss": losses[quant], "mean": mean}
+            if quant != BASELINE and BASELINE in losses:
+                row["vs_" + BASELINE] = paired(losses[quant], losses[BASELINE])
+            if quant != "bf16" and "bf16" in losses:
+                row["vs_bf16"] = paired(losses[quant], losses["bf16"])
+            probes = [p for seed in seeds for p in fidelity(out / "runs" / f"{model}-{quant}-seed{seed}")]
+            if probes:
+                row["fidelity"] = {key: (min(p[key] for p in probes), sum(p[key] for p in probes) / len(probes),
+                                         max(p[key] for p in probes))
+                                   for key in ("cosine", "rel_error", "linear_cosine", "linear_rel_error")}
+                row["fidelity_by_step"] = _by_step(probes)
+            rows[quant] = row
+        summary[model] = rows
+    return summary
+
+
+def _by_step(probes: list[dict[str, float]]) -> list[dict[str, float]]:
+    steps: dict[int, list[dict[str, float]]] = {}
+    for probe in probes:
+        steps.setdefault(int(probe["step"]), []).append(probe)
+    return [{"step": step, **{key: sum(p[key] for p in group) / len(group)
+                              for key in ("cosine", "rel_error", "linear_cosine", "linear_rel_error")}}
+            for step, group in sorted(steps.items())]
+
+
+def report(summary: dict[str, Any], seeds: list[int]) -> str:
+    """The Markdown tables of the study."""
+    lines = []
+    for model, rows in summary.items():
+        gap = rows.get(BASELINE, {}).get("vs_bf16")
+        lines += [f"### {model}", "",
+                  f"| recipe | full validation loss, mean of {len(seeds)} seeds | paired Δ vs {BASELINE} (± SE) | "
+                  "paired Δ vs bf16 (± SE) | gradient cosine vs QuEST (min / mean) | relative error (mean / max) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for quant, row in rows.items():
+            fid = row.get("fidelity")
+            cos = f"{fid['cosine'][0]:.5f} / {fid['cosine'][1]:.5f}" if fid else "—"
+            err = f"{fid['rel_error'][1]:.4f} / {fid['rel_error'][2]:.4f}" if fid else "—"
+            lines.append(f"| {quant} | {row['mean']:.4f} | {_paired_text(row, 'vs_' + BASELINE)} | "
+                         f"{_paired_text(row, 'vs_bf16')} | {cos} | {err} |")
+        if gap:
+            lines += ["", f"Target: |paired Δ vs {BASELINE}| ≤ 0.02 and < half of {BASELINE}'s gap to bf16 "
+                          f"({gap[0]:+.4f}, half {abs(gap[0]) / 2:.4f})."]
+            for quant, row in rows.items():
+                if "vs_" + BASELINE in row and quant != "bf16":
+                    diff = row["vs_" + BASELINE][0]
+                    held = abs(diff) <= 0.02 and abs(diff) < abs(gap[0]) / 2
+                    lines.append(f"- {quant}: {diff:+.4f} → {'holds' if held else 'does not hold'}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _paired_text(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "—"
+    mean, se, _ = row[key]
+    return f"{mean:+.4f} ± {se:.4f}"
+
+
+def plot(out: Path, models: list[str], quants: list[str], seeds: list[int], path: Path) -> None:
+    """Training loss per recipe (mean over seeds, 10-step running mean), one panel per model, and the gradient
+    cosine along the runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for column, model in enumerate(models):
+        ax, fid_ax = axes[0][column], axes[1][column]
+        for quant in quants:
+            curves = [dict(train_curve(out / "runs" / f"{model}-{quant}-seed{seed}")) for seed in seeds]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [sum(c[s] for c in curves) / len(curves) for s in steps]
+            smooth = [sum(mean[max(0, i - 9):i + 1]) / len(mean[max(0, i - 9):i + 1]) for i in range(len(mean))]
+            ax.plot(steps, smooth, label=quant)
+            probes = _by_step([p for seed in seeds for p in fidelity(out / "runs" / f"{model}-{quant}-seed{seed}")])
+            if probes:
+                fid_ax.plot([p["step"] for p in probes], [1 - p["cosine"] for p in probes], marker="o", label=quant)
+        ax.set_title(f"{model}: training loss (mean of {len(seeds)} seeds, 10-step mean)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats/token")
+        ax.legend()
+        fid_ax.set_title(f"{model}: 1 − cosine(gradient, QuEST's backward)")
+        fid_ax.set_xlabel("step")
+        fid_ax.set_yscale("log")
+        fid_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitlaw.train.backward_study", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="study folder (runs, results.json, report.md)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--quant", nargs="+", default=["bf16", BASELINE, "quest_w4a4_g8", "quest_w4a4_g8g8"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--probe-every", type=int, default=20, help="steps between gradient-fidelity probes")
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2:
+        parser.error(f"--seeds {args.seeds}: paired standard errors need at least 2 seeds")
+    start = time.time()
+    for model in args.models:
+        for seed in args.seeds:
+            for quant in args.quant:
+                run_one(args.out, model, quant, seed, args.probe_every)
+    summary = summarize(args.out, args.models, args.quant, args.seeds)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    text = report(summary, args.seeds)
+    (args.out / "report.md").write_text(text)
+    plot(args.out, args.models, args.quant, args.seeds, args.out / "curves.png")
+    print(text)
+    print(f"study took {(time.time() - start) / 60:.1f} min; {args.out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
