@@ -63,34 +63,39 @@ _MASK32 = 0xFFFFFFFF
 HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    # x · constant mod 2^32 in int64 without overflow: the constant in two 16-bit halves.
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _signed32(value: int) -> int:
+    """The int32 with the bits of the 32-bit unsigned ``value``."""
+    value &= _MASK32
+    return value - 2**32 if value >= 2**31 else value
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit mixer of the generator on int64 tensors holding values in ``[0, 2^32)``."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, HASH_MULTIPLIERS[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, HASH_MULTIPLIERS[1])
-    return x ^ (x >> 16)
+    """The 32-bit mixer of the generator on int32 tensors (the bits of unsigned 32-bit values; multiplication wraps
+    modulo 2^32, and the masks make the right shifts logical)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _signed32(HASH_MULTIPLIERS[0])
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _signed32(HASH_MULTIPLIERS[1])
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def seed_key(seed: int) -> int:
-    """The key of a seed: ``hash32(seed mod 2^32)``."""
-    return int(hash32(torch.tensor(seed & _MASK32, dtype=torch.int64)))
+    """The key of a seed, ``hash32(seed mod 2^32)``, as an unsigned 32-bit integer."""
+    return int(hash32(torch.tensor(_signed32(seed), dtype=torch.int32))) & _MASK32
 
 
 def uniform_pair(seed: int, m: int, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The uniform numbers of one layer call's backward for ``g_y`` ``[m, n]``: ``(ξ_input, ξ_weight)``, both
     ``[m, n]`` fp32 in ``(0, 1)``, ``((h >> 16) + ½)·2^-16`` and ``((h & 0xFFFF) + ½)·2^-16`` for
     ``h = hash32((m_i·n + n_i mod 2^32) ⊕ seed_key(seed))``: what the kernels draw."""
-    index = torch.arange(m * n, dtype=torch.int64, device=device) & _MASK32
-    bits = hash32(index ^ seed_key(seed)).reshape(m, n)
-    return (((bits >> 16).to(torch.float32) + 0.5) * 2.0**-16, ((bits & 0xFFFF).to(torch.float32) + 0.5) * 2.0**-16)
+    if m * n <= 2**31:
+        index = torch.arange(m * n, dtype=torch.int32, device=device)
+    else:  # the index modulo 2^32, as int32 bits
+        index = torch.arange(m * n, dtype=torch.int64, device=device) & _MASK32
+        index = torch.where(index >= 2**31, index - 2**32, index).to(torch.int32)
+    bits = hash32(index ^ _signed32(seed_key(seed))).reshape(m, n)
+    high, low = (bits >> 16) & 0xFFFF, bits & 0xFFFF
+    return (high.to(torch.float32) + 0.5) * 2.0**-16, (low.to(torch.float32) + 0.5) * 2.0**-16
 
 
 def round_scaled(v: torch.Tensor, grid: GradGrid, uniform: torch.Tensor | None) -> torch.Tensor:

@@ -107,7 +107,8 @@ def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> d
                      f"+callbacks.fidelity.every={probe_every}"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name="train", overrides=overrides)
-        (run_dir / "fidelity.jsonl").unlink(missing_ok=True)
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():  # a fresh run (a resumed one keeps its probes)
+            (run_dir / "fidelity.jsonl").unlink(missing_ok=True)
         train(cfg)
     record = json.loads(record_path.read_text())
     full = run_dir / "full_val.json"
