@@ -232,15 +232,7 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "spec") -> TensorSpec:
         """Build from a plain dict; errors are prefixed with ``where`` (e.g. ``weight``)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping of {_field_names(cls)}, got {data!r}")
-        unknown = sorted(set(data) - set(_field_names(cls)))
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(_field_names(cls))}")
-        try:
-            return cls(**data)
-        except ValueError as err:
-            raise ValueError(f"{where}.{err}") from None
+        return _from_fields(cls, data, where)
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorSpec)}
@@ -332,6 +324,20 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+def _from_fields(cls: type, data: Any, where: str) -> Any:
+    """``cls(**data)`` for a spec dataclass, every error naming ``where``: not a mapping, unknown fields (listing the
+    allowed ones), or the spec's own validation."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of {_field_names(cls)}, got {data!r}")
+    unknown = sorted(set(data) - set(_field_names(cls)))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(_field_names(cls))}")
+    try:
+        return cls(**data)
+    except ValueError as err:
+        raise ValueError(f"{where}.{err}") from None
+
+
 @dataclass(frozen=True)
 class GradSpec:
     """How one backward GEMM of a quantized linear quantizes the output gradient ``g_y`` (docs/numerics.md §8).
@@ -390,15 +396,7 @@ class GradSpec:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> GradSpec:
         """Build from a plain dict; errors are prefixed with ``where`` (e.g. ``grad_input``)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping of {_field_names(cls)}, got {data!r}")
-        unknown = sorted(set(data) - set(_field_names(cls)))
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(_field_names(cls))}")
-        try:
-            return cls(**data)
-        except ValueError as err:
-            raise ValueError(f"{where}.{err}") from None
+        return _from_fields(cls, data, where)
 
 
 _GRAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GradSpec)}

@@ -107,12 +107,17 @@ def _replicated(fmt: str, rows: int, rounding: str, seed: int) -> tuple[torch.Te
     return v[0], data, quantize_operand(data, GradSpec(fmt, rounding, "token"), "row", uniform_pair(seed, rows, 256)[0])
 
 
+def _neighbours(v: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid spacing at each entry of ``v`` and the grid value just below it."""
+    spacing = grid_spacing(v, grid)
+    return spacing, torch.floor(v / spacing) * spacing
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stochastic_rounding_is_unbiased_at_the_rate_of_its_standard_error(fmt):
     grid = GRIDS[fmt]
     v, _, draws = _replicated(fmt, 4096, "stochastic", seed=11)
-    spacing = grid_spacing(v, grid)
-    below = torch.floor(v / spacing) * spacing
+    spacing, below = _neighbours(v, grid)
     assert torch.all((draws == below) | (draws == below + spacing))  # only the two neighbours
     variance = (v - below) * (below + spacing - v)
     for n in (256, 4096):
@@ -131,8 +136,7 @@ def test_stochastic_rounding_is_unbiased_at_the_rate_of_its_standard_error(fmt):
 def test_stochastic_rounding_variance_matches_the_analytic_value(fmt):
     grid = GRIDS[fmt]
     v, _, draws = _replicated(fmt, 4096, "stochastic", seed=5)
-    spacing = grid_spacing(v, grid)
-    below = torch.floor(v / spacing) * spacing
+    spacing, below = _neighbours(v, grid)
     p = (v - below) / spacing  # the probability of rounding up
     analytic = spacing**2 * p * (1 - p)
     empirical = draws.var(dim=0)
