@@ -8,11 +8,11 @@ Usage::
 Every (model, recipe, seed) trains once with ``bitlaw-train``'s own code in ``OUT/runs/<model>-<recipe>-seed<s>``
 (finished runs are skipped, so an interrupted study continues). Runs of one seed share the initial weights and the
 data order, so differences between recipes are **paired**. Each finished run is evaluated on the whole validation
-split (``bitlaw-eval <run>``). Runs whose recipe quantizes the backward also record, every ``--probe-every`` steps,
-the gradient of the training batch under the recipe and under QuEST's backward (the same recipe with ``grad_input``
-and ``grad_weight`` in bf16, the same weights): their cosine similarity and relative error
-(:class:`GradientFidelity`). The study writes ``results.json``, ``report.md`` (paired differences to quest_w4a4 with
-standard errors, gradient fidelity) and ``curves.png`` (training loss per recipe, mean over seeds).
+split (the command ``bitlaw-eval <run>``). Runs whose recipe quantizes the backward also record, every
+``--probe-every`` steps, the gradient of the training batch under the recipe and under QuEST's backward (the same
+recipe with ``grad_input`` and ``grad_weight`` in bf16, the same weights): their cosine similarity and relative
+error (:class:`GradientFidelity`). The study writes ``results.json``, ``report.md`` (paired differences to
+quest_w4a4 with standard errors, gradient fidelity) and ``curves.png`` (training loss per recipe, mean over seeds).
 
 Models: ``tiny`` (the default run: 4 layers, d_model 256, 320k tokens) and ``mini`` (the CPU mini-sweep's largest
 model, 4 layers at d_model 128, D/N = 1).
@@ -25,6 +25,8 @@ import csv
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,6 @@ def _agreement(reference: list[torch.Tensor], ours: list[torch.Tensor], prefix: 
 
 def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> dict[str, Any]:
     """Train (unless ``run.json`` exists) and evaluate one run; returns its record with ``full_val_loss``."""
-    from bitlaw.deploy.evaluate import main as evaluate_main
     from bitlaw.train.cli import train
     from bitlaw.train.config import register_configs
 
@@ -113,13 +114,12 @@ def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> d
     record = json.loads(record_path.read_text())
     full = run_dir / "full_val.json"
     if not full.is_file():
-        import contextlib
-        import io
-
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            evaluate_main([str(run_dir), "--json", "--no-progress"])
-        full.write_text(buffer.getvalue())
+        # bitlaw-eval as a user runs it (a command, not an import: train/ does not depend on deploy/).
+        done = subprocess.run([sys.executable, "-m", "bitlaw.deploy.evaluate", str(run_dir), "--json", "--no-progress"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"bitlaw-eval {run_dir} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        full.write_text(done.stdout)
     record["full_val"] = json.loads(full.read_text())
     return record
 
