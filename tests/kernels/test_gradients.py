@@ -179,7 +179,7 @@ def _grads(recipe: Recipe, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, se
 
 def test_quantized_backward_is_close_to_quest_and_its_mean_converges_to_it():
     torch.manual_seed(1)
-    x, w, g = torch.randn(256, 256), torch.randn(384, 256) * 0.05, torch.randn(256, 384)
+    x, w, g = torch.randn(128, 256), torch.randn(256, 256) * 0.05, torch.randn(128, 256)
     quest = load_recipe("quest_w4a4")
     gx_q, gw_q = _grads(quest, x, w, g, 0)
     for name in ("quest_w4a4_g8", "quest_w4a4_g8g8"):
@@ -191,13 +191,13 @@ def test_quantized_backward_is_close_to_quest_and_its_mean_converges_to_it():
         assert (rel(gw, gw_q) == 0) == (name == "quest_w4a4_g8") and rel(gw, gw_q) < 0.02
         if name == "quest_w4a4_g8g8":
             # Unbiased: the mean of n seeded draws approaches QuEST's gradient as 1/sqrt(n).
-            draws = [_grads(recipe, x, w, g, seed) for seed in range(32)]
+            draws = [_grads(recipe, x, w, g, seed) for seed in range(16)]
             for i, exact in ((0, gx_q), (1, gw_q)):
                 single = rel(draws[0][i], exact)
-                mean8 = rel(torch.stack([d[i] for d in draws[:8]]).mean(0), exact)
-                mean32 = rel(torch.stack([d[i] for d in draws]).mean(0), exact)
-                # 1/sqrt(8) = 0.35 and 1/sqrt(32) = 0.18: no bias floor under the shrinking noise.
-                assert 0.25 < mean8 / single < 0.47 and 0.12 < mean32 / single < 0.25
+                mean4 = rel(torch.stack([d[i] for d in draws[:4]]).mean(0), exact)
+                mean16 = rel(torch.stack([d[i] for d in draws]).mean(0), exact)
+                # 1/sqrt(4) = 0.5 and 1/sqrt(16) = 0.25: no bias floor under the shrinking noise.
+                assert 0.38 < mean4 / single < 0.65 and 0.18 < mean16 / single < 0.33
 
 
 def test_nearest_backward_fold_makes_the_codes_exact_operands():
