@@ -101,8 +101,10 @@ def uniform_pair(seed: int, m: int, n: int, device: torch.device | str = "cpu") 
 def round_scaled(v: torch.Tensor, grid: GradGrid, uniform: torch.Tensor | None) -> torch.Tensor:
     """``v`` (fp32, already scaled so ``|v| ≤ grid.largest`` up to rounding) onto the grid: ``floor(v/Δ + ξ)·Δ`` with
     ``ξ = uniform`` (stochastic) or ``0.5`` (nearest, ties up), clamped to ``±grid.largest``."""
-    spacing = grid_spacing(v, grid)
     shift = 0.5 if uniform is None else uniform
+    if grid.min_exponent is None:  # int8: spacing 1, so no division (the same numbers, fewer passes on the CPU)
+        return torch.floor(v + shift).clamp_(-grid.largest, grid.largest)
+    spacing = grid_spacing(v, grid)
     return (torch.floor(v / spacing + shift) * spacing).clamp(-grid.largest, grid.largest)
 
 
