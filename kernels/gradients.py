@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bitlaw.kernels.recipe import GradSpec, Recipe, TensorSpec
+from bitlaw.kernels.formats import get_format
+from bitlaw.kernels.hadamard import block_hadamard
+from bitlaw.kernels.recipe import GRAD_FORMATS, GradSpec, Recipe, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,17 @@ class GradGrid:
     mantissa_bits: int | None = None
 
 
-GRIDS = {"int8": GradGrid(127.0), "fp8_e4m3": GradGrid(448.0, -6, 3), "fp8_e5m2": GradGrid(57344.0, -14, 2)}
+def _grid(name: str) -> GradGrid:
+    """The grid of a gradient format, from the project's own description of the format (``kernels.formats``):
+    ``int8`` is the symmetric integer range of ``int8s`` (±127), the fp8 formats their OCP encodings."""
+    fmt = get_format("int8s" if name == "int8" else name)
+    if fmt.kind == "intz":
+        return GradGrid(float(fmt.integer_range[1]))
+    # Normal numbers start at exponent 1 − bias, bias = 2^(E−1) − 1.
+    return GradGrid(fmt.levels[-1], 2 - 2 ** (fmt.exponent_bits - 1), fmt.mantissa_bits)
+
+
+GRIDS = {name: _grid(name) for name in GRAD_FORMATS if name != "bf16"}
 
 
 def grid_spacing(v: torch.Tensor, grid: GradGrid) -> torch.Tensor:
@@ -131,12 +143,6 @@ def _pad_to(t: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, pad)) if pad else t
 
 
-def _rotate(t: torch.Tensor, block: int) -> torch.Tensor:
-    from bitlaw.kernels.hadamard import block_hadamard
-
-    return block_hadamard(t, block)
-
-
 def quantize_operand(t: torch.Tensor, spec: GradSpec, scale: str, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantize ``t`` ``[R, C]`` (the gradient operand of a GEMM reduced over ``C``) by ``spec``: returns fp32
     ``[R, C]``, in ``t``'s (unrotated) domain.
@@ -155,7 +161,7 @@ def quantize_operand(t: torch.Tensor, spec: GradSpec, scale: str, noise: torch.T
     if spec.hadamard or scale == "block":
         v = _pad_to(v, spec.block)
     if spec.hadamard:
-        v = _rotate(v, spec.block)
+        v = block_hadamard(v, spec.block)
     grouped = _groups(v, scale, spec.block)
     absmax = grouped.abs().amax(dim=-1, keepdim=True)
     # An all-zero group keeps a tiny positive scale: its entries round to 0 whatever the rounding.
@@ -165,7 +171,7 @@ def quantize_operand(t: torch.Tensor, spec: GradSpec, scale: str, noise: torch.T
     # One reciprocal per group, then a multiply per entry: the kernels' arithmetic.
     out = _ungroup(round_scaled(grouped * (1 / step), grid, noise) * step, scale)
     if spec.hadamard:
-        out = _rotate(out, spec.block)
+        out = block_hadamard(out, spec.block)
     return out[..., :c]
 
 
@@ -279,10 +285,6 @@ def quantized_backward_matmul(a: torch.Tensor, b: torch.Tensor, recipe: Recipe, 
     if seed is None:
         seed = layer_seed("linear")
     a2d = a.reshape(-1, a.shape[-1])
-    if a_unit is not None and a_unit.numel() != a2d.shape[0]:
-        a_unit = None
-    if b_unit is not None and b_unit.numel() != b.shape[0]:
-        b_unit = None
     y = QuantizedBackwardMatmul.apply(a2d, b, recipe, a_unit, b_unit, seed)
     return y.reshape(*a.shape[:-1], b.shape[0])
 

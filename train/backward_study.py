@@ -92,8 +92,8 @@ def _agreement(reference: list[torch.Tensor], ours: list[torch.Tensor], prefix: 
     return {f"{prefix}cosine": cosine, f"{prefix}rel_error": float((b - a).norm() / a.norm())}
 
 
-def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> dict[str, Any]:
-    """Train (unless ``run.json`` exists) and evaluate one run; returns its record with ``full_val_loss``."""
+def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> None:
+    """Train (unless ``run.json`` exists) and evaluate one run on the whole validation split (``full_val.json``)."""
     from bitlaw.train.cli import train
     from bitlaw.train.config import register_configs
 
@@ -111,7 +111,6 @@ def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> d
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():  # a fresh run (a resumed one keeps its probes)
             (run_dir / "fidelity.jsonl").unlink(missing_ok=True)
         train(cfg)
-    record = json.loads(record_path.read_text())
     full = run_dir / "full_val.json"
     if not full.is_file():
         # bitlaw-eval as a user runs it (a command, not an import: train/ does not depend on deploy/).
@@ -120,8 +119,6 @@ def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> d
         if done.returncode:
             raise RuntimeError(f"bitlaw-eval {run_dir} failed (exit {done.returncode}): {done.stderr[-2000:]}")
         full.write_text(done.stdout)
-    record["full_val"] = json.loads(full.read_text())
-    return record
 
 
 def train_curve(run_dir: Path) -> list[tuple[int, float]]:

@@ -1,0 +1,48 @@
+"""The quantized-backward loss study's own logic: paired statistics and the gradient-fidelity probe."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from bitlaw.kernels.recipe import load_recipe
+from bitlaw.models.llama import LlamaConfig
+from bitlaw.train.backward_study import GradientFidelity, _agreement, paired
+from bitlaw.train.module import LitLlama
+
+
+def test_paired_differences_mean_and_standard_error():
+    mean, se, n = paired({0: 1.0, 1: 2.0, 2: 4.0, 3: 9.0}, {0: 0.5, 1: 1.0, 2: 3.0})  # seed 3 has no pair
+    diffs = [0.5, 1.0, 1.0]
+    sd = math.sqrt(sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2)
+    assert n == 3 and math.isclose(mean, sum(diffs) / 3) and math.isclose(se, sd / math.sqrt(3))
+
+
+def test_agreement_of_two_gradients():
+    a, b = [torch.tensor([3.0, 0.0])], [torch.tensor([3.0, 4.0])]
+    row = _agreement(a, b, "x_")
+    assert math.isclose(row["x_cosine"], 0.6) and math.isclose(row["x_rel_error"], 4 / 3)
+
+
+def test_fidelity_probe_compares_with_quest_and_restores_the_recipe(tmp_path):
+    config = LlamaConfig(vocab_size=64, n_layer=1, d_model=128, n_head=1, max_seq_len=16).to_dict()
+    lit = LitLlama(config, load_recipe("quest_w4a4_g8g8").to_dict(), {"lr": 1e-3}, 10,
+                   {"seed": 0, "seq_len": 16, "global_batch": 2})
+
+    class Trainer:
+        global_step = 20
+        accumulate_grad_batches = 1
+
+    tokens = torch.randint(0, 64, (2, 16))
+    out = tmp_path / "fidelity.jsonl"
+    probe = GradientFidelity(str(out), every=20)
+    probe.on_train_batch_start(Trainer(), lit, (tokens, tokens), 0)
+    Trainer.global_step = 21  # not a probe step
+    probe.on_train_batch_start(Trainer(), lit, (tokens, tokens), 0)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["step"] == 20 and 0.99 < row["cosine"] < 1 and 0 < row["rel_error"] < 0.05
+    assert 0 < row["linear_rel_error"] < 0.05
+    assert all(layer.recipe.name == "quest_w4a4_g8g8" and layer.recipe.quantized_backward
+               for layer in lit.model.modules() if hasattr(layer, "recipe"))
