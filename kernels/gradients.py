@@ -15,8 +15,8 @@ reduced over the ``M`` tokens). A recipe's :class:`~bitlaw.kernels.recipe.GradSp
    grid spacing at ``v``: unbiased, variance ``(v − a)(b − v)`` between neighbours ``a < v < b``);
 5. the GEMM with the quantized ``g_y`` divided back by ``u``: ``(Q(g_y·u)/u) · ŵ``.
 
-Random bits: a counter-based generator, one 32-bit hash per entry of ``g_y``, ``h = hash32(i ⊕ hash32(seed))`` with
-``i = m·N + n`` (:func:`uniform_pair`); its high 16 bits give ``grad_input``'s ``ξ``, its low 16 bits
+Random bits: a counter-based generator, one 32-bit hash per entry of ``g_y``, ``h = hash32(i + hash32(seed))`` with
+``i = m·N + n``, modulo 2^32 (:func:`uniform_pair`); its high 16 bits give ``grad_input``'s ``ξ``, its low 16 bits
 ``grad_weight``'s, each ``(k + ½)/2^16``: the mean of a rounding is within ``2^-17`` of a step of the exact value.
 The Triton kernels compute the same numbers, so both paths round alike bit for bit. :func:`noise_context` and
 :func:`layer_seed` give every layer call, micro-batch and DDP rank its own seed.
@@ -99,23 +99,26 @@ def seed_key(seed: int) -> int:
 def uniform_pair(seed: int, m: int, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The uniform numbers of one layer call's backward for ``g_y`` ``[m, n]``: ``(ξ_input, ξ_weight)``, both
     ``[m, n]`` fp32 in ``(0, 1)``, ``((h >> 16) + ½)·2^-16`` and ``((h & 0xFFFF) + ½)·2^-16`` for
-    ``h = hash32((m_i·n + n_i mod 2^32) ⊕ seed_key(seed))``: what the kernels draw."""
+    ``h = hash32(m_i·n + n_i + seed_key(seed) mod 2^32)``: what the kernels draw."""
+    # The counter modulo 2^32, as int32 bits (int32 addition wraps).
     if m * n <= 2**31:
         index = torch.arange(m * n, dtype=torch.int32, device=device)
-    else:  # the index modulo 2^32, as int32 bits
+    else:
         index = torch.arange(m * n, dtype=torch.int64, device=device) & _MASK32
         index = torch.where(index >= 2**31, index - 2**32, index).to(torch.int32)
-    bits = hash32(index ^ _signed32(seed_key(seed))).reshape(m, n)
+    bits = hash32(index + _signed32(seed_key(seed))).reshape(m, n)
     high, low = (bits >> 16) & 0xFFFF, bits & 0xFFFF
     return (high.to(torch.float32) + 0.5) * 2.0**-16, (low.to(torch.float32) + 0.5) * 2.0**-16
 
 
 def round_scaled(v: torch.Tensor, grid: GradGrid, uniform: torch.Tensor | None) -> torch.Tensor:
     """``v`` (fp32, already scaled so ``|v| ≤ grid.largest`` up to rounding) onto the grid: ``floor(v/Δ + ξ)·Δ`` with
-    ``ξ = uniform`` (stochastic) or ``0.5`` (nearest, ties up), clamped to ``±grid.largest``."""
+    ``ξ = uniform`` (stochastic) or ``0.5`` (nearest, ties up), clamped to ``±grid.largest``; int8 only from above:
+    when the scale's float rounding puts ``v`` a few ulps below −127, a stochastic floor reaches −128, which int8
+    holds and which keeps that rounding unbiased (what the kernels compute; nearest never goes below −127)."""
     shift = 0.5 if uniform is None else uniform
     if grid.min_exponent is None:  # int8: spacing 1, so no division (the same numbers, fewer passes on the CPU)
-        return torch.floor(v + shift).clamp_(-grid.largest, grid.largest)
+        return torch.floor(v + shift).clamp_(max=grid.largest)
     spacing = grid_spacing(v, grid)
     return (torch.floor(v / spacing + shift) * spacing).clamp(-grid.largest, grid.largest)
 

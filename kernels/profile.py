@@ -18,6 +18,9 @@ that the presets use — the table reports, per loop of the kernel (or its whole
   Memory-bound kernels report ``instr/B``: thread-instructions per input byte (H100: about 9 per byte of HBM
   traffic at full bandwidth).
 
+An integer argument equal to 1 is compiled as the constant 1, as Triton specializes it at every launch: the unit
+column strides of the contiguous gradients the backward kernels read (so their loads vectorize as they will).
+
 Then the same model estimates a whole layer's forward + backward against ``nn.Linear`` in bf16 (docs/kernels.md §3).
 All of it is an estimate from compiled code, not a measurement.
 """
@@ -150,7 +153,7 @@ def variants(capability: int = 90) -> list[Variant]:
         out.append(Variant("gemm", label, signature, {"HAS_BIAS": False, "EVEN_K": True, **meta}, config.num_warps,
                            config.num_stages, (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"], 0, gemm=True))
     # The backward passes around cuBLAS (one 128-column block per program).
-    rows, warps = backward.PASS_BLOCK_R, backward.pass_warps(capability)
+    rows, warps = backward.pass_launch(capability)  # the dequantizer rotates with bf16 dots
     for label, out_dtype, bits, rotate in (("x̂ for g_w (w4a4, bf16)", "bf16", 4, False),
                                            ("x̂ for g_w (w1a1, bf16)", "bf16", 1, False),
                                            ("ŵ for g_x (w4a4, fp32 training)", "fp32", 4, False),
@@ -164,10 +167,12 @@ def variants(capability: int = 90) -> list[Variant]:
     for label, grad_dtype, out_dtype in (("g_x: mask + IHT (bf16)", "bf16", "bf16"),
                                          ("g_w: mask + IHT (bf16 → fp32)", "bf16", "fp32"),
                                          ("g_x: mask + IHT (fp32 training)", "fp32", "fp32")):
-        signature = {"g_ptr": f"*{grad_dtype}", **_ints(["stride_gr", "stride_gk"]), "mask_ptr": "*u8",
+        signature = {"g_ptr": f"*{grad_dtype}", **_ints(["stride_gr"]), "mask_ptr": "*u8",
                      **_ints(["stride_mask"]), "signs_ptr": "*bf16", "out_ptr": f"*{out_dtype}",
                      **_ints(["stride_out", "R", "K"]), "inv_sqrt_block": "fp32"}
-        constexprs = {"ROTATE": True, "EVEN_K": True, "DOT": 1 if grad_dtype == "bf16" else 2, "BLOCK_R": rows}
+        dot = 1 if grad_dtype == "bf16" else 2
+        rows, warps = backward.pass_launch(capability, dot)
+        constexprs = {"stride_gk": 1, "ROTATE": True, "EVEN_K": True, "DOT": dot, "BLOCK_R": rows}
         out.append(Variant("masked_rotate", label, signature, constexprs, warps, 3,
                            rows * 128 * (2 if grad_dtype == "bf16" else 4) + rows * 16,
                            rows * 128 * (2 if out_dtype == "bf16" else 4)))
@@ -182,10 +187,10 @@ def _grad_variants(capability: int) -> list[Variant]:
     out = []
     for label, do_in, do_w in (("g_y → int8 for g_x and g_w (g8g8)", True, True), ("g_y → int8 for g_x (g8)", True,
                                                                                     False)):
-        signature = {"g_ptr": "*bf16", **_ints(["stride_gm", "stride_gn"]), "unit_in_ptr": "*fp32",
+        signature = {"g_ptr": "*bf16", **_ints(["stride_gm"]), "unit_in_ptr": "*fp32",
                      "unit_w_ptr": "*fp32", "qin_ptr": "*i8", "sin_ptr": "*fp32", "qw_ptr": "*i8", "sw_ptr": "*fp32",
                      **_ints(["M", "N"]), "key": "u32"}
-        constexprs = {"DO_IN": do_in, "DO_W": do_w, "SR_IN": True, "SR_W": True}
+        constexprs = {"stride_gn": 1, "DO_IN": do_in, "DO_W": do_w, "SR_IN": True, "SR_W": True}
         out.append(Variant("quantize_grad", label, signature, constexprs, grad_gemm.QUANT_WARPS, 1, 128 * 128 * 2,
                            128 * 128 * (do_in + do_w)))
     signature = {"packed_ptr": "*u8", "out_ptr": "*i8", **_ints(["R", "K", "stride_packed"])}

@@ -35,13 +35,15 @@ from bitlaw.kernels.triton.common import (
 )
 from bitlaw.kernels.triton.quant import QuantizedRows
 
-PASS_BLOCK_R = 64  # rows per program of the two passes (one 128-column block each); fixed, memory-bound
-
-
-def pass_warps(capability: int) -> int:
-    """Warps of the two passes: 4 on Hopper (wgmma reads the ±1 matrix from shared memory), 8 on older GPUs, whose
-    mma.sync holds it in registers (4 would spill; bitlaw.kernels.profile)."""
-    return 4 if capability >= 90 else 8
+def pass_launch(capability: int, dot: int = 1) -> tuple[int, int]:
+    """(rows per program, warps) of the two passes (one 128-column block per program; fixed, memory-bound) on a GPU of
+    ``capability``, for a rotation by ``dot`` (:func:`~bitlaw.kernels.triton.common.dot_mode`). Hopper: 64 rows on 4
+    warps (wgmma reads the ±1 matrix from shared memory). Older GPUs, whose mma.sync holds it in registers: 64 rows
+    on 8 warps (4 would spill), and 32 rows on 4 warps for fp32 gradients, whose three bf16 parts per value spill at
+    64 rows once the unit column stride is specialized (bitlaw.kernels.profile)."""
+    if capability >= 90:
+        return 64, 4
+    return (32, 4) if dot == 2 else (64, 8)
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -128,8 +130,8 @@ def _masked_rotate_kernel(g_ptr, stride_gr, stride_gk, mask_ptr, stride_mask, si
              mask=ok)
 
 
-def _pass_grid(rows: int, k: int) -> tuple[int, int]:
-    return triton.cdiv(rows, PASS_BLOCK_R), triton.cdiv(k, HADAMARD_BLOCK)
+def _pass_grid(rows: int, k: int, block_r: int) -> tuple[int, int]:
+    return triton.cdiv(rows, block_r), triton.cdiv(k, HADAMARD_BLOCK)
 
 
 def dequantize_rows(rows: QuantizedRows, dtype: torch.dtype = torch.float32, unrotate: bool = False) -> torch.Tensor:
@@ -147,11 +149,13 @@ def dequantize_rows(rows: QuantizedRows, dtype: torch.dtype = torch.float32, unr
         # Codes ≤ 127 are exact in bf16 and their ±1 sums (< 2^15) exact in fp32: bf16 dots give exact rotations.
         dot = dot_mode(torch.bfloat16)
         signs = signs_for(dot, rows.step.device)
-        _dequantize_kernel[_pass_grid(r, k)](rows.packed, rows.step, signs, out, r, k, rows.packed.stride(0),
-                                             out.stride(0), 1.0 / math.sqrt(HADAMARD_BLOCK), BITS=rows.bits,
-                                             FIELD_BITS=rows.field_bits, ROTATE=rotate, EVEN_K=k % 128 == 0,
-                                             DOT=dot, BLOCK_R=PASS_BLOCK_R,
-                                             num_warps=pick(pass_warps(capability(rows.step.device)), 4))
+        block_r, warps = pass_launch(capability(rows.step.device), dot)
+        _dequantize_kernel[_pass_grid(r, k, block_r)](rows.packed, rows.step, signs, out, r, k,
+                                                      rows.packed.stride(0), out.stride(0),
+                                                      1.0 / math.sqrt(HADAMARD_BLOCK), BITS=rows.bits,
+                                                      FIELD_BITS=rows.field_bits, ROTATE=rotate,
+                                                      EVEN_K=k % 128 == 0, DOT=dot, BLOCK_R=block_r,
+                                                      num_warps=pick(warps, 4))
     return out.to(dtype)
 
 
@@ -171,11 +175,12 @@ def masked_rotate(grad: torch.Tensor, masked: QuantizedRows, out_dtype: torch.dt
     if r and k:
         dot = dot_mode(grad.dtype)
         signs = signs_for(dot, grad.device)
-        _masked_rotate_kernel[_pass_grid(r, k)](grad, grad.stride(0), grad.stride(1), masked.mask,
-                                                masked.mask.stride(0), signs, out, out.stride(0), r, k,
-                                                1.0 / math.sqrt(HADAMARD_BLOCK), ROTATE=masked.rotated,
-                                                EVEN_K=k % 128 == 0, DOT=dot, BLOCK_R=PASS_BLOCK_R,
-                                                num_warps=pick(pass_warps(capability(grad.device)), 4))
+        block_r, warps = pass_launch(capability(grad.device), dot)
+        _masked_rotate_kernel[_pass_grid(r, k, block_r)](grad, grad.stride(0), grad.stride(1), masked.mask,
+                                                         masked.mask.stride(0), signs, out, out.stride(0), r, k,
+                                                         1.0 / math.sqrt(HADAMARD_BLOCK), ROTATE=masked.rotated,
+                                                         EVEN_K=k % 128 == 0, DOT=dot, BLOCK_R=block_r,
+                                                         num_warps=pick(warps, 4))
     return out.to(out_dtype)
 
 

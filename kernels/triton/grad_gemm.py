@@ -75,13 +75,15 @@ def _hash32(x):
 
 @triton.jit
 def _round(v, bits16, STOCHASTIC: tl.constexpr):
-    """``v`` (fp32, scaled into ±127) onto the int8 grid: ``floor(v + ξ)`` clamped, ``ξ = (bits16 + ½)·2^-16`` or
-    0.5 (nearest)."""
+    """``v`` (fp32, scaled into ±127 up to float rounding) onto the int8 grid: ``floor(v + ξ)``, ``ξ = (bits16 +
+    ½)·2^-16`` or ½ (nearest), capped at 127. The floor can reach −128, which int8 holds, only when the scale's
+    rounding puts ``v`` a few ulps below −127 (docs/numerics.md §8); one integer cap is all the clamping needed,
+    and the floor folds into the conversion."""
     if STOCHASTIC:
         shift = (bits16.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2^-16
     else:
         shift = 0.5
-    return tl.minimum(tl.maximum(tl.floor(v + shift), -127.0), 127.0)
+    return tl.minimum(tl.floor(v + shift).to(tl.int32), 127).to(tl.int8)
 
 
 @triton.jit
@@ -99,20 +101,21 @@ def _quantize_grad_kernel(g_ptr, stride_gm, stride_gn, unit_in_ptr, unit_w_ptr, 
     tiny = 1.1754943508222875e-38
     bits = tl.zeros([BLOCK, BLOCK], dtype=tl.uint32)
     if SR_IN or SR_W:  # one hash per entry of g_y: its high half for grad_input, its low half for grad_weight
-        bits = _hash32((rows[:, None] * N + cols[None, :]).to(tl.uint32) ^ key.to(tl.uint32))
+        # The counter m·N + n + key (mod 2^32): the key joins each row's base, one add per entry.
+        bits = _hash32((rows * N + key).to(tl.uint32)[:, None] + cols.to(tl.uint32)[None, :])
     if DO_IN:  # grad_input: g · (step_w/2) along the channels, one scale per token per 128 channels
         v = g * (0.5 * tl.load(unit_in_ptr + cols, mask=cols < N, other=0.0))[None, :]
         step = tl.maximum(tl.max(tl.abs(v), axis=1) / 127.0, tiny)
         q = _round(v * (1 / step)[:, None], bits >> 16, SR_IN)
-        tl.store(qin_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], q.to(tl.int8), mask=ok)
+        tl.store(qin_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], q, mask=ok)
         tl.store(sin_ptr + rows * tl.cdiv(N, BLOCK) + pid_n, step, mask=rows < M)
     if DO_W:  # grad_weight: g · (step_x/2) along the tokens, one scale per channel per 128 tokens; stored as gᵀ
         v = g * (0.5 * tl.load(unit_w_ptr + rows, mask=rows < M, other=0.0))[:, None]
         step = tl.maximum(tl.max(tl.abs(v), axis=0) / 127.0, tiny)
         q = _round(v * (1 / step)[None, :], bits & 0xFFFF, SR_W)
-        # Transposed in registers (through shared memory) so that the stores run along the tokens, coalesced.
-        tl.store(qw_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], tl.trans(q.to(tl.int8)),
-                 mask=tl.trans(ok))
+        # Stored transposed: the compiler moves the bytes through shared memory so that the stores run along the
+        # tokens, coalesced (fewer instructions than an explicit tl.trans, whose read-back goes byte by byte).
+        tl.store(qw_ptr + cols.to(tl.int64)[None, :] * M + rows[:, None], q, mask=ok)
         tl.store(sw_ptr + cols * tl.cdiv(M, BLOCK) + pid_m, step, mask=cols < N)
 
 

@@ -16,6 +16,7 @@ from bitlaw.kernels.gradients import (
     layer_seed,
     noise_context,
     quantize_operand,
+    round_scaled,
     set_noise_context,
     uniform_pair,
 )
@@ -93,6 +94,18 @@ def test_nearest_picks_the_nearer_neighbour(fmt):
     out = quantize_operand(v, GradSpec(fmt, "nearest", "token"), "row")
     spacing = grid_spacing(v, grid)
     assert torch.all((out - v).abs() <= spacing / 2)
+
+
+def test_int8_rounding_is_clamped_from_above_only():
+    # Scaled values a few ulps past ±127 (the float rounding of a scale and its reciprocal): a stochastic floor of
+    # one just below -127 reaches -128, which int8 holds and which keeps it unbiased; above 127 it is capped.
+    grid = GRIDS["int8"]
+    ulp = 2.0**-17  # the fp32 spacing at 127
+    v = torch.tensor([127 + 2 * ulp, -127 - 2 * ulp, -127 - 2 * ulp, 127.0, -127.0])
+    lowest, highest = 2.0**-17, 1 - 2.0**-17  # the extreme values of ξ = (k + ½)/2^16
+    xi = torch.tensor([highest, lowest, highest, highest, lowest])
+    assert round_scaled(v, grid, xi).tolist() == [127, -128, -127, 127, -127]
+    assert round_scaled(v, grid, None).tolist() == [127, -127, -127, 127, -127]  # nearest stays within ±127
 
 
 def _replicated(fmt: str, rows: int, rounding: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
