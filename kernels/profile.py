@@ -127,20 +127,26 @@ def variants(capability: int = 90) -> list[Variant]:
     from bitlaw.kernels.triton import backward, gemm, quant
 
     out: list[Variant] = []
-    # The quantizer: (label, input dtype, bits, int8 codes too), as quantized_linear calls it.
-    for label, dtype, bits, codes in (
-            ("w4a4 input (bf16)", "bf16", 4, True), ("w4a4 weight (fp32 master)", "fp32", 4, True),
-            ("w1a1 input (bf16)", "bf16", 1, True), ("w1a1 weight (fp32 master)", "fp32", 1, True),
-            ("w2a2 input (bf16)", "bf16", 2, True), ("w3a3 input (bf16)", "bf16", 3, True),
-            ("w4 weight-only (fp32)", "fp32", 4, False)):
-        block_m, warps, stages = quant.launch_config(torch_dtype(dtype), capability)
+    # The quantizer: (label, input dtype, bits, int8 codes too, K), as quantized_linear calls it: in two passes
+    # (any K; K = 0 here) and in one (K = 2048, the rows of the layer estimate's shapes, where the GPU allows).
+    for label, dtype, bits, codes, k in (
+            ("w4a4 input (bf16)", "bf16", 4, True, 0), ("w4a4 weight (fp32 master)", "fp32", 4, True, 0),
+            ("w1a1 input (bf16)", "bf16", 1, True, 0), ("w1a1 weight (fp32 master)", "fp32", 1, True, 0),
+            ("w2a2 input (bf16)", "bf16", 2, True, 0), ("w3a3 input (bf16)", "bf16", 3, True, 0),
+            ("w4 weight-only (fp32)", "fp32", 4, False, 0),
+            ("w4a4 input (bf16), one pass, K 2048", "bf16", 4, True, 2048),
+            ("w4a4 weight (fp32 master), one pass, K 2048", "fp32", 4, True, 2048),
+            ("w1a1 input (bf16), one pass, K 2048", "bf16", 1, True, 2048)):
+        block_m, warps, stages, blocks = quant.launch_config(torch_dtype(dtype), capability, k)
+        if k and not blocks:
+            continue  # this GPU reads such rows in two passes: the variants above
         signature = {"x_ptr": f"*{dtype}", "signs_ptr": "*bf16", "codes_ptr": "*i8", "packed_ptr": "*u8",
                      "mask_ptr": "*u8", "step_ptr": "*fp32",
                      **_ints(["M", "K", "stride_x", "stride_codes", "stride_packed", "stride_mask"]),
                      "gaussian_scale": "fp32", "mask_coef": "fp32", "inv_sqrt_block": "fp32"}
         constexprs = {"BITS": bits, "FIELD_BITS": field_bits(2**bits), "WRITE_CODES": codes, "ROTATE": True,
-                      "EVEN_K": True, "DOT": 1 if dtype == "bf16" else 2, "BLOCK_M": block_m}
-        elements = block_m * 128
+                      "EVEN_K": True, "DOT": 1 if dtype == "bf16" else 2, "BLOCK_M": block_m, "BLOCKS": blocks}
+        elements = block_m * 128 * max(blocks, 1)  # per iteration of each loop; one pass: the program's rows
         written = elements * ((1 if codes else 0) + field_bits(2**bits) / 8 + 1 / 8)
         out.append(Variant("quantize", label, signature, constexprs, warps, stages,
                            elements * (2 if dtype == "bf16" else 4), int(written)))
@@ -401,18 +407,23 @@ def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 
         return 2.0 * rows * k * 128 * dots / (gpu.peak("bf16") * gpu.matmul_efficiency) * 1e6
 
     label = {4: "w4a4", 1: "w1a1", 2: "w2a2", 3: "w3a3"}[bits]
-    quant_x = _main_loop(profiles, "quantize", f"{label} input (bf16)")
-    quant_w = _main_loop(profiles, "quantize", f"{label} weight (fp32 master)") or \
+    # Rows of K = 2048 are read once where the profile has that kernel (quant.one_pass_blocks), else twice.
+    one_x = _main_loop(profiles, "quantize", f"{label} input (bf16), one pass, K 2048") if k == 2048 else None
+    one_w = _main_loop(profiles, "quantize", "w4a4 weight (fp32 master), one pass, K 2048") if k == 2048 else None
+    quant_x = one_x or _main_loop(profiles, "quantize", f"{label} input (bf16)")
+    quant_w = one_w or _main_loop(profiles, "quantize", f"{label} weight (fp32 master)") or \
         _main_loop(profiles, "quantize", "w4a4 weight (fp32 master)")
+    reads_x, reads_w = (2 if one_x else 4), (4 if one_w else 8)
     gemm = _main_loop(profiles, "gemm", "128x256x128")
     rotate_bf16 = _main_loop(profiles, "masked_rotate", "g_x: mask + IHT (bf16)")
     rotate_w = _main_loop(profiles, "masked_rotate", "g_w: mask + IHT (bf16 → fp32)")
     per_byte = lambda loop: loop.instructions_per_input_byte if loop else None  # noqa: E731
     mask_bytes, code_bytes = 1 / 8, 1 + field_bytes
     ours = {
-        # Pass 1 reads x for the RMS, pass 2 again (counted from HBM both times, though mostly L2).
-        "quantize x": memory(4 * m * k, (code_bytes + mask_bytes) * m * k + 4 * m, per_byte(quant_x)),
-        "quantize w": memory(8 * n * k, (code_bytes + mask_bytes) * n * k + 4 * n, per_byte(quant_w)),
+        # In two passes, pass 1 reads the rows for the RMS, pass 2 again (counted from HBM both times, though partly
+        # L2); in one pass they are read once.
+        "quantize x": memory(reads_x * m * k, (code_bytes + mask_bytes) * m * k + 4 * m, per_byte(quant_x)),
+        "quantize w": memory(reads_w * n * k, (code_bytes + mask_bytes) * n * k + 4 * n, per_byte(quant_w)),
         "int8 GEMM": matmul("int8", ratio(gemm)),
     }
     if backward == "bf16":

@@ -8,10 +8,11 @@ encoding of :mod:`bitlaw.kernels.packing` (level indices in ``field_bits(2^b)``-
 or both; the mask and the step always.
 
 How the kernel stays cheap (docs/numerics.md §6): the row's RMS is taken before rotating (the rotation is
-orthonormal) in a first pass that only squares and adds; the ±1 Hadamard matrix is loaded once per program from a
-tensor and multiplied on tensor cores (bf16 inputs: exact products, fp32 sums); the scale ``1/sqrt(128)`` and the
-division by the step are one multiplication by a per-row reciprocal; fields and mask bits are packed by pairwise
-splits, so neighbouring elements meet in registers.
+orthonormal), so rows of up to 4096 columns (power-of-two blocks) are read once and held in registers, and longer
+ones are read twice, by a first pass that only squares and adds; the ±1 Hadamard matrix is loaded once per program
+from a tensor and multiplied on tensor cores (bf16 inputs: exact products, fp32 sums); the scale ``1/sqrt(128)`` and
+the division by the step are one multiplication by a per-row reciprocal; fields and mask bits are packed by
+pairwise splits, so neighbouring elements meet in registers.
 """
 
 from __future__ import annotations
@@ -40,107 +41,185 @@ from bitlaw.kernels.triton.common import (
 TILE_K = HADAMARD_BLOCK  # columns per step of the quantizer loop: one Hadamard block
 
 
-def launch_config(dtype: torch.dtype, capability: int) -> tuple[int, int, int]:
-    """(rows per program, warps, pipeline stages) of the quantizer for ``dtype`` input on a GPU of ``capability``.
+ONE_PASS_TILES = 64  # 128-column tiles per program when rows are read once: BLOCK_M · K/128 of them
+
+
+def one_pass_blocks(k: int, dtype: torch.dtype, capability: int) -> int:
+    """``K/128`` when the quantizer reads each row once (its tiles held in registers between the sum of squares and
+    the rounding), else 0 (two passes over the row). One pass takes whole power-of-two numbers of 128-column
+    blocks, at least two rows per program (``K`` of 128 … 4096) — except fp32 rows on GPUs before Hopper, whose
+    three bf16 parts per value spill there (bitlaw.kernels.profile)."""
+    blocks = k // TILE_K
+    if k % TILE_K or blocks & (blocks - 1) or not 1 <= blocks <= ONE_PASS_TILES // 2:
+        return 0
+    return 0 if dtype == torch.float32 and capability < 90 else blocks
+
+
+def launch_config(dtype: torch.dtype, capability: int, k: int = 0) -> tuple[int, int, int, int]:
+    """(rows per program, warps, pipeline stages, blocks) of the quantizer for ``[M, k]`` ``dtype`` input on a GPU of
+    ``capability``; ``blocks`` > 0 selects the one-pass kernel (:func:`one_pass_blocks`).
 
     Fixed per GPU generation, not autotuned: the kernel is bound by memory bandwidth, so the launch shape matters
     little, and a fixed one keeps every DDP rank and every sequence length on the same code. Chosen by the static
-    profile (bitlaw.kernels.profile) to be spill-free: Hopper's wgmma reads the ±1 matrix from shared memory, while
-    Ampere's mma.sync holds it in registers, so fp32 rows there go 32 at a time without pipelining.
+    profile (bitlaw.kernels.profile) to be spill-free: one pass holds 64 tiles on 4 warps; in two passes Hopper's
+    wgmma reads the ±1 matrix from shared memory, while Ampere's mma.sync holds it in registers, so fp32 rows there
+    go 32 at a time without pipelining.
     """
+    blocks = one_pass_blocks(k, dtype, capability)
+    if blocks:
+        return ONE_PASS_TILES // blocks, 4, 1, blocks
     if capability >= 90:
-        return 64, 4, 3
-    return (32, 4, 1) if dtype == torch.float32 else (64, 8, 3)
+        return 64, 4, 3, 0
+    return (32, 4, 1, 0) if dtype == torch.float32 else (64, 8, 3, 0)
+
+
+@triton.jit
+def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_rows, row_ok, K,
+                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, WRITE_CODES: tl.constexpr, EVEN_K: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Round one tile ``a`` ``[ROWS, BLOCK_K]`` (rotated, fp32) by the per-row reciprocal step and mask threshold,
+    and store its int8 codes, packed fields and mask bits. ``k0``: the tile's first column, a scalar or ``[ROWS, 1]``
+    (one per row when a program's tiles are pieces of several rows); ``*_rows``: ``[ROWS, 1]`` row pointers."""
+    LOW: tl.constexpr = -(2 ** (BITS - 1))
+    HIGH: tl.constexpr = 2 ** (BITS - 1) - 1
+    cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+    if EVEN_K:
+        ok = row_ok[:, None]
+    else:
+        ok = row_ok[:, None] & (cols < K)
+    q = tl.minimum(tl.maximum(tl.floor(a * inv_step[:, None]), LOW), HIGH).to(tl.int32)
+    keep = (tl.abs(a) <= threshold[:, None]).to(tl.int32)
+    if not EVEN_K:
+        keep = tl.where(cols < K, keep, 0)
+    if WRITE_CODES:
+        tl.store(codes_rows + cols, (2 * q + 1).to(tl.int8), mask=ok)
+    if FIELD_BITS > 0:
+        index = q + 2 ** (BITS - 1)  # the level index of docs/numerics.md §6
+        if not EVEN_K:
+            index = tl.where(cols < K, index, 0)  # the padding of a last partial byte is zero
+        WIDTH: tl.constexpr = BLOCK_K * FIELD_BITS // 8
+        byte_cols = k0 * FIELD_BITS // 8 + tl.arange(0, WIDTH)[None, :]
+        tl.store(packed_rows + byte_cols, pack_pairs(index, ROWS, BLOCK_K, FIELD_BITS).to(tl.uint8),
+                 mask=row_ok[:, None] & (byte_cols < tl.cdiv(K * FIELD_BITS, 8)))
+    mask_cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
+    tl.store(mask_rows + mask_cols, pack_pairs(keep, ROWS, BLOCK_K, 1).to(tl.uint8),
+             mask=row_ok[:, None] & (mask_cols < tl.cdiv(K, 8)))
+
+
+@triton.jit
+def _row_scales(sum_squares, K, gaussian_scale, mask_coef, inv_sqrt_block, BITS: tl.constexpr, ROTATE: tl.constexpr):
+    """(α, step, reciprocal step, mask threshold) per row from its sum of squares, in the reference's operation
+    order: α = c·sqrt(mean), floored; step = 2α/(2^b − 1). With the rotation, the dot sums ±x (H·sqrt(128)), so
+    1/sqrt(128) is folded into the reciprocal and the threshold."""
+    mean_square = tl.math.div_rn(sum_squares, tl.full(sum_squares.shape, 1.0, tl.float32) * K)
+    alpha = tl.maximum(gaussian_scale * tl.sqrt_rn(mean_square), 1.1754943508222875e-38)
+    step = tl.math.div_rn(2.0 * alpha, tl.full(sum_squares.shape, 2**BITS - 1, tl.float32))
+    # An all-zero row has the floored α and a subnormal step whose reciprocal would overflow; a step floored at
+    # 2^-100 for the reciprocal alone still rounds its zeros to q = 0, as the reference's division does.
+    SAFE: tl.constexpr = 7.888609052210118e-31
+    if ROTATE:
+        inv_step = tl.math.div_rn(tl.full(sum_squares.shape, 1.0, tl.float32) * inv_sqrt_block,
+                                  tl.maximum(step, SAFE))
+        threshold = mask_coef * alpha / inv_sqrt_block
+    else:
+        inv_step = tl.math.div_rn(tl.full(sum_squares.shape, 1.0, tl.float32), tl.maximum(step, SAFE))
+        threshold = mask_coef * alpha
+    return step, inv_step, threshold
+
+
+@triton.jit
+def _per_tile(v, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    """A per-row ``[BLOCK_M]`` vector repeated for each of the row's ``BLOCKS`` tiles: ``[BLOCK_M·BLOCKS]``."""
+    return tl.reshape(tl.broadcast_to(v[:, None], [BLOCK_M, BLOCKS]), [BLOCK_M * BLOCKS])
 
 
 @triton.jit
 def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr, M, K, stride_x, stride_codes,
                      stride_packed, stride_mask, gaussian_scale, mask_coef, inv_sqrt_block,
                      BITS: tl.constexpr, FIELD_BITS: tl.constexpr, WRITE_CODES: tl.constexpr, ROTATE: tl.constexpr,
-                     EVEN_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+                     EVEN_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     BLOCK_K: tl.constexpr = 128
     first = tl.program_id(0) * BLOCK_M
-    local = tl.arange(0, BLOCK_M)
-    rows = first + local
-    row_ok = rows < M
-    # 64-bit scalar bases per program, 32-bit offsets within its rows (launch checks BLOCK_M·stride < 2^31): sizes
-    # never overflow, and no register holds a 64-bit address per row.
-    x_rows = x_ptr + first.to(tl.int64) * stride_x + local[:, None] * stride_x
-    codes_rows = codes_ptr + first.to(tl.int64) * stride_codes + local[:, None] * stride_codes
-    packed_rows = packed_ptr + first.to(tl.int64) * stride_packed + local[:, None] * stride_packed
-    mask_rows = mask_ptr + first.to(tl.int64) * stride_mask + local[:, None] * stride_mask
     offs = tl.arange(0, BLOCK_K)
-    # Pass 1: the row's sum of squares, accumulated elementwise and reduced once (no shuffles inside the loop).
-    squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs
-        if EVEN_K:
-            ok = row_ok[:, None]
-        else:
-            ok = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        squares += x * x
-    # Same operation order as the reference: α = c·sqrt(mean), floored; step = 2α/(2^b − 1).
-    mean_square = tl.math.div_rn(tl.sum(squares, axis=1), tl.full([BLOCK_M], 1.0, tl.float32) * K)
-    alpha = tl.maximum(gaussian_scale * tl.sqrt_rn(mean_square), 1.1754943508222875e-38)
-    step = tl.math.div_rn(2.0 * alpha, tl.full([BLOCK_M], 2**BITS - 1, tl.float32))
-    tl.store(step_ptr + rows, step, mask=row_ok)
-    # An all-zero row has the floored α and a subnormal step whose reciprocal would overflow; a step floored at
-    # 2^-100 for the reciprocal alone still rounds its zeros to q = 0, as the reference's division does.
-    SAFE: tl.constexpr = 7.888609052210118e-31
-    if ROTATE:
-        # The dot sums ±x (H·sqrt(128)): fold 1/sqrt(128) into the per-row reciprocal and the mask threshold.
-        inv_step = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32) * inv_sqrt_block, tl.maximum(step, SAFE))
-        threshold = mask_coef * alpha / inv_sqrt_block
-        # fp32 rows are multiplied in two halves of the block (rows of H split in two): the three bf16 parts
-        # of a half stay in registers where those of the whole block would spill.
-        HALF: tl.constexpr = BLOCK_K // 2
-        half = tl.arange(0, HALF)
-        if DOT == 2:
-            signs_top = tl.load(signs_ptr + half[:, None] * BLOCK_K + offs[None, :])
-            signs_bottom = tl.load(signs_ptr + (HALF + half)[:, None] * BLOCK_K + offs[None, :])
-        else:
+    if BLOCKS > 0:
+        # One pass (K = BLOCKS·128): the program's BLOCK_M rows are read once, as BLOCK_M·BLOCKS tiles of 128
+        # columns; the sums of squares, the rotation and the rounding all work on the tiles in registers.
+        TILES: tl.constexpr = BLOCK_M * BLOCKS
+        tile = tl.arange(0, TILES)
+        local = tile // BLOCKS
+        k0 = ((tile % BLOCKS) * BLOCK_K)[:, None]
+        tile_ok = first + local < M
+        x = tl.load(x_ptr + first.to(tl.int64) * stride_x + (local * stride_x)[:, None] + k0 + offs[None, :],
+                    mask=tile_ok[:, None], other=0.0)
+        xf = x.to(tl.float32)
+        sum_squares = tl.sum(tl.reshape(tl.sum(xf * xf, axis=1), [BLOCK_M, BLOCKS]), axis=1)
+        step, inv_step, threshold = _row_scales(sum_squares, K, gaussian_scale, mask_coef, inv_sqrt_block, BITS,
+                                                ROTATE)
+        rows = first + tl.arange(0, BLOCK_M)
+        tl.store(step_ptr + rows, step, mask=rows < M)
+        if ROTATE:
             signs = tl.load(signs_ptr + offs[:, None] * BLOCK_K + offs[None, :])
+            a = dot_signs(x, signs, tl.zeros([TILES, BLOCK_K], dtype=tl.float32), DOT)
+        else:
+            a = xf
+        _round_and_store(a, _per_tile(inv_step, BLOCK_M, BLOCKS), _per_tile(threshold, BLOCK_M, BLOCKS), k0,
+                         codes_ptr + first.to(tl.int64) * stride_codes + (local * stride_codes)[:, None],
+                         packed_ptr + first.to(tl.int64) * stride_packed + (local * stride_packed)[:, None],
+                         mask_ptr + first.to(tl.int64) * stride_mask + (local * stride_mask)[:, None], tile_ok, K,
+                         BITS, FIELD_BITS, WRITE_CODES, True, TILES, BLOCK_K)
     else:
-        inv_step = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.maximum(step, SAFE))
-        threshold = mask_coef * alpha
-    LOW: tl.constexpr = -(2 ** (BITS - 1))
-    HIGH: tl.constexpr = 2 ** (BITS - 1) - 1
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs
-        col_ok = cols < K
-        if EVEN_K:
-            ok = row_ok[:, None]
-        else:
-            ok = row_ok[:, None] & col_ok[None, :]
-        if ROTATE and DOT == 2:
-            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            a = dot_signs(tl.load(x_rows + (k0 + half)[None, :], mask=row_ok[:, None], other=0.0), signs_top, a, DOT)
-            a = dot_signs(tl.load(x_rows + (k0 + HALF + half)[None, :], mask=row_ok[:, None], other=0.0),
-                          signs_bottom, a, DOT)
-        elif ROTATE:
-            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
-            a = dot_signs(x, signs, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT)
-        else:
-            a = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.floor(a * inv_step[:, None]), LOW), HIGH).to(tl.int32)
-        keep = (tl.abs(a) <= threshold[:, None]).to(tl.int32)
-        if not EVEN_K:
-            keep = tl.where(col_ok[None, :], keep, 0)
-        if WRITE_CODES:
-            tl.store(codes_rows + cols[None, :], (2 * q + 1).to(tl.int8), mask=ok)
-        if FIELD_BITS > 0:
-            index = q + 2 ** (BITS - 1)  # the level index of docs/numerics.md §6
-            if not EVEN_K:
-                index = tl.where(col_ok[None, :], index, 0)  # the padding of a last partial byte is zero
-            WIDTH: tl.constexpr = BLOCK_K * FIELD_BITS // 8
-            byte_cols = k0 * FIELD_BITS // 8 + tl.arange(0, WIDTH)
-            packed = pack_pairs(index, BLOCK_M, BLOCK_K, FIELD_BITS).to(tl.uint8)
-            tl.store(packed_rows + byte_cols[None, :], packed,
-                     mask=row_ok[:, None] & (byte_cols < tl.cdiv(K * FIELD_BITS, 8))[None, :])
-        mask_cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        tl.store(mask_rows + mask_cols[None, :], pack_pairs(keep, BLOCK_M, BLOCK_K, 1).to(tl.uint8),
-                 mask=row_ok[:, None] & (mask_cols < tl.cdiv(K, 8))[None, :])
+        local = tl.arange(0, BLOCK_M)
+        rows = first + local
+        row_ok = rows < M
+        # 64-bit scalar bases per program, 32-bit offsets within its rows (launch checks BLOCK_M·stride < 2^31):
+        # sizes never overflow, and no register holds a 64-bit address per row.
+        x_rows = x_ptr + first.to(tl.int64) * stride_x + local[:, None] * stride_x
+        # Pass 1: the row's sum of squares, accumulated elementwise and reduced once (no shuffles in the loop).
+        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs
+            if EVEN_K:
+                ok = row_ok[:, None]
+            else:
+                ok = row_ok[:, None] & (cols < K)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            squares += x * x
+        step, inv_step, threshold = _row_scales(tl.sum(squares, axis=1), K, gaussian_scale, mask_coef,
+                                                inv_sqrt_block, BITS, ROTATE)
+        tl.store(step_ptr + rows, step, mask=row_ok)
+        if ROTATE:
+            # fp32 rows are multiplied in two halves of the block (rows of H split in two): the three bf16 parts
+            # of a half stay in registers where those of the whole block would spill.
+            HALF: tl.constexpr = BLOCK_K // 2
+            half = tl.arange(0, HALF)
+            if DOT == 2:
+                signs_top = tl.load(signs_ptr + half[:, None] * BLOCK_K + offs[None, :])
+                signs_bottom = tl.load(signs_ptr + (HALF + half)[:, None] * BLOCK_K + offs[None, :])
+            else:
+                signs = tl.load(signs_ptr + offs[:, None] * BLOCK_K + offs[None, :])
+        codes_rows = codes_ptr + first.to(tl.int64) * stride_codes + local[:, None] * stride_codes
+        packed_rows = packed_ptr + first.to(tl.int64) * stride_packed + local[:, None] * stride_packed
+        mask_rows = mask_ptr + first.to(tl.int64) * stride_mask + local[:, None] * stride_mask
+        # Pass 2: rotate, round and store, block by block.
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs
+            if EVEN_K:
+                ok = row_ok[:, None]
+            else:
+                ok = row_ok[:, None] & (cols < K)[None, :]
+            if ROTATE and DOT == 2:
+                a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                a = dot_signs(tl.load(x_rows + (k0 + half)[None, :], mask=row_ok[:, None], other=0.0), signs_top, a,
+                              DOT)
+                a = dot_signs(tl.load(x_rows + (k0 + HALF + half)[None, :], mask=row_ok[:, None], other=0.0),
+                              signs_bottom, a, DOT)
+            elif ROTATE:
+                x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+                a = dot_signs(x, signs, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), DOT)
+            else:
+                a = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_rows, row_ok, K, BITS,
+                             FIELD_BITS, WRITE_CODES, EVEN_K, BLOCK_M, BLOCK_K)
 
 
 @dataclass(frozen=True)
@@ -244,14 +323,15 @@ def quantize_rows(x: torch.Tensor, spec: TensorSpec, codes: bool = True, packed:
     if m and k:
         dot = dot_mode(x.dtype)
         signs = signs_for(dot, device)
-        block_m, warps, stages = launch_config(x.dtype, capability(device))
+        block_m, warps, stages, blocks = launch_config(x.dtype, capability(device), k)
         # Unwritten outputs get a valid dummy pointer; the kernel never touches it (WRITE_CODES / FIELD_BITS = 0).
         _quantize_kernel[(triton.cdiv(m, block_m),)](
             x, signs, out_codes if codes else step, out_packed if packed else step, mask, step, m, k, x.stride(0),
             out_codes.stride(0) if codes else 0, out_packed.stride(0) if packed else 0, mask.stride(0),
             spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
             BITS=bits, FIELD_BITS=width if packed else 0, WRITE_CODES=codes, ROTATE=spec.rotated,
-            EVEN_K=k % TILE_K == 0, DOT=dot, BLOCK_M=block_m, num_warps=pick(warps, 4), num_stages=stages)
+            EVEN_K=k % TILE_K == 0, DOT=dot, BLOCK_M=block_m, BLOCKS=blocks, num_warps=pick(warps, 4),
+            num_stages=stages)
     return QuantizedRows(out_codes, out_packed, step, mask, k, bits, spec.rotated)
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bitlaw.kernels.profile import TARGETS, nvidia_tools, variants
+from bitlaw.kernels.profile import TARGETS, Gpu, nvidia_tools, variants
 
 pytestmark = pytest.mark.skipif(nvidia_tools() is None, reason="the installed triton has no NVIDIA backend "
                                                                "(ptxas, cuobjdump, nvdisasm) to compile with")
@@ -75,21 +75,26 @@ def test_static_targets_hold(profile):
     for p in _profiles(profile, kernel="gemm"):
         (loop,) = p["loops"]
         assert loop["issue_cycles"] <= 1.5 * loop["tensor_cycles"], (p["label"], p["target"])
-    # the quantizer issues at most 12 thread-instructions per byte it reads (both passes) on Hopper,
-    for p in _profiles(profile, kernel="quantize", target="sm_90a"):
-        assert p["instructions_per_input_byte"] <= 12, (p["label"], p["instructions_per_input_byte"])
-    # the backward's block-scaled GEMM is tensor-bound on Hopper, and its gradient quantizer issues at most 30
-    # thread-instructions per byte of g_y it reads (both GEMMs' operands from one read),
+    # the W4A4 quantizer (its rounding pass, or its one pass) and the gradient quantizer (both GEMMs' operands from
+    # one read of g_y) are memory-bound on Hopper: at most as many thread-instructions per byte they move as the
+    # estimate's GPU issues per byte of HBM bandwidth (about 10.3); the other bit widths within 5% of it (W1A1's one
+    # pass writes the fewest bytes: 1% over),
+    gpu = Gpu()
+    per_byte_of_bandwidth = gpu.sms * 4 * 32 * gpu.clock / gpu.bytes_per_s
+    for kernel in ("quantize", "quantize_grad"):
+        for p in _profiles(profile, kernel=kernel, target="sm_90a"):
+            main = [loop for loop in p["loops"] if loop["instructions_per_byte_moved"] is not None]
+            limit = per_byte_of_bandwidth * (1.0 if kernel == "quantize_grad" or "w4a4" in p["label"] else 1.05)
+            assert main and all(loop["instructions_per_byte_moved"] <= limit for loop in main), (p["label"], main)
+    # the backward's block-scaled GEMM is tensor-bound on Hopper,
     for p in _profiles(profile, kernel="grad_gemm", target="sm_90a"):
         (loop,) = p["loops"]
         assert loop["issue_cycles"] <= loop["tensor_cycles"], (p["label"], loop)
-    for p in _profiles(profile, kernel="quantize_grad", target="sm_90a"):
-        assert p["instructions_per_input_byte"] <= 30, (p["label"], p["instructions_per_input_byte"])
     # and the estimated W4A4 layer forward + backward is no slower than nn.Linear in bf16 at the 800M MLP shape; with
-    # both backward GEMMs in int8 (quest_w4a4_g8g8) at most 0.7x of it (BENCHMARKS.md: the issue's 0.65x is not met).
+    # both backward GEMMs in int8 (quest_w4a4_g8g8) at most 0.65x of it.
     estimates = {e["backward"]: e for e in profile["estimates"] if e["shape"] == [16384, 2048, 5632] and e["bits"] == 4}
     assert estimates["bf16"]["ratio"] <= 1.0, estimates["bf16"]
     assert estimates["g8g8"]["ratio"] < estimates["g8"]["ratio"] < estimates["bf16"]["ratio"]
-    assert estimates["g8g8"]["ratio"] <= 0.7, estimates["g8g8"]
+    assert estimates["g8g8"]["ratio"] <= 0.65, estimates["g8g8"]
     for backward in ("bf16", "g8g8"):
         assert f"| 16384x2048x5632 | 4 | {backward} |" in profile["stdout"]

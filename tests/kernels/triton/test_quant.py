@@ -17,7 +17,8 @@ from bitlaw.kernels.quantizers import quantize, rotate, unrotate
 from bitlaw.kernels.recipe import TensorSpec
 from bitlaw.kernels.triton.backward import dequantize_rows
 from bitlaw.kernels.triton.common import HADAMARD_BLOCK, INTERPRETED
-from bitlaw.kernels.triton.quant import masked_fraction, quantize_rows
+from bitlaw.kernels.triton import quant
+from bitlaw.kernels.triton.quant import launch_config, masked_fraction, one_pass_blocks, quantize_rows
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
@@ -87,12 +88,38 @@ def assert_matches_reference(x: torch.Tensor, spec: TensorSpec) -> None:
 
 
 @pytest.mark.parametrize("bits", range(1, 8))
-@pytest.mark.parametrize(("m", "k"), [(1, 128), (37, 256), (64, 128)])
+@pytest.mark.parametrize(("m", "k"), [(1, 128), (37, 256), (64, 128), (5, 384)])
 def test_codes_steps_masks_equal_the_reference(bits, m, k):
     spec = TensorSpec(format=f"int{bits}", grad="clip" if bits == 1 else "trust")
     gen = torch.Generator().manual_seed(1000 * bits + m + k)
     x = (torch.randn(m, k, generator=gen) * 0.7 + 0.1).to(DEVICE)
     assert_matches_reference(x, spec)
+
+
+def test_one_pass_is_chosen_for_power_of_two_blocks():
+    # Whole power-of-two numbers of 128-column blocks up to 4096 columns are read once (fp32 rows before Hopper
+    # excepted); other widths take two passes over the row.
+    assert [one_pass_blocks(k, torch.bfloat16, 90) for k in (128, 256, 2048, 4096)] == [1, 2, 16, 32]
+    assert [one_pass_blocks(k, torch.bfloat16, 90) for k in (384, 5632, 8192, 200)] == [0, 0, 0, 0]
+    assert one_pass_blocks(2048, torch.float32, 90) == 16 and one_pass_blocks(2048, torch.float32, 80) == 0
+    assert launch_config(torch.bfloat16, 90, 2048) == (4, 4, 1, 16)  # 4 rows × 16 blocks: 64 tiles per program
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", [TensorSpec(format="int4"), TensorSpec(format="int2", rotation="none")])
+def test_one_pass_and_two_passes_agree(monkeypatch, dtype, spec):
+    # The same rows through both kernels (two passes forced): both equal the reference away from boundaries, and
+    # each other up to the order of the sum of squares (steps within an ulp or two).
+    x = (torch.randn(19, 1024, generator=torch.Generator().manual_seed(5)) * 0.9).to(dtype).to(DEVICE)
+    assert one_pass_blocks(1024, dtype, 90) == 8
+    one = quantize_rows(x, spec, codes=True, packed=True)
+    assert_matches_reference(x.float(), spec)
+    monkeypatch.setattr(quant, "one_pass_blocks", lambda *args: 0)
+    two = quantize_rows(x, spec, codes=True, packed=True)
+    assert_matches_reference(x.float(), spec)
+    torch.testing.assert_close(one.step, two.step, rtol=4 * FP32_EPS, atol=0)
+    differ = (one.codes != two.codes) | (one.unpacked_mask() != two.unpacked_mask())
+    assert int(differ.sum()) <= max(2, x.numel() // 1000)
 
 
 @pytest.mark.parametrize("spec", [TensorSpec(format="int4", grad="ste"), TensorSpec(format="int1", grad="trust"),
