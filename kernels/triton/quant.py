@@ -128,6 +128,16 @@ def _row_scales(sum_squares, K, gaussian_scale, mask_coef, inv_sqrt_block, BITS:
 
 
 @triton.jit
+def _tile_ok(row_ok, cols, K, EVEN_K: tl.constexpr):
+    """The load mask of a ``[rows, 128]`` tile: its rows, and its columns unless ``K`` is a multiple of 128."""
+    if EVEN_K:
+        ok = row_ok[:, None]
+    else:
+        ok = row_ok[:, None] & (cols < K)[None, :]
+    return ok
+
+
+@triton.jit
 def _per_tile(v, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     """A per-row ``[BLOCK_M]`` vector repeated for each of the row's ``BLOCKS`` tiles: ``[BLOCK_M·BLOCKS]``."""
     return tl.reshape(tl.broadcast_to(v[:, None], [BLOCK_M, BLOCKS]), [BLOCK_M * BLOCKS])
@@ -178,10 +188,7 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
         squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs
-            if EVEN_K:
-                ok = row_ok[:, None]
-            else:
-                ok = row_ok[:, None] & (cols < K)[None, :]
+            ok = _tile_ok(row_ok, cols, K, EVEN_K)
             x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             squares += x * x
         step, inv_step, threshold = _row_scales(tl.sum(squares, axis=1), K, gaussian_scale, mask_coef,
@@ -203,10 +210,7 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
         # Pass 2: rotate, round and store, block by block.
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs
-            if EVEN_K:
-                ok = row_ok[:, None]
-            else:
-                ok = row_ok[:, None] & (cols < K)[None, :]
+            ok = _tile_ok(row_ok, cols, K, EVEN_K)
             if ROTATE and DOT == 2:
                 a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
                 a = dot_signs(tl.load(x_rows + (k0 + half)[None, :], mask=row_ok[:, None], other=0.0), signs_top, a,
