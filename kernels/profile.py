@@ -15,8 +15,9 @@ that the presets use — the table reports, per loop of the kernel (or its whole
 - the issue-slot model of docs/kernels.md §2: ``issue`` = instructions × warps / 4 cycles per iteration (four
   schedulers per SM, one warp-instruction each per cycle), ``tensor`` = the iteration's MMA operations / the SM's
   dense tensor-core rate; ``issue/tensor`` ≤ 1 means the tensor cores, not instruction issue, bound the loop.
-  Memory-bound kernels report ``instr/B``: thread-instructions per input byte (H100: about 9 per byte of HBM
-  traffic at full bandwidth).
+  Memory-bound kernels report ``instr/B``: thread-instructions per input byte and per byte moved (read or
+  written); the layer estimate's H100 issues about 10.3 per byte of HBM traffic at its 3.0 TB/s, so a pass whose
+  instructions per byte moved stay below that is memory-bound.
 
 An integer argument equal to 1 is compiled as the constant 1, as Triton specializes it at every launch: the unit
 column strides of the contiguous gradients the backward kernels read (so their loads vectorize as they will).

@@ -35,6 +35,7 @@ from bitlaw.kernels.triton.common import (
 )
 from bitlaw.kernels.triton.quant import QuantizedRows
 
+
 def pass_launch(capability: int, dot: int = 1) -> tuple[int, int]:
     """(rows per program, warps) of the two passes (one 128-column block per program; fixed, memory-bound) on a GPU of
     ``capability``, for a rotation by ``dot`` (:func:`~bitlaw.kernels.triton.common.dot_mode`). Hopper: 64 rows on 4
@@ -44,6 +45,8 @@ def pass_launch(capability: int, dot: int = 1) -> tuple[int, int]:
     if capability >= 90:
         return 64, 4
     return (32, 4) if dot == 2 else (64, 8)
+
+
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 

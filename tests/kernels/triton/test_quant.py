@@ -15,9 +15,9 @@ import torch
 from bitlaw.kernels.packing import field_bits, pack_codes, unpack_codes
 from bitlaw.kernels.quantizers import quantize, rotate, unrotate
 from bitlaw.kernels.recipe import TensorSpec
+from bitlaw.kernels.triton import quant
 from bitlaw.kernels.triton.backward import dequantize_rows
 from bitlaw.kernels.triton.common import HADAMARD_BLOCK, INTERPRETED
-from bitlaw.kernels.triton import quant
 from bitlaw.kernels.triton.quant import launch_config, masked_fraction, one_pass_blocks, quantize_rows
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
