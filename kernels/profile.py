@@ -408,9 +408,14 @@ def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 
         return 2.0 * rows * k * 128 * dots / (gpu.peak("bf16") * gpu.matmul_efficiency) * 1e6
 
     label = {4: "w4a4", 1: "w1a1", 2: "w2a2", 3: "w3a3"}[bits]
-    # Rows of K = 2048 are read once where the profile has that kernel (quant.one_pass_blocks), else twice.
-    one_x = _main_loop(profiles, "quantize", f"{label} input (bf16), one pass, K 2048") if k == 2048 else None
-    one_w = _main_loop(profiles, "quantize", "w4a4 weight (fp32 master), one pass, K 2048") if k == 2048 else None
+    # Rows are read once where the quantizer takes one pass on Hopper (quant.one_pass_blocks), at the instruction
+    # rate the profile measured at K = 2048; else twice.
+    from bitlaw.kernels.triton.quant import one_pass_blocks
+
+    one_x = one_pass_blocks(k, torch_dtype("bf16"), 90) and \
+        _main_loop(profiles, "quantize", f"{label} input (bf16), one pass, K 2048")
+    one_w = one_pass_blocks(k, torch_dtype("fp32"), 90) and \
+        _main_loop(profiles, "quantize", "w4a4 weight (fp32 master), one pass, K 2048")
     quant_x = one_x or _main_loop(profiles, "quantize", f"{label} input (bf16)")
     quant_w = one_w or _main_loop(profiles, "quantize", f"{label} weight (fp32 master)") or \
         _main_loop(profiles, "quantize", "w4a4 weight (fp32 master)")

@@ -25,6 +25,7 @@ MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # may cite them. Spelled in parts so that this guard is not itself such a citation.
 OUTSIDE_THE_PROJECT = ("REFERENCE" + ".md", ".." + "/shared")
 
+
 def tracked_text_files() -> list[Path]:
     names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()

@@ -83,10 +83,7 @@ def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_r
     LOW: tl.constexpr = -(2 ** (BITS - 1))
     HIGH: tl.constexpr = 2 ** (BITS - 1) - 1
     cols = k0 + tl.arange(0, BLOCK_K)[None, :]
-    if EVEN_K:
-        ok = row_ok[:, None]
-    else:
-        ok = row_ok[:, None] & (cols < K)
+    ok = _tile_ok(row_ok, cols, K, EVEN_K)
     q = tl.minimum(tl.maximum(tl.floor(a * inv_step[:, None]), LOW), HIGH).to(tl.int32)
     keep = (tl.abs(a) <= threshold[:, None]).to(tl.int32)
     if not EVEN_K:
@@ -108,7 +105,7 @@ def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_r
 
 @triton.jit
 def _row_scales(sum_squares, K, gaussian_scale, mask_coef, inv_sqrt_block, BITS: tl.constexpr, ROTATE: tl.constexpr):
-    """(α, step, reciprocal step, mask threshold) per row from its sum of squares, in the reference's operation
+    """(step, reciprocal step, mask threshold) per row from its sum of squares, in the reference's operation
     order: α = c·sqrt(mean), floored; step = 2α/(2^b − 1). With the rotation, the dot sums ±x (H·sqrt(128)), so
     1/sqrt(128) is folded into the reciprocal and the threshold."""
     mean_square = tl.math.div_rn(sum_squares, tl.full(sum_squares.shape, 1.0, tl.float32) * K)
@@ -129,12 +126,21 @@ def _row_scales(sum_squares, K, gaussian_scale, mask_coef, inv_sqrt_block, BITS:
 
 @triton.jit
 def _tile_ok(row_ok, cols, K, EVEN_K: tl.constexpr):
-    """The load mask of a ``[rows, 128]`` tile: its rows, and its columns unless ``K`` is a multiple of 128."""
+    """The mask of a ``[rows, 128]`` tile whose columns are ``cols`` (``[1 or rows, 128]``): its rows, and its
+    columns unless ``K`` is a multiple of 128."""
     if EVEN_K:
         ok = row_ok[:, None]
     else:
-        ok = row_ok[:, None] & (cols < K)[None, :]
+        ok = row_ok[:, None] & (cols < K)
     return ok
+
+
+@triton.jit
+def _rows_at(ptr, first, local, stride):
+    """Row pointers ``[n, 1]``: a 64-bit base per program and 32-bit offsets within its rows (a program spans at most
+    64 rows, so ``local·stride`` stays below 2^31 for rows under 2^25 elements): sizes never overflow, and no
+    register holds a 64-bit address per row."""
+    return ptr + first.to(tl.int64) * stride + (local * stride)[:, None]
 
 
 @triton.jit
@@ -159,8 +165,7 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
         local = tile // BLOCKS
         k0 = ((tile % BLOCKS) * BLOCK_K)[:, None]
         tile_ok = first + local < M
-        x = tl.load(x_ptr + first.to(tl.int64) * stride_x + (local * stride_x)[:, None] + k0 + offs[None, :],
-                    mask=tile_ok[:, None], other=0.0)
+        x = tl.load(_rows_at(x_ptr, first, local, stride_x) + k0 + offs[None, :], mask=tile_ok[:, None], other=0.0)
         xf = x.to(tl.float32)
         sum_squares = tl.sum(tl.reshape(tl.sum(xf * xf, axis=1), [BLOCK_M, BLOCKS]), axis=1)
         step, inv_step, threshold = _row_scales(sum_squares, K, gaussian_scale, mask_coef, inv_sqrt_block, BITS,
@@ -173,22 +178,20 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
         else:
             a = xf
         _round_and_store(a, _per_tile(inv_step, BLOCK_M, BLOCKS), _per_tile(threshold, BLOCK_M, BLOCKS), k0,
-                         codes_ptr + first.to(tl.int64) * stride_codes + (local * stride_codes)[:, None],
-                         packed_ptr + first.to(tl.int64) * stride_packed + (local * stride_packed)[:, None],
-                         mask_ptr + first.to(tl.int64) * stride_mask + (local * stride_mask)[:, None], tile_ok, K,
+                         _rows_at(codes_ptr, first, local, stride_codes),
+                         _rows_at(packed_ptr, first, local, stride_packed),
+                         _rows_at(mask_ptr, first, local, stride_mask), tile_ok, K,
                          BITS, FIELD_BITS, WRITE_CODES, True, TILES, BLOCK_K)
     else:
         local = tl.arange(0, BLOCK_M)
         rows = first + local
         row_ok = rows < M
-        # 64-bit scalar bases per program, 32-bit offsets within its rows (launch checks BLOCK_M·stride < 2^31):
-        # sizes never overflow, and no register holds a 64-bit address per row.
-        x_rows = x_ptr + first.to(tl.int64) * stride_x + local[:, None] * stride_x
+        x_rows = _rows_at(x_ptr, first, local, stride_x)
         # Pass 1: the row's sum of squares, accumulated elementwise and reduced once (no shuffles in the loop).
         squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs
-            ok = _tile_ok(row_ok, cols, K, EVEN_K)
+            ok = _tile_ok(row_ok, cols[None, :], K, EVEN_K)
             x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             squares += x * x
         step, inv_step, threshold = _row_scales(tl.sum(squares, axis=1), K, gaussian_scale, mask_coef,
@@ -204,13 +207,13 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
                 signs_bottom = tl.load(signs_ptr + (HALF + half)[:, None] * BLOCK_K + offs[None, :])
             else:
                 signs = tl.load(signs_ptr + offs[:, None] * BLOCK_K + offs[None, :])
-        codes_rows = codes_ptr + first.to(tl.int64) * stride_codes + local[:, None] * stride_codes
-        packed_rows = packed_ptr + first.to(tl.int64) * stride_packed + local[:, None] * stride_packed
-        mask_rows = mask_ptr + first.to(tl.int64) * stride_mask + local[:, None] * stride_mask
+        codes_rows = _rows_at(codes_ptr, first, local, stride_codes)
+        packed_rows = _rows_at(packed_ptr, first, local, stride_packed)
+        mask_rows = _rows_at(mask_ptr, first, local, stride_mask)
         # Pass 2: rotate, round and store, block by block.
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs
-            ok = _tile_ok(row_ok, cols, K, EVEN_K)
+            ok = _tile_ok(row_ok, cols[None, :], K, EVEN_K)
             if ROTATE and DOT == 2:
                 a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
                 a = dot_signs(tl.load(x_rows + (k0 + half)[None, :], mask=row_ok[:, None], other=0.0), signs_top, a,
