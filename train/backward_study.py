@@ -3,7 +3,7 @@
 Usage::
 
     python -m bitlaw.train.backward_study --out study/backward [--seeds 0 1 2] [--models tiny mini]
-        [--quant bf16 quest_w4a4 quest_w4a4_g8 quest_w4a4_g8g8] [--probe-every 20]
+        [--quant bf16 quest_w4a4 quest_w4a4_replica quest_w4a4_g8 quest_w4a4_g8g8] [--probe-every 20]
 
 Every (model, recipe, seed) trains once with ``bitlaw-train``'s own code in ``OUT/runs/<model>-<recipe>-seed<s>``
 (finished runs are skipped, so an interrupted study continues). Runs of one seed share the initial weights and the
@@ -11,7 +11,12 @@ data order, so differences between recipes are **paired**. Each finished run is 
 split (the command ``bitlaw-eval <run>``). Runs whose recipe quantizes the backward also record, every
 ``--probe-every`` steps, the gradient of the training batch under the recipe and under QuEST's backward (the same
 recipe with ``grad_input`` and ``grad_weight`` in bf16, the same weights): their cosine similarity and relative
-error (:class:`GradientFidelity`). The study writes ``results.json``, ``report.md`` (paired differences to
+error (:class:`GradientFidelity`).
+
+``quest_w4a4_replica`` is the control: ``quest_w4a4`` again, its initial weights moved by one unit in the last place
+(:class:`PerturbInit`), so it differs from its pair by rounding only. Its paired difference to ``quest_w4a4`` is what
+trajectory sensitivity alone produces; a recipe's difference of that size says nothing about the recipe. The study
+writes ``results.json``, ``report.md`` (paired differences to
 quest_w4a4 with standard errors, gradient fidelity) and ``curves.png`` (training loss per recipe, mean over seeds).
 
 Models: ``tiny`` (the default run: 4 layers, d_model 256, 320k tokens) and ``mini`` (the CPU mini-sweep's largest
@@ -41,6 +46,7 @@ from bitlaw.models.convert import quantized_layers
 
 MODELS = {"tiny": [], "mini": ["experiment=cpu_mini_sweep", "model.n_layer=4", "tokens_per_param=1"]}
 BASELINE = "quest_w4a4"
+REPLICA = BASELINE + "_replica"
 
 
 class GradientFidelity(L.Callback):
@@ -85,6 +91,26 @@ class GradientFidelity(L.Callback):
             fh.write(json.dumps(row) + "\n")
 
 
+class PerturbInit(L.Callback):
+    """Before a fresh run's first step, every floating-point parameter entry moves by one unit in the last place, up
+    or down with equal odds (a CPU generator seeded by ``seed``, the same draws on every rank): a replica of the run
+    that differs from it by rounding only. A resumed run (``global_step > 0``) keeps its weights."""
+
+    def __init__(self, seed: int = 1):
+        self.seed = seed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            for param in pl_module.model.parameters():
+                if param.is_floating_point():
+                    up = torch.rand(param.shape, generator=generator) < 0.5
+                    toward = torch.where(up, math.inf, -math.inf).to(param.device, param.dtype)
+                    param.copy_(torch.nextafter(param, toward))
+
+
 def _agreement(reference: list[torch.Tensor], ours: list[torch.Tensor], prefix: str) -> dict[str, float]:
     # float64: sums over millions of entries in fp32 put the cosine off by ~1e-3, the size of what is measured.
     a, b = torch.cat(reference).double(), torch.cat(ours).double()
@@ -101,8 +127,9 @@ def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> N
     record_path = run_dir / "run.json"
     if not record_path.is_file():
         register_configs()
-        overrides = [*MODELS[model], f"quant={quant}", f"seed={seed}", f"run_dir={run_dir}",
-                     "trainer.enable_progress_bar=false",
+        replica = ["+callbacks.replica._target_=bitlaw.train.backward_study.PerturbInit"] if quant == REPLICA else []
+        overrides = [*MODELS[model], f"quant={BASELINE if quant == REPLICA else quant}", f"seed={seed}",
+                     f"run_dir={run_dir}", "trainer.enable_progress_bar=false", *replica,
                      "+callbacks.fidelity._target_=bitlaw.train.backward_study.GradientFidelity",
                      f"+callbacks.fidelity.out={run_dir / 'fidelity.jsonl'}",
                      f"+callbacks.fidelity.every={probe_every}"]
@@ -163,6 +190,8 @@ def summarize(out: Path, models: list[str], quants: list[str], seeds: list[int])
                 row["vs_" + BASELINE] = paired(losses[quant], losses[BASELINE])
             if quant != "bf16" and "bf16" in losses:
                 row["vs_bf16"] = paired(losses[quant], losses["bf16"])
+            if quant not in ("bf16", BASELINE, REPLICA) and REPLICA in losses:
+                row["vs_" + REPLICA] = paired(losses[quant], losses[REPLICA])
             probes = [p for seed in seeds for p in fidelity(out / "runs" / f"{model}-{quant}-seed{seed}")]
             if probes:
                 row["fidelity"] = {key: (min(p[key] for p in probes), sum(p[key] for p in probes) / len(probes),
@@ -206,6 +235,14 @@ def report(summary: dict[str, Any], seeds: list[int]) -> str:
                     diff = row["vs_" + BASELINE][0]
                     held = abs(diff) <= 0.02 and abs(diff) < abs(gap[0]) / 2
                     lines.append(f"- {quant}: {diff:+.4f} → {'holds' if held else 'does not hold'}")
+        if REPLICA in rows and "vs_" + BASELINE in rows[REPLICA]:
+            mean, se, n = rows[REPLICA]["vs_" + BASELINE]
+            spread = math.sqrt(n) * se if n > 1 else math.nan
+            lines += ["", f"Control: {REPLICA} ({BASELINE}, initial weights one ulp off) lands {mean:+.4f} ± {se:.4f} "
+                          f"from its pair (per-seed standard deviation {spread:.4f}): differences of that size are "
+                          "trajectory sensitivity, not the recipe. Against the control (both runs perturbed):"]
+            lines += [f"- {quant}: {_paired_text(row, 'vs_' + REPLICA)}" for quant, row in rows.items()
+                      if "vs_" + REPLICA in row]
         lines.append("")
     return "\n".join(lines)
 
@@ -253,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitlaw.train.backward_study", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="study folder (runs, results.json, report.md)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--quant", nargs="+", default=["bf16", BASELINE, "quest_w4a4_g8", "quest_w4a4_g8g8"])
+    parser.add_argument("--quant", nargs="+", default=["bf16", BASELINE, REPLICA, "quest_w4a4_g8", "quest_w4a4_g8g8"],
+                        help=f"recipes (conf/quant names) and {REPLICA}, the control: {BASELINE} with its initial "
+                             "weights one ulp off")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--probe-every", type=int, default=20, help="steps between gradient-fidelity probes")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ import torch
 
 from bitlaw.kernels.recipe import load_recipe
 from bitlaw.models.llama import LlamaConfig
-from bitlaw.train.backward_study import GradientFidelity, _agreement, paired
+from bitlaw.train.backward_study import GradientFidelity, PerturbInit, _agreement, paired
 from bitlaw.train.module import LitLlama
 
 
@@ -46,3 +46,32 @@ def test_fidelity_probe_compares_with_quest_and_restores_the_recipe(tmp_path):
     assert 0 < row["linear_rel_error"] < 0.05
     assert all(layer.recipe.name == "quest_w4a4_g8g8" and layer.recipe.quantized_backward
                for layer in lit.model.modules() if hasattr(layer, "recipe"))
+
+
+def _lit() -> LitLlama:
+    config = LlamaConfig(vocab_size=64, n_layer=1, d_model=128, n_head=1, max_seq_len=16).to_dict()
+    return LitLlama(config, load_recipe("quest_w4a4").to_dict(), {"lr": 1e-3}, 10,
+                    {"seed": 0, "seq_len": 16, "global_batch": 2})
+
+
+def test_the_replica_moves_every_initial_weight_by_one_ulp_once():
+    class Trainer:
+        global_step = 0
+
+    lit, twin = _lit(), _lit()
+    before = {name: p.detach().clone() for name, p in lit.model.named_parameters()}
+    PerturbInit(seed=3).on_train_start(Trainer(), lit)
+    PerturbInit(seed=3).on_train_start(Trainer(), twin)
+    ups = downs = 0
+    for name, param in lit.model.named_parameters():
+        old = before[name]
+        moved_up = param == torch.nextafter(old, torch.full_like(old, math.inf))
+        moved_down = param == torch.nextafter(old, torch.full_like(old, -math.inf))
+        assert bool((moved_up ^ moved_down).all()), name  # one ulp, one way, every entry
+        ups, downs = ups + int(moved_up.sum()), downs + int(moved_down.sum())
+        assert torch.equal(param, dict(twin.model.named_parameters())[name]), name  # seeded: the same replica
+    assert abs(ups - downs) < 0.02 * (ups + downs)
+    Trainer.global_step = 7  # resumed: the weights stay
+    moved = {name: p.detach().clone() for name, p in lit.model.named_parameters()}
+    PerturbInit(seed=3).on_train_start(Trainer(), lit)
+    assert all(torch.equal(p, moved[name]) for name, p in lit.model.named_parameters())
