@@ -9,7 +9,7 @@ import torch
 
 from bitlaw.kernels.recipe import load_recipe
 from bitlaw.models.llama import LlamaConfig
-from bitlaw.train.backward_study import GradientFidelity, PerturbInit, _agreement, paired
+from bitlaw.train.backward_study import GradientFidelity, PerturbInit, _agreement, paired, report, summarize
 from bitlaw.train.module import LitLlama
 
 
@@ -75,3 +75,23 @@ def test_the_replica_moves_every_initial_weight_by_one_ulp_once():
     moved = {name: p.detach().clone() for name, p in lit.model.named_parameters()}
     PerturbInit(seed=3).on_train_start(Trainer(), lit)
     assert all(torch.equal(p, moved[name]) for name, p in lit.model.named_parameters())
+
+
+def test_the_report_sets_each_preset_against_the_replica(tmp_path):
+    losses = {"bf16": [5.0, 5.2, 5.1], "quest_w4a4": [5.1, 5.3, 5.2], "quest_w4a4_replica": [5.2, 5.3, 5.3],
+              "quest_w4a4_g8g8": [5.25, 5.32, 5.26]}
+    for quant, values in losses.items():
+        for seed, loss in enumerate(values):
+            run = tmp_path / "runs" / f"tiny-{quant}-seed{seed}"
+            run.mkdir(parents=True)
+            (run / "full_val.json").write_text(json.dumps({"loss": loss}))
+    summary = summarize(tmp_path, ["tiny"], list(losses), [0, 1, 2])
+    rows = summary["tiny"]
+    mean, se, n = rows["quest_w4a4_g8g8"]["vs_quest_w4a4_replica"]
+    assert n == 3 and math.isclose(mean, (0.05 + 0.02 - 0.04) / 3)
+    assert "vs_quest_w4a4_replica" not in rows["quest_w4a4"] and "vs_quest_w4a4_replica" not in rows["bf16"]
+    text = report(summary, [0, 1, 2])
+    replica_mean, replica_se, _ = rows["quest_w4a4_replica"]["vs_quest_w4a4"]
+    assert f"lands {replica_mean:+.4f} ± {replica_se:.4f}" in text
+    assert f"(per-seed standard deviation {math.sqrt(3) * replica_se:.4f})" in text
+    assert f"- quest_w4a4_g8g8: {mean:+.4f} ± {se:.4f}" in text
