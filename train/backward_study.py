@@ -15,9 +15,10 @@ error (:class:`GradientFidelity`).
 
 ``quest_w4a4_replica`` is the control: ``quest_w4a4`` again, its initial weights moved by one unit in the last place
 (:class:`PerturbInit`), so it differs from its pair by rounding only. Its paired difference to ``quest_w4a4`` is what
-trajectory sensitivity alone produces; a recipe's difference of that size says nothing about the recipe. The study
-writes ``results.json``, ``report.md`` (paired differences to
-quest_w4a4 with standard errors, gradient fidelity) and ``curves.png`` (training loss per recipe, mean over seeds).
+trajectory sensitivity alone produces; a recipe's difference of that size says nothing about the recipe.
+
+The study writes ``results.json``, ``report.md`` (paired differences to quest_w4a4 with standard errors, gradient
+fidelity, and each preset against the control) and ``curves.png`` (training loss per recipe, mean over seeds).
 
 Models: ``tiny`` (the default run: 4 layers, d_model 256, 320k tokens) and ``mini`` (the CPU mini-sweep's largest
 model, 4 layers at d_model 128, D/N = 1).
