@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitlaw.compress.cli import compress, data_overrides, plan
-from bitlaw.kernels.recipe import CONF_DIR
+from ..kernels.recipe import CONF_DIR
+from .cli import compress, data_overrides, plan
 
 
 def _run(source: str, out: Path, name: str, overrides: list[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bitlaw.data.windows import TokenStream
+from ..data.windows import TokenStream
 
 
 @dataclass(frozen=True)

@@ -30,16 +30,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from bitlaw.compress import stages
-from bitlaw.compress.calibration import Calibration, draw
-from bitlaw.compress.report import model_size, write_report
-from bitlaw.compress.settings import STAGES, check_group, check_stages
-from bitlaw.compress.source import load_source
-from bitlaw.data.cli import resolved_data_config
-from bitlaw.data.config import DataConfig
-from bitlaw.data.shards import PreparedData, config_hash, prepare_data
-from bitlaw.deploy.evaluate import evaluate
-from bitlaw.deploy.load import (
+from ..data.cli import resolved_data_config
+from ..data.config import DataConfig
+from ..data.shards import PreparedData, config_hash, prepare_data
+from ..deploy.evaluate import evaluate
+from ..deploy.load import (
     LoadedModel,
     check_device,
     load_checkpoint,
@@ -47,11 +42,16 @@ from bitlaw.deploy.load import (
     run_record_for,
     save_checkpoint,
 )
-from bitlaw.deploy.native import TENSOR_FILE, compression_fields, export_native
-from bitlaw.deploy.staging import check_out
-from bitlaw.kernels.recipe import CONF_DIR
-from bitlaw.models.frozen_linear import frozen_layers
-from bitlaw.models.quant_linear import QuantLinear
+from ..deploy.native import TENSOR_FILE, compression_fields, export_native
+from ..deploy.staging import check_out
+from ..kernels.recipe import CONF_DIR
+from ..models.frozen_linear import frozen_layers
+from ..models.quant_linear import QuantLinear
+from . import stages
+from .calibration import Calibration, draw
+from .report import model_size, write_report
+from .settings import STAGES, check_group, check_stages
+from .source import load_source
 
 PROG = "bitlaw-compress"
 

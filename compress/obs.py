@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bitlaw.kernels.hadamard import block_hadamard
-from bitlaw.kernels.quantizers import round_to_grid, row_scale, unrotate
-from bitlaw.kernels.recipe import TensorSpec
-from bitlaw.kernels.sparsity import descending_rank, kept_count, magnitude_keep
+from ..kernels.hadamard import block_hadamard
+from ..kernels.quantizers import round_to_grid, row_scale, unrotate
+from ..kernels.recipe import TensorSpec
+from ..kernels.sparsity import descending_rank, kept_count, magnitude_keep
 
 
 class HessianAccumulator:

@@ -43,9 +43,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from bitlaw.models.frozen_linear import FrozenQuantLinear
-from bitlaw.models.llama import RMSNorm
-from bitlaw.models.quant_linear import QuantLinear
+from ..models.frozen_linear import FrozenQuantLinear
+from ..models.llama import RMSNorm
+from ..models.quant_linear import QuantLinear
 
 
 def to_pv(model: nn.Module) -> list[FrozenQuantLinear]:

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from bitlaw.deploy.native import packed_layer_bytes
-from bitlaw.models.frozen_linear import FrozenQuantLinear
-from bitlaw.models.quant_linear import QuantLinear
+from ..deploy.native import packed_layer_bytes
+from ..models.frozen_linear import FrozenQuantLinear
+from ..models.quant_linear import QuantLinear
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from bitlaw.compress.obs import damped
-from bitlaw.kernels.sparsity import descending_rank, kept_count
+from ..kernels.sparsity import descending_rank, kept_count
+from .obs import damped
 
 # Bisection steps for the shift of the scheduler: the interval (a few units wide) halves each time, far below 1e-12.
 _BISECTIONS = 200

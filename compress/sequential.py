@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitlaw.compress.obs import HessianAccumulator, check_arguments, compress_layer
-from bitlaw.compress.scheduler import layer_pruning_loss
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.models.frozen_linear import FrozenQuantLinear
-from bitlaw.models.llama import LlamaBlock, LlamaModel
-from bitlaw.models.quant_linear import QuantLinear
+from ..kernels.recipe import Recipe, TensorSpec
+from ..models.frozen_linear import FrozenQuantLinear
+from ..models.llama import LlamaBlock, LlamaModel
+from ..models.quant_linear import QuantLinear
+from .obs import HessianAccumulator, check_arguments, compress_layer
+from .scheduler import layer_pruning_loss
 
 # The groups of a block's projections in the order the sequential pass compresses them; the members of a group read
 # the same input, so one Hessian serves the whole group.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitlaw.models.llama import LlamaModel
+from ..models.llama import LlamaModel
 
 
 @torch.no_grad()

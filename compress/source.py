@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bitlaw.deploy.load import LoadedModel, load_checkpoint, resolve_source
-from bitlaw.deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, NATIVE_FORMAT, read_manifest, verify_export
-from bitlaw.deploy.native import load_native
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.models.llama import LlamaConfig, LlamaModel
+from ..deploy.load import LoadedModel, load_checkpoint, resolve_source
+from ..deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, NATIVE_FORMAT, read_manifest, verify_export
+from ..deploy.native import load_native
+from ..kernels.recipe import Recipe
+from ..models.llama import LlamaConfig, LlamaModel
 
 ALLOWED = "a bitlaw checkpoint (*.ckpt or a run directory), a native export, or a Hugging Face Llama directory"
 

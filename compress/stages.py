@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from bitlaw.compress import scheduler
-from bitlaw.compress.pv import PVTuner, to_pv
-from bitlaw.compress.sequential import compress_model, layer_losses, layer_statistics
-from bitlaw.compress.shortgpt import block_influence, lowest_influence, remove_blocks
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.kernels.sparsity import magnitude_keep
-from bitlaw.models.llama import LlamaModel
+from ..kernels.recipe import Recipe, TensorSpec
+from ..kernels.sparsity import magnitude_keep
+from ..models.llama import LlamaModel
+from . import scheduler
+from .pv import PVTuner, to_pv
+from .sequential import compress_model, layer_losses, layer_statistics
+from .shortgpt import block_influence, lowest_influence, remove_blocks
 
 
 def blocks_to_remove(settings: dict[str, Any], n_layer: int) -> int:

@@ -22,9 +22,9 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bitlaw.data.config import DataConfig
-from bitlaw.data.shards import PreparedData, prepare_data
-from bitlaw.kernels.recipe import CONF_DIR
+from ..kernels.recipe import CONF_DIR
+from .config import DataConfig
+from .shards import PreparedData, prepare_data
 
 PROG = "bitlaw-prepare"
 

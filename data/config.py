@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitlaw.data.corpus import resolve_files
+from .corpus import resolve_files
 
 SOURCES = ("embedded", "files", "hub")
 

@@ -29,15 +29,15 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from bitlaw.data.config import DataConfig
-from bitlaw.data.corpus import (
+from .config import DataConfig
+from .corpus import (
     build_embedded_corpus,
     hub_fetch_error,
     iter_file_documents,
     iter_hub_documents,
     resolve_files,
 )
-from bitlaw.data.windows import TokenStream
+from .windows import TokenStream
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -40,10 +40,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bitlaw.deploy.hf import hf_config, wrap_transformers_model, write_hf_tokenizer
-from bitlaw.deploy.load import LoadedModel
-from bitlaw.deploy.manifest import CT_FORMAT, verify_export
-from bitlaw.deploy.native import (
+from ..kernels.formats import Format
+from ..kernels.quantizers import QuantResult, quantize, unrotate
+from ..kernels.recipe import Recipe, TensorSpec
+from ..models.convert import quantized_layers
+from ..models.llama import LlamaConfig
+from .hf import hf_config, wrap_transformers_model, write_hf_tokenizer
+from .load import LoadedModel
+from .manifest import CT_FORMAT, verify_export
+from .native import (
     NO_TOKENIZER_NOTE,
     TENSOR_FILE,
     TOKENIZER_FILE,
@@ -51,12 +56,7 @@ from bitlaw.deploy.native import (
     export_tokenizer,
     write_manifest,
 )
-from bitlaw.deploy.staging import staged
-from bitlaw.kernels.formats import Format
-from bitlaw.kernels.quantizers import QuantResult, quantize, unrotate
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.models.convert import quantized_layers
-from bitlaw.models.llama import LlamaConfig
+from .staging import staged
 
 WIDTHS = (4, 8)
 """Stored weight widths: the ones vLLM's integer weight kernels (WNA16) take; compressed-tensors packs 1 to 8."""

@@ -31,10 +31,10 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from bitlaw.data.shards import load_prepared
-from bitlaw.data.windows import TokenStream, val_batches
-from bitlaw.deploy.generate import check_source
-from bitlaw.deploy.load import (
+from ..data.shards import load_prepared
+from ..data.windows import TokenStream, val_batches
+from .generate import check_source
+from .load import (
     RUN_RECORD,
     check_device,
     load_model,

@@ -18,14 +18,14 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from bitlaw.data.shards import load_prepared
-from bitlaw.deploy.compressed import export_compressed_tensors, load_for_transformers, storage_plan
-from bitlaw.deploy.evaluate import evaluate
-from bitlaw.deploy.hf import export_hf, wrap_transformers_model
-from bitlaw.deploy.load import LoadedModel, describe_source, load_checkpoint, resolve_source, run_record_for
-from bitlaw.deploy.manifest import MANIFEST_FILE, NATIVE_FORMAT, read_manifest
-from bitlaw.deploy.native import NO_TOKENIZER_NOTE, export_native, load_native
-from bitlaw.deploy.staging import check_out
+from ..data.shards import load_prepared
+from .compressed import export_compressed_tensors, load_for_transformers, storage_plan
+from .evaluate import evaluate
+from .hf import export_hf, wrap_transformers_model
+from .load import LoadedModel, describe_source, load_checkpoint, resolve_source, run_record_for
+from .manifest import MANIFEST_FILE, NATIVE_FORMAT, read_manifest
+from .native import NO_TOKENIZER_NOTE, export_native, load_native
+from .staging import check_out
 
 PROG = "bitlaw-export"
 

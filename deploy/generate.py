@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from bitlaw.deploy.load import check_device, load_model, resolve_source, source_notes, tokenizer_file
-from bitlaw.models.llama import LlamaModel
+from ..models.llama import LlamaModel
+from .load import check_device, load_model, resolve_source, source_notes, tokenizer_file
 
 EOS_TOKEN = "<|endoftext|>"
 PROG = "bitlaw-generate"

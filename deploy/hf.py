@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitlaw.deploy.load import LoadedModel
-from bitlaw.deploy.manifest import HF_FORMAT, MANIFEST_FILE, verify_export
-from bitlaw.deploy.native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_tokenizer, write_manifest
-from bitlaw.deploy.staging import staged
-from bitlaw.kernels.quantizers import unrotate
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.models.convert import quantized_layers
-from bitlaw.models.frozen_linear import frozen_layers
-from bitlaw.models.llama import LlamaConfig
+from ..kernels.quantizers import unrotate
+from ..kernels.recipe import Recipe
+from ..models.convert import quantized_layers
+from ..models.frozen_linear import frozen_layers
+from ..models.llama import LlamaConfig
+from .load import LoadedModel
+from .manifest import HF_FORMAT, MANIFEST_FILE, verify_export
+from .native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_tokenizer, write_manifest
+from .staging import staged
 
 
 def hf_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:

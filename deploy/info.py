@@ -24,13 +24,13 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from bitlaw.data.cli import to_data_config
-from bitlaw.data.config import DataConfig
-from bitlaw.data.shards import META_FILE, dataset_dir
-from bitlaw.kernels.packing import field_bits
-from bitlaw.kernels.recipe import CONF_DIR, Recipe, TensorSpec
-from bitlaw.models.convert import BLOCK_PROJECTIONS, convert
-from bitlaw.models.llama import LlamaConfig, LlamaModel
+from ..data.cli import to_data_config
+from ..data.config import DataConfig
+from ..data.shards import META_FILE, dataset_dir
+from ..kernels.packing import field_bits
+from ..kernels.recipe import CONF_DIR, Recipe, TensorSpec
+from ..models.convert import BLOCK_PROJECTIONS, convert
+from ..models.llama import LlamaConfig, LlamaModel
 
 
 def block_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> tuple[int, int]:

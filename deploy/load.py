@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.models.convert import convert
-from bitlaw.models.llama import LlamaConfig, LlamaModel
+from ..kernels.recipe import Recipe
+from ..models.convert import convert
+from ..models.llama import LlamaConfig, LlamaModel
 
 RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 RUN_RECORD = "run.json"
@@ -149,7 +149,7 @@ def run_record_for(source: Path) -> dict[str, Any] | None:
     (:func:`run_record_path`), or the ``run`` summary a bitlaw export carries (seq_len, global_batch, val_batches,
     val_loss, data; only ``data`` for an export of a checkpoint outside a run directory); None when there is none
     (loose checkpoints, unfinished runs). ValueError naming the file when it is damaged."""
-    from bitlaw.deploy.manifest import MANIFEST_FILE, read_json_object, read_manifest
+    from .manifest import MANIFEST_FILE, read_json_object, read_manifest
 
     if source.is_dir():
         if not (source / MANIFEST_FILE).is_file():
@@ -176,8 +176,8 @@ def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
     """Load a training checkpoint (``*.ckpt``), a run directory's last checkpoint, or a native, Hugging Face or
     compressed-tensors export directory; bitlaw's exports are verified against their manifest first (ValueError naming a
     modified or truncated file). ``LoadedModel.source`` says what was loaded."""
-    from bitlaw.deploy import compressed, hf, native  # here: each pulls in its own format's dependencies
-    from bitlaw.deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, read_manifest
+    from . import compressed, hf, native  # here: each pulls in its own format's dependencies
+    from .manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, read_manifest
 
     path = resolve_source(source)
     if path.is_file():

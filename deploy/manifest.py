@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bitlaw.data.shards import sha256_file
+from ..data.shards import sha256_file
 
 MANIFEST_FILE = "bitlaw.json"
 NATIVE_FORMAT = "bitlaw-native"

@@ -30,15 +30,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitlaw.deploy.load import LoadedModel, run_summary
-from bitlaw.deploy.manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
-from bitlaw.deploy.staging import staged
-from bitlaw.kernels.formats import Format
-from bitlaw.kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.models.convert import quantized_layers
-from bitlaw.models.frozen_linear import FrozenQuantLinear, frozen_layers
-from bitlaw.models.llama import LlamaConfig, LlamaModel
+from ..kernels.formats import Format
+from ..kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
+from ..kernels.recipe import Recipe, TensorSpec
+from ..models.convert import quantized_layers
+from ..models.frozen_linear import FrozenQuantLinear, frozen_layers
+from ..models.llama import LlamaConfig, LlamaModel
+from .load import LoadedModel, run_summary
+from .manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
+from .staging import staged
 
 TENSOR_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"

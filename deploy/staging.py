@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bitlaw.deploy.manifest import MANIFEST_FILE, own_files
+from .manifest import MANIFEST_FILE, own_files
 
 EXPORT_NAMES = frozenset({MANIFEST_FILE, "model.safetensors", "config.json", "tokenizer.json",
                           "tokenizer_config.json"})

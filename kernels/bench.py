@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch.utils import benchmark
 
-from bitlaw.kernels.recipe import load_recipe
+from .recipe import load_recipe
 
 # (tokens M, in_features K, out_features N): the tiny model's projections and the 30M/100M ones.
 CPU_SHAPES = [(1024, 256, 768), (2048, 640, 1792), (2048, 1024, 2816)]
@@ -73,7 +73,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: floa
 def measure(shape: tuple[int, int, int], recipe_names: list[str], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> tuple[float, dict[str, float]]:
     """Median seconds of forward+backward at ``shape`` on the reference path: ``(nn.Linear, {recipe: seconds})``."""
-    from bitlaw.kernels.quantizers import reference_linear
+    from .quantizers import reference_linear
 
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(0)
@@ -120,9 +120,9 @@ def kernel_rows(shape: tuple[int, int, int], recipe_name: str, device: torch.dev
     returns bf16. Before timing, the Triton layer's output and gradients are checked against the reference path at
     this shape (relative error of the norm, printed as ``check``).
     """
-    from bitlaw.kernels.linear import quantized_linear, saved_tensor_bytes
-    from bitlaw.kernels.triton import gemm as triton_gemm
-    from bitlaw.kernels.triton import quant as triton_quant
+    from .linear import quantized_linear, saved_tensor_bytes
+    from .triton import gemm as triton_gemm
+    from .triton import quant as triton_quant
 
     recipe = load_recipe(recipe_name)
     m, k, n = shape

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bitlaw.kernels.formats import gmse as format_gmse
-from bitlaw.kernels.formats import nm_sparsity_gmse, sparsity_gmse
-from bitlaw.kernels.quantizers import initial_lsq_scale, quantize, rotate
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.kernels.sparsity import SparseState, magnitude_keep
+from .formats import gmse as format_gmse
+from .formats import nm_sparsity_gmse, sparsity_gmse
+from .quantizers import initial_lsq_scale, quantize, rotate
+from .recipe import Recipe, TensorSpec
+from .sparsity import SparseState, magnitude_keep
 
 DEFAULT_IN_FEATURES = 1024  # a multiple of the Hadamard block 128, and the order of the models' widths
 DEFAULT_SAMPLES = 4096  # rows: 4M values, standard errors of 0.03–0.3 % of the GMSE for the int4 rules

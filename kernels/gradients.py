@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bitlaw.kernels.formats import get_format
-from bitlaw.kernels.hadamard import block_hadamard
-from bitlaw.kernels.recipe import GRAD_FORMATS, GradSpec, Recipe, TensorSpec
+from .formats import get_format
+from .hadamard import block_hadamard
+from .recipe import GRAD_FORMATS, GradSpec, Recipe, TensorSpec
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from bitlaw.kernels.gradients import layer_seed
-from bitlaw.kernels.packing import field_bits
-from bitlaw.kernels.quantizers import reference_linear
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.kernels.sparsity import SparseState
+from .gradients import layer_seed
+from .packing import field_bits
+from .quantizers import reference_linear
+from .recipe import Recipe, TensorSpec
+from .sparsity import SparseState
 
 BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "BITLAW_BACKEND"
@@ -75,19 +75,19 @@ def select_backend(recipe: Recipe, x: torch.Tensor, weight: torch.Tensor, backen
 def _quant():
     # Imported on first use: Triton is only needed on this path, and TRITON_INTERPRET must be read after the
     # caller (e.g. a test session) has set it.
-    from bitlaw.kernels.triton import quant
+    from .triton import quant
 
     return quant
 
 
 def _ops():
-    from bitlaw.kernels.triton import ops
+    from .triton import ops
 
     return ops
 
 
 def _grad_gemm():
-    from bitlaw.kernels.triton import grad_gemm
+    from .triton import grad_gemm
 
     return grad_gemm
 

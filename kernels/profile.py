@@ -124,8 +124,8 @@ def _ints(names: Sequence[str]) -> dict[str, str]:
 def variants(capability: int = 90) -> list[Variant]:
     """Every configuration the code launches for the presets on a GPU of ``capability`` (see the module
     docstring): the launch shapes are those the code picks for that generation."""
-    from bitlaw.kernels.packing import field_bits
-    from bitlaw.kernels.triton import backward, gemm, quant
+    from .packing import field_bits
+    from .triton import backward, gemm, quant
 
     out: list[Variant] = []
     # The quantizer: (label, input dtype, bits, int8 codes too, K), as quantized_linear calls it: in two passes
@@ -189,7 +189,7 @@ def variants(capability: int = 90) -> list[Variant]:
 
 def _grad_variants(capability: int) -> list[Variant]:
     """The quantized backward's kernels (bitlaw.kernels.triton.grad_gemm) as the int8-gradient presets launch them."""
-    from bitlaw.kernels.triton import grad_gemm
+    from .triton import grad_gemm
 
     out = []
     for label, do_in, do_w in (("g_y → int8 for g_x and g_w (g8g8)", True, True), ("g_y → int8 for g_x (g8)", True,
@@ -222,7 +222,7 @@ def torch_dtype(name: str):
 
 
 def _kernel_fn(name: str):
-    from bitlaw.kernels.triton import backward, gemm, grad_gemm, quant
+    from .triton import backward, gemm, grad_gemm, quant
 
     return {"quantize": quant._quantize_kernel, "gemm": gemm._gemm_kernel.fn,
             "dequantize": backward._dequantize_kernel, "masked_rotate": backward._masked_rotate_kernel,
@@ -410,7 +410,7 @@ def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 
     label = {4: "w4a4", 1: "w1a1", 2: "w2a2", 3: "w3a3"}[bits]
     # Rows are read once where the quantizer takes one pass on Hopper (quant.one_pass_blocks), at the instruction
     # rate the profile measured at K = 2048; else twice.
-    from bitlaw.kernels.triton.quant import one_pass_blocks
+    from .triton.quant import one_pass_blocks
 
     one_x = one_pass_blocks(k, torch_dtype("bf16"), 90) and \
         _main_loop(profiles, "quantize", f"{label} input (bf16), one pass, K 2048")

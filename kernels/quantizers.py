@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from bitlaw.kernels.formats import Format
-from bitlaw.kernels.gradients import code_unit, quantized_backward_matmul
-from bitlaw.kernels.hadamard import block_hadamard, inverse_block_hadamard
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.kernels.sparsity import SparseState, select
+from .formats import Format
+from .gradients import code_unit, quantized_backward_matmul
+from .hadamard import block_hadamard, inverse_block_hadamard
+from .recipe import Recipe, TensorSpec
+from .sparsity import SparseState, select
 
 
 @dataclass

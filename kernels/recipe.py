@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitlaw.kernels.formats import Format, gaussian_scale, get_format
-from bitlaw.kernels.hadamard import DEFAULT_BLOCK, check_block
-from bitlaw.kernels.sparsity import SCHEDULES, SPARSE_RULES, STRUCTURES, kept_count, parse_nm
+from .formats import Format, gaussian_scale, get_format
+from .hadamard import DEFAULT_BLOCK, check_block
+from .sparsity import SCHEDULES, SPARSE_RULES, STRUCTURES, kept_count, parse_nm
 
 SCALE_RULES = ("gaussian_rms", "absmax", "lsq", "lsq_step")
 LEARNED_SCALES = ("lsq", "lsq_step")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from bitlaw.kernels.recipe import TensorSpec
+    from .recipe import TensorSpec
 
 STRUCTURES = ("row", "tensor")  # besides N:M strings such as "2:4"
 SPARSE_RULES = ("magnitude", "rbbm", "rigl")

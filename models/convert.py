@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.models.quant_linear import QuantLinear
+from ..kernels.recipe import Recipe
+from .quant_linear import QuantLinear
 
 # Every projection inside a transformer block (docs/training.md §2); never embeddings or lm_head.
 BLOCK_PROJECTIONS = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitlaw.kernels.quantizers import dequantize, linear_given_operand, round_with_step, unrotate, weight_operand
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.models.quant_linear import QuantLinear
+from ..kernels.quantizers import dequantize, linear_given_operand, round_with_step, unrotate, weight_operand
+from ..kernels.recipe import Recipe
+from .quant_linear import QuantLinear
 
 
 class FrozenQuantLinear(nn.Module):

@@ -6,11 +6,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bitlaw.kernels.gradients import layer_seed
-from bitlaw.kernels.linear import BackendChoice, quantized_linear, select_backend
-from bitlaw.kernels.quantizers import QuantResult, initial_lsq_scale, quantize
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.kernels.sparsity import (
+from ..kernels.gradients import layer_seed
+from ..kernels.linear import BackendChoice, quantized_linear, select_backend
+from ..kernels.quantizers import QuantResult, initial_lsq_scale, quantize
+from ..kernels.recipe import Recipe
+from ..kernels.sparsity import (
     SparseState,
     magnitude_keep,
     rigl_drop_fraction,

@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bitlaw.kernels.gmse import COMPONENT_TYPES
-from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
-from bitlaw.scaling.fit import DEFAULT_DELTA, DEFAULT_REFINE, FitResult, IdentifiabilityWarning, fit_forms
-from bitlaw.scaling.laws import FORMS, capacity, capacity_in_range, capacity_range_warning, predict_loss
-from bitlaw.scaling.predict import COST_MODELS, rank_recipes
-from bitlaw.scaling.report import primary_form, read_fit_json, write_report
-from bitlaw.scaling.runs import load_runs, read_csv
+from ..kernels.gmse import COMPONENT_TYPES
+from ..kernels.recipe import Recipe, load_recipe, recipe_names
+from .fit import DEFAULT_DELTA, DEFAULT_REFINE, FitResult, IdentifiabilityWarning, fit_forms
+from .laws import FORMS, capacity, capacity_in_range, capacity_range_warning, predict_loss
+from .predict import COST_MODELS, rank_recipes
+from .report import primary_form, read_fit_json, write_report
+from .runs import load_runs, read_csv
 
 COMMANDS = ("fit", "predict", "plot")
 DEFAULT_RATIO = 100.0  # D/N of the QuEST recipe (docs/training.md §3)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from bitlaw.kernels.gmse import recipe_components
-from bitlaw.kernels.recipe import Recipe
+from ..kernels.gmse import recipe_components
+from ..kernels.recipe import Recipe
 
 
 def _exact_covers(target: frozenset, blocks: dict[str, frozenset]) -> list[tuple[str, ...]]:

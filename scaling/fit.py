@@ -42,11 +42,11 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import chi2
 
-from bitlaw.kernels.gmse import recipe_components
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.scaling.factorization import factorization_errors
-from bitlaw.scaling.laws import FORMS, RHO_MAX, SHARED, SHARED_PUBLIC, UNCAPPED_MAX, Decoupled, Law, make_law
-from bitlaw.scaling.runs import Run, check_recipe_names, levels, recipes_of
+from ..kernels.gmse import recipe_components
+from ..kernels.recipe import Recipe
+from .factorization import factorization_errors
+from .laws import FORMS, RHO_MAX, SHARED, SHARED_PUBLIC, UNCAPPED_MAX, Decoupled, Law, make_law
+from .runs import Run, check_recipe_names, levels, recipes_of
 
 DEFAULT_DELTA = 1e-3
 SHARED_GRID = {"a": np.arange(0.0, 25.1, 5.0), "alpha": np.arange(0.0, 2.01, 0.5), "b": np.arange(0.0, 25.1, 5.0),

@@ -50,9 +50,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bitlaw.kernels.formats import get_format, gmse
-from bitlaw.kernels.gmse import COMPONENT_TYPES, Component, recipe_components
-from bitlaw.kernels.recipe import Recipe
+from ..kernels.formats import get_format, gmse
+from ..kernels.gmse import COMPONENT_TYPES, Component, recipe_components
+from ..kernels.recipe import Recipe
 
 FORMS = ("decoupled", "gmse", "factorized", "kumar")
 SHARED = ("a", "alpha", "b", "beta", "e")  # fitted coordinates; reported as A = e^a, alpha, B = e^b, beta, E = e^e

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.scaling.laws import capacity, predict_loss, recipe_bits, weight_storage_bits
+from ..kernels.recipe import Recipe
+from .laws import capacity, predict_loss, recipe_bits, weight_storage_bits
 
 COST_MODELS = ("bits", "flat")
 

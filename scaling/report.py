@@ -26,9 +26,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from bitlaw.kernels.gmse import COMPONENT_TYPES, recipe_components
-from bitlaw.kernels.recipe import Recipe, TensorSpec
-from bitlaw.scaling.laws import (
+from ..kernels.gmse import COMPONENT_TYPES, recipe_components
+from ..kernels.recipe import Recipe, TensorSpec
+from .laws import (
     PUBLISHED_GMSE,
     STORAGE_ROW,
     capacity,
@@ -38,7 +38,7 @@ from bitlaw.scaling.laws import (
     tanh_capacity,
     weight_storage_bits,
 )
-from bitlaw.scaling.runs import Run, levels, recipes_of, write_csv
+from .runs import Run, levels, recipes_of, write_csv
 
 PLOTS = ("loss_vs_N.png", "capacity_vs_gmse.png", "capacity_per_bit.png")
 MAX_PANELS = 6

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitlaw.kernels.recipe import Recipe, load_recipe, recipe_names
+from ..kernels.recipe import Recipe, load_recipe, recipe_names
 
 CSV_COLUMNS = ("N", "D", "loss", "recipe")
 SPEED_COLUMNS = ("tokens_per_s", "backend", "device")  # optional in CSV input

@@ -1,5 +1,5 @@
 """``python -m bitlaw.train``: the same as ``bitlaw-train``."""
 
-from bitlaw.train.cli import main
+from .cli import main
 
 main()

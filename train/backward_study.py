@@ -41,9 +41,9 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitlaw.kernels.gradients import noise_context
-from bitlaw.kernels.recipe import CONF_DIR, GradSpec, Recipe
-from bitlaw.models.convert import quantized_layers
+from ..kernels.gradients import noise_context
+from ..kernels.recipe import CONF_DIR, GradSpec, Recipe
+from ..models.convert import quantized_layers
 
 MODELS = {"tiny": [], "mini": ["experiment=cpu_mini_sweep", "model.n_layer=4", "tokens_per_param=1"]}
 BASELINE = "quest_w4a4"
@@ -121,8 +121,8 @@ def _agreement(reference: list[torch.Tensor], ours: list[torch.Tensor], prefix: 
 
 def run_one(out: Path, model: str, quant: str, seed: int, probe_every: int) -> None:
     """Train (unless ``run.json`` exists) and evaluate one run on the whole validation split (``full_val.json``)."""
-    from bitlaw.train.cli import train
-    from bitlaw.train.config import register_configs
+    from .cli import train
+    from .config import register_configs
 
     run_dir = out / "runs" / f"{model}-{quant}-seed{seed}"
     record_path = run_dir / "run.json"

@@ -14,9 +14,9 @@ import tempfile
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitlaw.kernels.recipe import CONF_DIR
-from bitlaw.train.cli import train
-from bitlaw.train.config import register_configs
+from ..kernels.recipe import CONF_DIR
+from .cli import train
+from .config import register_configs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from bitlaw.train.settings import refuse_changed
+from .settings import refuse_changed
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], write) -> None:

@@ -37,19 +37,19 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from bitlaw.data.config import DataConfig
-from bitlaw.data.shards import PreparedData, prepare_data
-from bitlaw.kernels.linear import BACKENDS
-from bitlaw.kernels.recipe import CONF_DIR, Recipe
-from bitlaw.models.convert import convert
-from bitlaw.models.llama import LlamaConfig, LlamaModel
-from bitlaw.train.callbacks import Interrupted, NonFiniteLossError, Preemption, Throughput
-from bitlaw.train.checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
-from bitlaw.train.config import max_steps, register_configs
-from bitlaw.train.datamodule import TokenDataModule
-from bitlaw.train.module import LitLlama, state_mismatch
-from bitlaw.train.record import code_version, finished_record, write_record
-from bitlaw.train.settings import run_settings
+from ..data.config import DataConfig
+from ..data.shards import PreparedData, prepare_data
+from ..kernels.linear import BACKENDS
+from ..kernels.recipe import CONF_DIR, Recipe
+from ..models.convert import convert
+from ..models.llama import LlamaConfig, LlamaModel
+from .callbacks import Interrupted, NonFiniteLossError, Preemption, Throughput
+from .checkpoint import AtomicCheckpointIO, atomic_write_bytes, check_resumable
+from .config import max_steps, register_configs
+from .datamodule import TokenDataModule
+from .module import LitLlama, state_mismatch
+from .record import code_version, finished_record, write_record
+from .settings import run_settings
 
 PROG = "bitlaw-train"
 

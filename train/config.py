@@ -22,8 +22,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from bitlaw.data.config import DataConfig
-from bitlaw.models.llama import LlamaConfig
+from ..data.config import DataConfig
+from ..models.llama import LlamaConfig
 
 
 @dataclass

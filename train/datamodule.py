@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bitlaw.data.shards import PreparedData
-from bitlaw.data.windows import WindowSampler, val_batches
+from ..data.shards import PreparedData
+from ..data.windows import WindowSampler, val_batches
 
 
 class StepBatches(Dataset):

@@ -17,7 +17,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from bitlaw.train.checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes
 
 
 class MetricsCSVLogger(Logger):

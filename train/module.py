@@ -15,12 +15,12 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
-from bitlaw.kernels.gradients import set_noise_context
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.models.convert import convert, quantized_layers
-from bitlaw.models.llama import LlamaConfig, LlamaModel
-from bitlaw.models.quant_linear import QuantLinear
-from bitlaw.train.config import OptimConfig
+from ..kernels.gradients import set_noise_context
+from ..kernels.recipe import Recipe
+from ..models.convert import convert, quantized_layers
+from ..models.llama import LlamaConfig, LlamaModel
+from ..models.quant_linear import QuantLinear
+from .config import OptimConfig
 
 
 def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:

@@ -13,8 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bitlaw.train.checkpoint import atomic_write_bytes
-from bitlaw.train.settings import refuse_changed
+from .checkpoint import atomic_write_bytes
+from .settings import refuse_changed
 
 RECORD_FILE = "run.json"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bitlaw.kernels.recipe import TensorSpec
+from ..kernels.recipe import TensorSpec
 
 # What defines a run's result (docs/training.md §4). Everything else may change between attempts of one run:
 # logging, progress, paths, checkpoint and validation cadence, device count and gradient accumulation (the same

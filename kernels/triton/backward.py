@@ -22,7 +22,8 @@ import torch
 
 import triton
 import triton.language as tl
-from bitlaw.kernels.triton.common import (
+
+from .common import (
     HADAMARD_BLOCK,
     INTERPRETED,
     capability,
@@ -33,7 +34,7 @@ from bitlaw.kernels.triton.common import (
     signs_for,
     unpack_block,
 )
-from bitlaw.kernels.triton.quant import QuantizedRows
+from .quant import QuantizedRows
 
 
 def pass_launch(capability: int, dot: int = 1) -> tuple[int, int]:

@@ -10,7 +10,8 @@ import torch
 
 import triton
 import triton.language as tl
-from bitlaw.kernels.hadamard import hadamard_matrix
+
+from ..hadamard import hadamard_matrix
 
 HADAMARD_BLOCK = 128  # the only rotation block the kernels implement: one 128×128 tile per dot
 MAX_BITS = 7  # odd codes up to ±(2^7 − 1) = ±127 fit int8; int8's ±255 do not

@@ -14,8 +14,9 @@ import torch
 
 import triton
 import triton.language as tl
-from bitlaw.kernels.triton.common import INTERPRETED, capability, check_device, pick
-from bitlaw.kernels.triton.quant import QuantizedRows
+
+from .common import INTERPRETED, capability, check_device, pick
+from .quant import QuantizedRows
 
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 M_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)

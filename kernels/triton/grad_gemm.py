@@ -26,9 +26,10 @@ import torch
 
 import triton
 import triton.language as tl
-from bitlaw.kernels.gradients import seed_key
-from bitlaw.kernels.recipe import GradSpec
-from bitlaw.kernels.triton.common import (
+
+from ..gradients import seed_key
+from ..recipe import GradSpec
+from .common import (
     HADAMARD_BLOCK,
     INTERPRETED,
     MAX_BITS,
@@ -40,7 +41,7 @@ from bitlaw.kernels.triton.common import (
     signs_for,
     unpack_block,
 )
-from bitlaw.kernels.triton.quant import QuantizedRows
+from .quant import QuantizedRows
 
 TILE = 128  # the scale block and the rotation block: one 128-deep slice of the reduced dimension per scale
 # Tiles of the GEMM per generation: (BLOCK_M, warps, stages). BLOCK_N is one Hadamard block (the epilogue rotates

@@ -23,13 +23,13 @@ from typing import Optional
 
 import torch
 
-from bitlaw.kernels.hadamard import block_hadamard
-from bitlaw.kernels.packing import field_bits, unpack_mask
-from bitlaw.kernels.recipe import Recipe
-from bitlaw.kernels.triton.backward import dequantize_rows, grad_input, grad_weight
-from bitlaw.kernels.triton.gemm import quantized_matmul
-from bitlaw.kernels.triton.grad_gemm import block_scaled_gemm, quantize_gradient, transposed_codes
-from bitlaw.kernels.triton.quant import QuantizedRows, quantize_rows
+from ..hadamard import block_hadamard
+from ..packing import field_bits, unpack_mask
+from ..recipe import Recipe
+from .backward import dequantize_rows, grad_input, grad_weight
+from .gemm import quantized_matmul
+from .grad_gemm import block_scaled_gemm, quantize_gradient, transposed_codes
+from .quant import QuantizedRows, quantize_rows
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 

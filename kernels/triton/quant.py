@@ -24,9 +24,10 @@ import torch
 
 import triton
 import triton.language as tl
-from bitlaw.kernels.packing import field_bits, unpack_codes, unpack_mask
-from bitlaw.kernels.recipe import TensorSpec
-from bitlaw.kernels.triton.common import (
+
+from ..packing import field_bits, unpack_codes, unpack_mask
+from ..recipe import TensorSpec
+from .common import (
     HADAMARD_BLOCK,
     MAX_BITS,
     capability,
