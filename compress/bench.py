@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from ..kernels.recipe import CONF_DIR
+from ..core.config import CONF_DIR
 from .cli import compress, data_overrides, plan
 
 

@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from ..core.config import CONF_DIR
 from ..data.cli import resolved_data_config
 from ..data.config import DataConfig
 from ..data.shards import PreparedData, config_hash, prepare_data
@@ -44,7 +45,6 @@ from ..deploy.load import (
 )
 from ..deploy.native import TENSOR_FILE, compression_fields, export_native
 from ..deploy.staging import check_out
-from ..kernels.recipe import CONF_DIR
 from ..models.frozen_linear import frozen_layers
 from ..models.quant_linear import QuantLinear
 from . import stages

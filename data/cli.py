@@ -22,7 +22,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..kernels.recipe import CONF_DIR
+from ..core.config import CONF_DIR
 from .config import DataConfig
 from .shards import PreparedData, prepare_data
 

@@ -24,11 +24,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from ..core.config import CONF_DIR
 from ..data.cli import to_data_config
 from ..data.config import DataConfig
 from ..data.shards import META_FILE, dataset_dir
 from ..kernels.packing import field_bits
-from ..kernels.recipe import CONF_DIR, Recipe, TensorSpec
+from ..kernels.recipe import Recipe, TensorSpec
 from ..models.convert import BLOCK_PROJECTIONS, convert
 from ..models.llama import LlamaConfig, LlamaModel
 

@@ -13,9 +13,9 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from ..core.config import preset_names, read_preset
 from .formats import Format, gaussian_scale, get_format
 from .hadamard import DEFAULT_BLOCK, check_block
 from .sparsity import SCHEDULES, SPARSE_RULES, STRUCTURES, kept_count, parse_nm
@@ -32,9 +32,6 @@ GRAD_SCALES = ("token", "channel", "block")
 GRAD_ROLES = ("grad_input", "grad_weight")
 # QuEST's 1-bit clip mask |x_h| <= s·α: s = 1.30 with the Hadamard rotation, 1.25 without (docs/numerics.md §4).
 DEFAULT_CLIP = {"hadamard": 1.30, "none": 1.25}
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -500,18 +497,11 @@ class Recipe:
 
 def recipe_names() -> list[str]:
     """Names of the presets in ``conf/quant/``."""
-    return sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
+    return preset_names("quant")
 
 
 @functools.cache
 def load_recipe(name: str) -> Recipe:
-    """The preset ``conf/quant/<name>.yaml`` as a :class:`Recipe` (or a path to such a YAML file)."""
-    # PyYAML (a dependency of omegaconf) is imported here so kernels/ stays importable without it.
-    import yaml
-
-    path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "quant" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"quant preset {name!r} not found; allowed: {', '.join(recipe_names())}")
-    with open(path) as fh:
-        data = yaml.safe_load(fh)
-    return Recipe.from_dict(data)
+    """The preset ``conf/quant/<name>.yaml`` as a :class:`Recipe` (or a path to such a YAML file); ValueError naming
+    the preset and the allowed ones when there is none."""
+    return Recipe.from_dict(read_preset("quant", name))

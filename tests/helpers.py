@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from bitlaw.kernels.recipe import CONF_DIR
+from bitlaw.core.config import CONF_DIR
 from bitlaw.train.cli import train
 from bitlaw.train.config import register_configs
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bitlaw.kernels.recipe import CONF_DIR
+from bitlaw.core.config import CONF_DIR
 from bitlaw.train.config import register_configs, run_dir_suffix
 
 README = Path(__file__).resolve().parents[1] / "README.md"

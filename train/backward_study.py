@@ -41,8 +41,9 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
+from ..core.config import CONF_DIR
 from ..kernels.gradients import noise_context
-from ..kernels.recipe import CONF_DIR, GradSpec, Recipe
+from ..kernels.recipe import GradSpec, Recipe
 from ..models.convert import quantized_layers
 
 MODELS = {"tiny": [], "mini": ["experiment=cpu_mini_sweep", "model.n_layer=4", "tokens_per_param=1"]}

@@ -14,7 +14,7 @@ import tempfile
 import torch
 from hydra import compose, initialize_config_dir
 
-from ..kernels.recipe import CONF_DIR
+from ..core.config import CONF_DIR
 from .cli import train
 from .config import register_configs
 

@@ -37,10 +37,11 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from ..core.config import CONF_DIR
 from ..data.config import DataConfig
 from ..data.shards import PreparedData, prepare_data
 from ..kernels.linear import BACKENDS
-from ..kernels.recipe import CONF_DIR, Recipe
+from ..kernels.recipe import Recipe
 from ..models.convert import convert
 from ..models.llama import LlamaConfig, LlamaModel
 from .callbacks import Interrupted, NonFiniteLossError, Preemption, Throughput

@@ -14,11 +14,11 @@ from hydra import compose, initialize_config_dir
 
 from bitlaw.compress.cli import compress, data_overrides, plan
 from bitlaw.compress.cli import main as compress_main
+from bitlaw.core.config import CONF_DIR
 from bitlaw.deploy.evaluate import main as evaluate_main
 from bitlaw.deploy.export import main as export_main
 from bitlaw.deploy.generate import main as generate_main
 from bitlaw.deploy.native import load_native
-from bitlaw.kernels.recipe import CONF_DIR
 from bitlaw.models.frozen_linear import frozen_layers
 from bitlaw.train.cli import train
 from tests.helpers import compose_train, small_overrides

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from bitlaw.kernels.recipe import CONF_DIR, load_recipe
+from bitlaw.core.config import CONF_DIR
+from bitlaw.kernels.recipe import load_recipe
 from bitlaw.models.convert import convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 from bitlaw.train.cli import UsageError, main, plan_run, prepare_run_data, train
