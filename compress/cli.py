@@ -31,6 +31,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.config import CONF_DIR
+from ..core.records import DataSource, RunSummary
 from ..data.cli import resolved_data_config
 from ..data.config import DataConfig
 from ..data.shards import PreparedData, config_hash, prepare_data
@@ -40,8 +41,8 @@ from ..deploy.load import (
     check_device,
     load_checkpoint,
     resolve_source,
-    run_record_for,
     save_checkpoint,
+    training_run,
 )
 from ..deploy.native import TENSOR_FILE, compression_fields, export_native
 from ..deploy.staging import check_out
@@ -167,9 +168,9 @@ def load_data(run: Plan, loaded: LoadedModel) -> tuple[PreparedData, list[str]]:
                          f"vocab_size={loaded.config.vocab_size}: the model was not trained with its tokenizer; "
                          "choose its data set with data=…")
     notes = []
-    trained_on = (loaded.data or {}).get("config_hash")
+    trained_on = loaded.data.config_hash if loaded.data else None
     if trained_on and trained_on != config_hash(run.data):
-        notes.append(f"the model was trained on data set {loaded.data['directory']}; calibrating and evaluating "
+        notes.append(f"the model was trained on data set {loaded.data.directory}; calibrating and evaluating "
                      f"on {data.directory}")
     return data, notes
 
@@ -204,8 +205,8 @@ def compress(run: Plan) -> dict[str, Any]:
     loaded = load_source(run.source)
     check_model(run, loaded)
     data, notes = load_data(run, loaded)
-    record = run_record_for(loaded.source) or {}
-    seq_len = run.eval_seq_len or record.get("seq_len") or run.length
+    trained = training_run(loaded.source)
+    seq_len = run.eval_seq_len or (trained.seq_len if trained else None) or run.length
     for name, value in (("calibration.length", run.length), ("evaluation seq_len", seq_len)):
         if value > loaded.config.max_seq_len:
             raise ValueError(f"{name}={value} is longer than the model's max_seq_len={loaded.config.max_seq_len}")
@@ -249,9 +250,8 @@ def compress(run: Plan) -> dict[str, Any]:
                               "info": info})
         _print_stage(report_stages[-1])
 
-    result = replace(loaded, model=model.cpu(), config=model.config, recipe=recipe, data={
-        "directory": str(data.directory), "config_hash": data.meta["config_hash"]},
-        tokenizer_path=data.tokenizer_path)
+    result = replace(loaded, model=model.cpu(), config=model.config, recipe=recipe,
+                     data=DataSource(str(data.directory), data.meta["config_hash"]), tokenizer_path=data.tokenizer_path)
     report = {"source": str(run.source), "data": str(data.directory),
               "calibration": {"sequences": run.sequences, "length": run.length, "seed": run.seed,
                               "windows_in_training_split": windows.windows},
@@ -259,14 +259,14 @@ def compress(run: Plan) -> dict[str, Any]:
                              "batch_size": run.eval_batch_size},
               "recipe": recipe.to_dict(), "stages": report_stages, "file_bytes": None, "out": str(run.out)}
     # What bitlaw-eval reads from an export: the data set and the window length the report evaluated with.
-    run_summary = {"seq_len": seq_len, "data": result.data}
+    summary = RunSummary(seq_len=seq_len, data=result.data)
 
     def add_report(staging: Path) -> None:
         report["file_bytes"] = (staging / TENSOR_FILE).stat().st_size
         write_report(staging, report)
 
     export_native(result, run.out, run.force, extra={"compressed": {
-        "stages": [s["stage"] for s in report_stages[1:]], "source": str(run.source)}, "run": run_summary},
+        "stages": [s["stage"] for s in report_stages[1:]], "source": str(run.source)}, "run": summary},
         write_extra=add_report)
     return report
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..deploy.load import LoadedModel, load_checkpoint, resolve_source
-from ..deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, NATIVE_FORMAT, read_manifest, verify_export
+from ..deploy.manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, NATIVE_FORMAT, export_format, verify_export
 from ..deploy.native import load_native
 from ..kernels.recipe import Recipe
 from ..models.llama import LlamaConfig, LlamaModel
@@ -33,7 +33,7 @@ def load_source(source: str | Path) -> LoadedModel:
     if path.is_file():
         return load_checkpoint(path)
     if (path / MANIFEST_FILE).is_file():
-        fmt = read_manifest(path).get("format")
+        fmt = export_format(path)
         if fmt == NATIVE_FORMAT:
             return load_native(path)
         if fmt == CT_FORMAT:
@@ -74,7 +74,7 @@ def hf_llama_config(config: dict[str, Any], where: str) -> LlamaConfig:
 def load_hf_llama(directory: Path) -> LoadedModel:
     """A Hugging Face Llama directory (``config.json`` and ``model.safetensors`` or a sharded safetensors index) as
     a bf16-recipe LlamaModel in fp32; bitlaw's own Hugging Face exports are verified against their manifest first."""
-    meta = verify_export(directory, HF_FORMAT, ("config.json",)) if (directory / MANIFEST_FILE).is_file() else None
+    manifest = verify_export(directory, HF_FORMAT, ("config.json",)) if (directory / MANIFEST_FILE).is_file() else None
     config = hf_llama_config(json.loads((directory / "config.json").read_text(encoding="utf-8")),
                              str(directory / "config.json"))
     files = _weight_files(directory)
@@ -93,7 +93,7 @@ def load_hf_llama(directory: Path) -> LoadedModel:
                          f"unexpected {unexpected}")
     tokenizer = directory / "tokenizer.json"
     return LoadedModel(model.eval(), config, Recipe(name="bf16"), tokenizer if tokenizer.is_file() else None, "hf",
-                       directory, meta is not None, meta.get("data") if meta else None)
+                       directory, manifest is not None, manifest.data if manifest else None)
 
 
 def _weight_files(directory: Path) -> list[Path]:

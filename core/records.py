@@ -81,28 +81,30 @@ class Throughput:
     peak_flops: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunRecord:
     """``<run_dir>/run.json``: what a finished training run was and what it measured.
 
     Required (every reader needs them): ``params_non_embedding`` (N), ``tokens`` (D, training tokens; both ints
-    as bitlaw-train writes them, any number in a record written by hand),
-    ``val_loss`` (nats/token on training's validation windows, :attr:`val_windows`) and ``recipe`` (a
-    ``Recipe.to_dict()``, or a preset name in records written by hand). Everything else is None when unknown.
-    ``backends``: per quantized layer kind, ``{"backend": "triton" | "reference" | "mixed", "reason": why not Triton
-    or None}``. ``settings``: the run's defining settings (flat dotted keys) a resumed or skipped run is compared
-    with. ``init_from``: the checkpoint the weights started from.
+    as bitlaw-train writes them, any number in a record written by hand), ``val_loss`` (nats/token on training's
+    validation windows, :attr:`val_windows`) and ``recipe`` (a ``Recipe.to_dict()``, or a preset name in records
+    written by hand). Everything else is None when unknown. ``backends``: per quantized layer kind (empty for a
+    model without quantized layers),
+    ``{"backend": "triton" | "reference" | "mixed", "reason": why not Triton or None}``. ``settings``: the run's
+    defining settings (flat dotted keys) a resumed or skipped run is compared with. ``init_from``: the checkpoint the
+    weights started from. Fields are keyword-only and in the order ``run.json`` lists them.
     """
 
     VERSION: ClassVar[int] = 2
 
+    schema_version: int = VERSION
     params_non_embedding: int
-    tokens: int
-    val_loss: float
-    recipe: dict[str, Any] | str
     params_total: int | None = None
+    tokens: int
     steps: int | None = None
+    val_loss: float
     val_windows: str | None = None
+    recipe: dict[str, Any] | str
     model: dict[str, Any] | None = None
     model_preset: str | None = None
     seq_len: int | None = None
@@ -112,7 +114,7 @@ class RunRecord:
     seed: int | None = None
     tokens_per_s: float | None = None
     throughput: Throughput | None = None
-    backends: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    backends: dict[str, dict[str, str | None]] | None = None
     unigram_entropy_nats: float | None = None
     data: DataSource | None = None
     device: str | None = None
@@ -120,7 +122,6 @@ class RunRecord:
     code_version: str | None = None
     settings: dict[str, Any] | None = None
     init_from: str | None = None
-    schema_version: int = 2
     extra: dict[str, Any] = field(default_factory=dict)  # fields this version does not know, kept as they were
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("params_non_embedding", "tokens", "val_loss", "recipe")
@@ -158,19 +159,22 @@ class RunRecord:
             values["throughput"] = Throughput(str(throughput.get("source", "unknown")), throughput.get("tokens_per_s"),
                                               throughput.get("mfu"), throughput.get("peak_flops"))
         values["data"] = DataSource.from_dict(data.get("data"), source)
-        values["backends"] = data.get("backends") or {}
         return cls(**values, extra={key: value for key, value in data.items() if key not in known})
 
     @classmethod
     def read(cls, path: str | Path) -> RunRecord:
-        """The record in ``path`` (a ``run.json`` file, or a run directory holding one); FileNotFoundError when there
-        is none, ValueError naming the file when it is not a readable record."""
+        """The record in ``path`` (a ``run.json`` file, or a run directory holding one). FileNotFoundError when there
+        is none; ValueError naming the file and what is wrong when it is not valid JSON (``<file> is not a readable
+        run record (…)``) or not a record this version reads (callers add what the user can do)."""
         path = Path(path)
         if path.is_dir():
             path = path / RUN_RECORD_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no run record")
-        data = read_json_object(path, "the run record is damaged; train the run again (resume=never)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a readable run record (not valid JSON: {err})") from None
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,11 +276,14 @@ class ExportManifest:
         """The manifest of the parsed ``bitlaw.json`` ``data`` of a format and version this code reads; ValueError
         naming ``where`` and what is wrong otherwise (an unknown format or version, a missing or mistyped field)."""
         fmt, version = data.get("format"), data.get("version")
-        if fmt not in EXPORT_FORMATS or version != EXPORT_FORMATS[fmt]:
-            older = fmt in EXPORT_FORMATS and isinstance(version, int) and version < EXPORT_FORMATS[fmt]
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"{where}: format {fmt!r} is not an export format this bitlaw reads; allowed: "
+                             f"{', '.join(EXPORT_FORMATS)}")
+        if version != EXPORT_FORMATS[fmt]:
+            older = isinstance(version, int) and version < EXPORT_FORMATS[fmt]
             hint = " (written by an earlier bitlaw: export it again from its checkpoint)" if older else ""
-            raise ValueError(f"{where}: format {fmt!r} version {version!r} is not supported; this bitlaw reads "
-                             f"{', '.join(f'{name!r} version {v}' for name, v in EXPORT_FORMATS.items())}{hint}")
+            raise ValueError(f"{where}: format {fmt!r} version {version!r} is not supported; this loader reads "
+                             f"{fmt!r} version {EXPORT_FORMATS[fmt]}{hint}")
         files = data.get("files")
         if not isinstance(files, dict):
             raise ValueError(f"{where} has no 'files' object listing the export's files: the export is damaged")

@@ -47,14 +47,14 @@ from ..models.convert import quantized_layers
 from ..models.llama import LlamaConfig
 from .hf import hf_config, wrap_transformers_model, write_hf_tokenizer
 from .load import LoadedModel
-from .manifest import CT_FORMAT, verify_export
+from .manifest import CT_FORMAT, verify_export, write_manifest
 from .native import (
     NO_TOKENIZER_NOTE,
     TENSOR_FILE,
     TOKENIZER_FILE,
     compression_fields,
+    export_manifest,
     export_tokenizer,
-    write_manifest,
 )
 from .staging import staged
 
@@ -258,8 +258,8 @@ def export_compressed_tensors(loaded: LoadedModel, out: str | Path, plan: Storag
         config = {**hf_config(loaded.config, eos_id), "quantization_config": quantization_config(loaded.recipe, plan)}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         measured = measure(staging) if measure is not None else None
-        write_manifest(staging, loaded, CT_FORMAT, TOKENIZER_FILE if tokenizer else None, storage=asdict(plan),
-                       measured=measured)
+        write_manifest(staging, export_manifest(loaded, CT_FORMAT, TOKENIZER_FILE if tokenizer else None,
+                                                storage=asdict(plan), measured=measured))
     return notes
 
 
@@ -285,8 +285,8 @@ def load_compressed_tensors(directory: str | Path, device: str = "cpu") -> Loade
     """A compressed-tensors export written by bitlaw, verified against its manifest (every file's size and
     sha256) before anything is read, then loaded with :func:`load_for_transformers`."""
     directory = Path(directory)
-    meta = verify_export(directory, CT_FORMAT, ("config.json", TENSOR_FILE))
+    manifest = verify_export(directory, CT_FORMAT, ("config.json", TENSOR_FILE))
     model = wrap_transformers_model(load_for_transformers(directory)).to(device)
-    tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
-    return LoadedModel(model, LlamaConfig.from_dict(meta["model"]), Recipe.from_dict(meta["recipe"]), tokenizer,
-                       "compressed-tensors", directory, True, meta.get("data"))
+    tokenizer = directory / manifest.tokenizer if manifest.tokenizer else None
+    return LoadedModel(model, LlamaConfig.from_dict(manifest.model), Recipe.from_dict(manifest.recipe), tokenizer,
+                       "compressed-tensors", directory, True, manifest.data)

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from ..core.records import RunSummary
 from ..data.shards import load_prepared
 from ..data.windows import TokenStream, val_batches
 from .generate import check_source
@@ -38,10 +39,10 @@ from .load import (
     RUN_RECORD,
     check_device,
     load_model,
-    run_record_for,
     run_record_path,
     source_notes,
     tokenizer_file,
+    training_run,
 )
 
 PROG = "bitlaw-eval"
@@ -174,8 +175,8 @@ def _load_tokenizer(path: Path | None, what: str) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def _training_windows(args: argparse.Namespace, source: Path) -> dict[str, Any]:
-    """The run record whose validation ``--windows training`` reproduces (a checkpoint's run.json, or the run
+def _training_windows(args: argparse.Namespace, source: Path) -> RunSummary:
+    """The training run whose validation ``--windows training`` reproduces (a checkpoint's run.json, or the run
     summary an export carries); ValueError when an option would change those windows or the record is missing or
     lacks a field."""
     given = [f"--{name.replace('_', '-')}" for name in ("text", "data_dir", "seq_len", "batch_size", "max_batches")
@@ -183,14 +184,14 @@ def _training_windows(args: argparse.Namespace, source: Path) -> dict[str, Any]:
     if given:
         raise ValueError(f"--windows training takes the data set, seq_len, global_batch and val_batches from the "
                          f"run's {RUN_RECORD}: drop {', '.join(given)}")
-    record = run_record_for(source)
-    if record is None:
+    run = training_run(source)
+    if run is None:
         raise ValueError(f"--windows training needs the record of the training run: {_no_data_reason(source)}")
-    missing = [key for key in ("seq_len", "global_batch", "val_batches") if not isinstance(record.get(key), int)]
-    if missing or not (record.get("data") or {}).get("directory"):
+    missing = [key for key in ("seq_len", "global_batch", "val_batches") if getattr(run, key) is None]
+    if missing or run.data is None:
         raise ValueError(f"the run record of {source} lacks {missing or ['data.directory']}: --windows training "
                          "cannot know the windows training validated on")
-    return record
+    return run
 
 
 def _no_data_reason(source: Path) -> str:
@@ -205,13 +206,13 @@ def _no_data_reason(source: Path) -> str:
 
 
 def describe_windows(results: dict[str, Any], seq_len: int, batch_size: int, where: str,
-                     record: dict[str, Any] | None) -> tuple[str, str]:
+                     run: RunSummary | None) -> tuple[str, str]:
     """``(selection, description)`` of the windows ``results`` (from :func:`evaluate`) covered: selection is
-    "training" (``record`` given: the run's validation windows), "all" or "first" (the first of them only)."""
+    "training" (``run`` given: the run's validation windows), "all" or "first" (the first of them only)."""
     n, total = results["windows"], results["windows_total"]
-    if record is not None:
-        val_loss = f", run.json val_loss {record['val_loss']:.4f}" if isinstance(record.get("val_loss"), float) else ""
-        return "training", (f"the first {n} windows ({record['val_batches']} batches of {record['global_batch']}, "
+    if run is not None:
+        val_loss = f", run.json val_loss {run.val_loss:.4f}" if isinstance(run.val_loss, float) else ""
+        return "training", (f"the first {n} windows ({run.val_batches} batches of {run.global_batch}, "
                             f"seq_len {seq_len}) of {where}, as training's validation{val_loss}")
     if n == total:
         return "all", f"all {n} windows (seq_len {seq_len}) of {where}"
@@ -231,19 +232,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.text is not None and not Path(args.text).is_file():
             raise FileNotFoundError(f"--text {args.text!r}: no such file")
         training = _training_windows(args, source) if args.windows == "training" else None
-        record = training or run_record_for(source)
+        run = training or training_run(source)
         data_dir = None
         if args.text is None:
             if args.data_dir is not None:
                 data_dir = Path(args.data_dir)
-            elif record is not None and record.get("data", {}).get("directory"):
-                data_dir = Path(record["data"]["directory"])
+            elif run is not None and run.data is not None:
+                data_dir = Path(run.data.directory)
             else:
                 raise ValueError(f"no validation data known for {source}: {_no_data_reason(source)}; pass "
                                  "--data-dir DIR or --text FILE")
             if args.data_dir is None and not (data_dir / "meta.json").is_file():
                 raise FileNotFoundError(f"{source} was trained on the data set prepared at {str(data_dir)!r} "
-                                        f"(config hash {record['data'].get('config_hash', 'unknown')[:12]}), which "
+                                        f"(config hash {(run.data.config_hash or 'unknown')[:12]}), which "
                                         "is not on this machine: prepare it again with the run's data settings "
                                         "(bitlaw-prepare data=...), or pass --data-dir DIR or --text FILE")
             if not (data_dir / "meta.json").is_file():
@@ -270,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{what} has {vocab_size} token ids, more than the model's vocab_size="
                              f"{loaded.config.vocab_size}: it was not trained with this tokenizer")
         if training is not None:
-            seq_len, batch_size, max_batches = training["seq_len"], training["global_batch"], training["val_batches"]
+            seq_len, batch_size, max_batches = training.seq_len, training.global_batch, training.val_batches
         else:
-            seq_len = args.seq_len or (record or {}).get("seq_len") or loaded.config.max_seq_len
-            batch_size = args.batch_size or (record or {}).get("global_batch") or 8
+            seq_len = args.seq_len or (run.seq_len if run else None) or loaded.config.max_seq_len
+            batch_size = args.batch_size or (run.global_batch if run else None) or 8
             max_batches = args.max_batches
         if seq_len > loaded.config.max_seq_len:
             raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={loaded.config.max_seq_len}")

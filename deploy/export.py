@@ -22,8 +22,8 @@ from ..data.shards import load_prepared
 from .compressed import export_compressed_tensors, load_for_transformers, storage_plan
 from .evaluate import evaluate
 from .hf import export_hf, wrap_transformers_model
-from .load import LoadedModel, describe_source, load_checkpoint, resolve_source, run_record_for
-from .manifest import MANIFEST_FILE, NATIVE_FORMAT, read_manifest
+from .load import LoadedModel, describe_source, load_checkpoint, resolve_source, training_run
+from .manifest import MANIFEST_FILE, NATIVE_FORMAT, export_format, read_manifest
 from .native import NO_TOKENIZER_NOTE, export_native, load_native
 from .staging import check_out
 
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _is_native_export(path: Path) -> bool:
     """True for a directory holding a native export's manifest."""
-    return path.is_dir() and (path / MANIFEST_FILE).is_file() and read_manifest(path).get("format") == NATIVE_FORMAT
+    return path.is_dir() and (path / MANIFEST_FILE).is_file() and export_format(path) == NATIVE_FORMAT
 
 
 def _with_tokenizer(loaded: LoadedModel, tokenizer: str | None, no_tokenizer: bool) -> LoadedModel:
@@ -145,7 +145,7 @@ def _export_compressed(loaded: LoadedModel, out: Path, args: argparse.Namespace)
     print(f"wrote {out} ({what}; {weights}{inputs})")
     for note in notes:
         print(f"note: {note}")
-    measured = read_manifest(out).get("measured")
+    measured = read_manifest(out).measured
     if measured:
         difference = round(measured["difference"], 4) or 0.0  # no "-0.0000" for a difference of float rounding
         print(f"validation loss on {measured['windows']}: checkpoint {measured['trained_loss']:.4f}, this export "
@@ -162,17 +162,17 @@ def measurement(loaded: LoadedModel) -> tuple[Callable[[Path], dict[str, Any]] |
     if importlib.util.find_spec("compressed_tensors") is None:
         return None, "compressed-tensors is not installed (pip install 'bitlaw[deploy]')"
     data = loaded.data
-    if not data or not (Path(data["directory"]) / "meta.json").is_file():
-        where = f"{data['directory']} is not a prepared data set" if data else "the checkpoint records no data set"
+    if not data or not (Path(data.directory) / "meta.json").is_file():
+        where = f"{data.directory} is not a prepared data set" if data else "the checkpoint records no data set"
         return None, where
-    record = run_record_for(loaded.source) or {}
-    if all(isinstance(record.get(key), int) for key in ("seq_len", "global_batch", "val_batches")):
-        seq_len, batch, batches = record["seq_len"], record["global_batch"], record["val_batches"]
+    run = training_run(loaded.source)
+    if run is not None and None not in (run.seq_len, run.global_batch, run.val_batches):
+        seq_len, batch, batches = run.seq_len, run.global_batch, run.val_batches
         windows = f"training's validation windows ({batches} × {batch}, seq_len {seq_len})"
     else:
         seq_len, batch, batches = min(256, loaded.config.max_seq_len), 8, 8
         windows = f"the first {batch * batches} validation windows (seq_len {seq_len})"
-    tokens = load_prepared(Path(data["directory"])).val_tokens
+    tokens = load_prepared(Path(data.directory)).val_tokens
 
     def measure(directory: Path) -> dict[str, Any]:
         trained = evaluate(loaded.model, tokens, seq_len, batch, batches)["loss"]

@@ -24,8 +24,8 @@ from ..models.convert import quantized_layers
 from ..models.frozen_linear import frozen_layers
 from ..models.llama import LlamaConfig
 from .load import LoadedModel
-from .manifest import HF_FORMAT, MANIFEST_FILE, verify_export
-from .native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_tokenizer, write_manifest
+from .manifest import HF_FORMAT, MANIFEST_FILE, verify_export, write_manifest
+from .native import NO_TOKENIZER_NOTE, TENSOR_FILE, TOKENIZER_FILE, export_manifest, export_tokenizer
 from .staging import staged
 
 
@@ -101,7 +101,7 @@ def export_hf(loaded: LoadedModel, out: str | Path, force: bool = False) -> list
             notes.append(NO_TOKENIZER_NOTE)
         save_file(hf_state_dict(loaded), str(staging / TENSOR_FILE), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config(loaded.config, eos_id), indent=2) + "\n")
-        write_manifest(staging, loaded, HF_FORMAT, TOKENIZER_FILE if tokenizer else None)
+        write_manifest(staging, export_manifest(loaded, HF_FORMAT, TOKENIZER_FILE if tokenizer else None))
     return notes
 
 
@@ -140,16 +140,16 @@ def load_hf(directory: str | Path, device: str = "cpu") -> LoadedModel:
     manifest) is loaded as it is, with ``verified=False``.
     """
     directory = Path(directory)
-    meta = verify_export(directory, HF_FORMAT, ("config.json", TENSOR_FILE)) if (
+    manifest = verify_export(directory, HF_FORMAT, ("config.json", TENSOR_FILE)) if (
         directory / MANIFEST_FILE).is_file() else None
     try:
         from transformers import LlamaForCausalLM
     except ImportError as err:
         raise ImportError("loading a Hugging Face export needs transformers: pip install 'bitlaw[hf]'") from err
     hf_model = LlamaForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
-    if meta is not None:
-        config = LlamaConfig.from_dict(meta["model"])
-        tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
+    if manifest is not None:
+        config = LlamaConfig.from_dict(manifest.model)
+        tokenizer = directory / manifest.tokenizer if manifest.tokenizer else None
     else:
         c = hf_model.config
         config = LlamaConfig(n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
@@ -157,4 +157,4 @@ def load_hf(directory: str | Path, device: str = "cpu") -> LoadedModel:
                              mlp_hidden=c.intermediate_size)
         tokenizer = directory / TOKENIZER_FILE if (directory / TOKENIZER_FILE).is_file() else None
     return LoadedModel(wrap_transformers_model(hf_model).to(device), config, Recipe(name="bf16"), tokenizer, "hf",
-                       directory, meta is not None, meta.get("data") if meta else None)
+                       directory, manifest is not None, manifest.data if manifest else None)

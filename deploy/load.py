@@ -8,19 +8,20 @@ checked against the sha256 sums of their manifest before any tensor is read.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.records import RUN_RECORD_FILE, DataSource, RunRecord, RunSummary
 from ..kernels.recipe import Recipe
 from ..models.convert import convert
 from ..models.llama import LlamaConfig, LlamaModel
 
 RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-RUN_RECORD = "run.json"
+RUN_RECORD = RUN_RECORD_FILE
 _RUN_FILES = (RUN_RECORD, "config.yaml")
 SOURCES = ("a *.ckpt file, a run directory (checkpoints/last.ckpt), or a native, Hugging Face or compressed-tensors "
            "export directory")
@@ -36,8 +37,8 @@ class LoadedModel:
     source: the file or directory actually loaded (a run directory's ``checkpoints/last.ckpt``).
     verified: every file was checked against the sha256 sums of a bitlaw export manifest; False for training
         checkpoints (they carry none) and for Hugging Face directories that bitlaw did not write.
-    data: the prepared data set the model was trained on, ``{"directory": str, "config_hash": str}``; None when
-        unknown (a checkpoint from an older bitlaw outside its run directory, a directory bitlaw did not write).
+    data: the prepared data set the model was trained on; None when unknown (a checkpoint from an older bitlaw outside
+        its run directory, a directory bitlaw did not write).
     """
 
     model: nn.Module
@@ -47,7 +48,7 @@ class LoadedModel:
     kind: str  # "checkpoint" | "native" | "hf" | "compressed-tensors"
     source: Path
     verified: bool
-    data: dict[str, str] | None = None
+    data: DataSource | None = None
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -109,8 +110,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     tokenizer = Path(info["tokenizer"]) if info.get("tokenizer") else None
-    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "checkpoint", path, False,
-                       info.get("data") or _run_data(path))
+    data = DataSource.from_dict(info.get("data"), f"{path}: the checkpoint's 'bitlaw' entry") or _run_data(path)
+    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "checkpoint", path, False, data)
 
 
 def save_checkpoint(loaded: LoadedModel, path: str | Path) -> Path:
@@ -120,20 +121,20 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path) -> Path:
     path = Path(path)
     state = {f"model.{key}": value.detach().cpu() for key, value in loaded.model.state_dict().items()}
     info = {"model": loaded.config.to_dict(), "recipe": loaded.recipe.to_dict(),
-            "tokenizer": str(loaded.tokenizer_path) if loaded.tokenizer_path else None, "data": loaded.data}
+            "tokenizer": str(loaded.tokenizer_path) if loaded.tokenizer_path else None,
+            "data": dataclasses.asdict(loaded.data) if loaded.data else None}
     torch.save({"bitlaw": info, "state_dict": state}, path)
     return path
 
 
-def _run_data(checkpoint: Path) -> dict[str, str] | None:
+def _run_data(checkpoint: Path) -> DataSource | None:
     """The data set named by the run record beside ``checkpoint``, for checkpoints written before they recorded
     it themselves; None when there is none or it cannot be read."""
     try:
-        record = run_record_for(checkpoint)
+        summary = training_run(checkpoint)
     except ValueError:
         return None
-    data = (record or {}).get("data")
-    return data if isinstance(data, dict) and data.get("directory") else None
+    return summary.data if summary is not None else None
 
 
 def run_record_path(source: Path) -> Path | None:
@@ -144,32 +145,26 @@ def run_record_path(source: Path) -> Path | None:
     return source.parent.parent / RUN_RECORD
 
 
-def run_record_for(source: Path) -> dict[str, Any] | None:
-    """What evaluation needs to know of the training run ``source`` comes from: a checkpoint's ``run.json``
-    (:func:`run_record_path`), or the ``run`` summary a bitlaw export carries (seq_len, global_batch, val_batches,
-    val_loss, data; only ``data`` for an export of a checkpoint outside a run directory); None when there is none
-    (loose checkpoints, unfinished runs). ValueError naming the file when it is damaged."""
-    from .manifest import MANIFEST_FILE, read_json_object, read_manifest
+def training_run(source: Path) -> RunSummary | None:
+    """What evaluation needs to know of the training run ``source`` comes from: the summary of a checkpoint's
+    ``run.json`` (:func:`run_record_path`), or the one a bitlaw export carries (only ``data`` for an export of a
+    checkpoint outside a run directory); None when there is none (loose checkpoints, unfinished runs). ValueError
+    naming the file when it is damaged."""
+    from .manifest import MANIFEST_FILE, read_manifest
 
     if source.is_dir():
         if not (source / MANIFEST_FILE).is_file():
             return None
-        meta = read_manifest(source)
-        return meta.get("run") or ({"data": meta["data"]} if meta.get("data") else None)
+        manifest = read_manifest(source)
+        return manifest.run or (RunSummary(data=manifest.data) if manifest.data else None)
     path = run_record_path(source)
     if path is None or not path.is_file():
         return None
-    return read_json_object(path, "the run record is damaged; train the run again (resume=never) or pass the "
-                                  "data with --data-dir or --text")
-
-
-def run_summary(source: Path) -> dict[str, Any] | None:
-    """The part of ``source``'s run record an export carries so that it is evaluated like its checkpoint: the
-    validation windows (seq_len, global_batch, val_batches), their loss and the data set; None without a record."""
-    record = run_record_for(source)
-    if record is None:
-        return None
-    return {key: record.get(key) for key in ("seq_len", "global_batch", "val_batches", "val_loss", "data")}
+    try:
+        return RunSummary.of(RunRecord.read(path))
+    except ValueError as err:
+        raise ValueError(f"{err}: the run record is damaged; train the run again (resume=never) or pass the data "
+                         "with --data-dir or --text") from None
 
 
 def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
@@ -177,13 +172,13 @@ def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
     compressed-tensors export directory; bitlaw's exports are verified against their manifest first (ValueError naming a
     modified or truncated file). ``LoadedModel.source`` says what was loaded."""
     from . import compressed, hf, native  # here: each pulls in its own format's dependencies
-    from .manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, read_manifest
+    from .manifest import CT_FORMAT, HF_FORMAT, MANIFEST_FILE, export_format
 
     path = resolve_source(source)
     if path.is_file():
         return load_checkpoint(path, device)
     if (path / MANIFEST_FILE).is_file():
-        fmt = read_manifest(path).get("format")
+        fmt = export_format(path)
         if fmt == HF_FORMAT:
             return hf.load_hf(path, device)
         if fmt == CT_FORMAT:

@@ -1,37 +1,46 @@
-"""The manifest of every bitlaw export: ``bitlaw.json``, listing each file of the export with its size and sha256.
+"""Reading, writing and verifying the manifest of every bitlaw export, ``bitlaw.json``
+(:class:`~bitlaw.core.records.ExportManifest`: the model, recipe, tokenizer, data set and training run of the export,
+and each of its files with its size and sha256).
 
-Every export kind carries one: a native export (format ``bitlaw-native``), a Hugging Face export (format
-``bitlaw-hf``) and a compressed-tensors export (format ``bitlaw-compressed-tensors``). It is what marks a directory as
-bitlaw's own export, so that ``--force`` may replace exactly the files it lists and nothing else, and what the
-loaders check every file against before reading any tensor.
-
-Common fields: ``format``, ``version``, ``model`` (LlamaConfig fields), ``recipe`` (the training recipe),
-``tokenizer`` (the tokenizer file name, or null when the export has none), ``data`` (the prepared data set the
-model was trained on: ``{"directory", "config_hash"}``, or null when unknown, so evaluation finds its validation
-split) and ``files`` (``{name: {"bytes": int, "sha256": hex}}`` for every file of the export but the manifest).
+Every export kind carries one: a native export (format ``bitlaw-native``), a Hugging Face export (``bitlaw-hf``) and a
+compressed-tensors export (``bitlaw-compressed-tensors``). It is what marks a directory as bitlaw's own export, so
+that ``--force`` may replace exactly the files it lists and nothing else, and what the loaders check every file
+against before reading any tensor.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..core.records import (
+    CT_FORMAT,
+    EXPORT_FORMATS,
+    HF_FORMAT,
+    MANIFEST_FILE,
+    NATIVE_FORMAT,
+    NATIVE_V1,
+    ExportManifest,
+    FileEntry,
+    read_json_object,
+)
 from ..data.shards import sha256_file
 
-MANIFEST_FILE = "bitlaw.json"
-NATIVE_FORMAT = "bitlaw-native"
-HF_FORMAT = "bitlaw-hf"
-CT_FORMAT = "bitlaw-compressed-tensors"
-FORMATS = {NATIVE_FORMAT: 2, HF_FORMAT: 1, CT_FORMAT: 1}
-"""The format versions this code writes and reads."""
-_NATIVE_V1 = 1  # listed its tensor file only (``sha256``); still recognised so that --force can replace it
+__all__ = ["CT_FORMAT", "HF_FORMAT", "MANIFEST_FILE", "NATIVE_FORMAT", "export_format", "file_entries", "own_files",
+           "read_manifest", "verify_export", "write_manifest"]
 
 
-def file_records(directory: Path) -> dict[str, dict[str, Any]]:
-    """``{name: {"bytes", "sha256"}}`` of every file in ``directory`` (flat), the manifest excepted."""
-    return {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def file_entries(directory: Path) -> dict[str, FileEntry]:
+    """The size and sha256 of every file in ``directory`` (flat), the manifest excepted."""
+    return {path.name: FileEntry(path.stat().st_size, sha256_file(path))
             for path in sorted(directory.iterdir()) if path.is_file() and path.name != MANIFEST_FILE}
+
+
+def write_manifest(directory: Path, manifest: ExportManifest) -> None:
+    """Write ``manifest`` as ``directory/bitlaw.json``, its ``files`` replaced by every file now in ``directory``
+    (call it last, when the export's other files are complete)."""
+    listed = ExportManifest(**{**manifest.__dict__, "files": file_entries(directory)})
+    (directory / MANIFEST_FILE).write_text(listed.to_json(), encoding="utf-8")
 
 
 def _plain_name(name: object, manifest: Path) -> str:
@@ -43,72 +52,65 @@ def _plain_name(name: object, manifest: Path) -> str:
     return name
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The parsed manifest of ``directory``; FileNotFoundError when there is none, ValueError when it is not
-    valid JSON or not an object."""
+def _manifest_data(directory: Path) -> dict[str, Any]:
+    """The parsed ``bitlaw.json`` of ``directory``, unchecked; FileNotFoundError when there is none, ValueError when
+    it is not a JSON object."""
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a bitlaw export: {MANIFEST_FILE} is missing")
     return read_json_object(path, "the export is damaged; export it again")
 
 
-def read_json_object(path: Path, remedy: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ValueError naming the file, what is wrong and ``remedy`` when it is not valid
-    JSON (truncated, edited) or not an object."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): {remedy}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object: {remedy}")
-    return value
+def export_format(directory: Path) -> str | None:
+    """The ``format`` field of ``directory``'s manifest (which loader reads it), whatever its version; None when it
+    names none."""
+    fmt = _manifest_data(directory).get("format")
+    return fmt if isinstance(fmt, str) else None
+
+
+def read_manifest(directory: Path) -> ExportManifest:
+    """The manifest of ``directory``, of a format and version this code reads (files not verified: see
+    :func:`verify_export`); FileNotFoundError when there is none, ValueError naming what is wrong."""
+    return ExportManifest.from_dict(_manifest_data(directory), str(directory / MANIFEST_FILE))
 
 
 def own_files(directory: Path) -> set[str]:
     """The names of the files an earlier bitlaw export in ``directory`` consists of, its manifest included;
     ValueError when its manifest is not one of a format bitlaw writes (or wrote: native version 1)."""
-    meta = read_manifest(directory)
+    meta = _manifest_data(directory)
     path = directory / MANIFEST_FILE
-    fmt, version = meta.get("format"), meta.get("version")
-    if fmt == NATIVE_FORMAT and version == _NATIVE_V1:
+    if meta.get("format") == NATIVE_FORMAT and meta.get("version") == NATIVE_V1:
         listed = list(meta.get("sha256") or {}) + ([meta["tokenizer"]] if meta.get("tokenizer") else [])
-    elif FORMATS.get(fmt) == version and isinstance(meta.get("files"), dict):
+    elif EXPORT_FORMATS.get(meta.get("format")) == meta.get("version") and isinstance(meta.get("files"), dict):
         listed = list(meta["files"])
     else:
-        raise ValueError(f"{path} is not the manifest of a bitlaw export this version knows (format {fmt!r} "
-                         f"version {version!r}; known: {FORMATS})")
+        raise ValueError(f"{path} is not the manifest of a bitlaw export this version knows (format "
+                         f"{meta.get('format')!r} version {meta.get('version')!r}; known: {EXPORT_FORMATS})")
     return {_plain_name(name, path) for name in listed} | {MANIFEST_FILE}
 
 
-def verify_export(directory: Path, fmt: str, required: tuple[str, ...]) -> dict[str, Any]:
+def verify_export(directory: Path, fmt: str, required: tuple[str, ...]) -> ExportManifest:
     """Check a bitlaw export before any of it is read: its manifest has format ``fmt`` at the version this code
     reads, lists every file in ``required`` and the tokenizer it names, and every listed file exists with the
     recorded size and sha256. Returns the manifest; raises FileNotFoundError or ValueError naming the file."""
-    meta = read_manifest(directory)
     path = directory / MANIFEST_FILE
-    if meta.get("format") != fmt or meta.get("version") != FORMATS[fmt]:
-        hint = " (written by an earlier bitlaw: export it again from its checkpoint)" if (
-            meta.get("format") == fmt and isinstance(meta.get("version"), int)
-            and meta["version"] < FORMATS[fmt]) else ""
-        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not supported; "
-                         f"this loader reads {fmt!r} version {FORMATS[fmt]}{hint}")
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        raise ValueError(f"{path} has no 'files' object listing the export's files: the export is damaged")
-    tokenizer = [meta["tokenizer"]] if meta.get("tokenizer") else []
+    meta = _manifest_data(directory)
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {fmt!r}, the format this loader reads")
+    manifest = ExportManifest.from_dict(meta, str(path))
+    tokenizer = [manifest.tokenizer] if manifest.tokenizer else []
     for name in (*required, *tokenizer):
-        if name not in files:
+        if name not in manifest.files:
             raise ValueError(f"{path} does not list {name!r} in 'files': the export is damaged; export it again")
-    for name, record in files.items():
+    for name, entry in manifest.files.items():
         file = directory / _plain_name(name, path)
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing (listed in {MANIFEST_FILE})")
         size = file.stat().st_size
-        if size != record.get("bytes"):
-            raise ValueError(f"{file} is truncated or modified: {size} bytes, {MANIFEST_FILE} records "
-                             f"{record.get('bytes')}")
+        if size != entry.bytes:
+            raise ValueError(f"{file} is truncated or modified: {size} bytes, {MANIFEST_FILE} records {entry.bytes}")
         digest = sha256_file(file)
-        if digest != record.get("sha256"):
-            raise ValueError(f"{file} is truncated or modified: sha256 {digest} does not match "
-                             f"{record.get('sha256')} recorded in {MANIFEST_FILE}")
-    return meta
+        if digest != entry.sha256:
+            raise ValueError(f"{file} is truncated or modified: sha256 {digest} does not match {entry.sha256} "
+                             f"recorded in {MANIFEST_FILE}")
+    return manifest

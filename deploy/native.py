@@ -19,7 +19,6 @@ their master weights) or from frozen layers (GPTQ and PV-tuning in ``bitlaw-comp
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -30,14 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.records import EXPORT_FORMATS, ExportManifest
 from ..kernels.formats import Format
 from ..kernels.packing import code_to_index, field_bits, index_to_code, pack_fields, unpack_fields
 from ..kernels.recipe import Recipe, TensorSpec
 from ..models.convert import quantized_layers
 from ..models.frozen_linear import FrozenQuantLinear, frozen_layers
 from ..models.llama import LlamaConfig, LlamaModel
-from .load import LoadedModel, run_summary
-from .manifest import FORMATS, MANIFEST_FILE, NATIVE_FORMAT, file_records, verify_export
+from .load import LoadedModel, training_run
+from .manifest import MANIFEST_FILE, NATIVE_FORMAT, verify_export, write_manifest
 from .staging import staged
 
 TENSOR_FILE = "model.safetensors"
@@ -57,13 +57,15 @@ def export_tokenizer(loaded: LoadedModel) -> Path | None:
     return path
 
 
-def write_manifest(staging: Path, loaded: LoadedModel, fmt: str, tokenizer: str | None, **extra: Any) -> None:
-    """Write ``bitlaw.json`` into the finished ``staging`` directory, listing every file already in it."""
-    meta = {"format": fmt, "version": FORMATS[fmt], "model": loaded.config.to_dict(),
-            "recipe": loaded.recipe.to_dict(), "tokenizer": tokenizer, "data": loaded.data,
-            "run": run_summary(loaded.source) if loaded.kind in ("checkpoint", "native") else None, **extra,
-            "files": file_records(staging)}
-    (staging / MANIFEST_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+def export_manifest(loaded: LoadedModel, fmt: str, tokenizer: str | None, **fields: Any) -> ExportManifest:
+    """The manifest of an export of ``loaded`` in format ``fmt`` (its ``files`` are listed when it is written,
+    :func:`~bitlaw.deploy.manifest.write_manifest`): the model, the recipe, the tokenizer's file name, the data set,
+    the training run (of a checkpoint or native export; ``fields`` may set ``run`` itself), and the format's own
+    ``fields`` (``layers``, ``storage``, ``measured``, ``compressed``)."""
+    run = training_run(loaded.source) if loaded.kind in ("checkpoint", "native") else None
+    return ExportManifest(**{"format": fmt, "version": EXPORT_FORMATS[fmt], "model": loaded.config.to_dict(),
+                             "recipe": loaded.recipe.to_dict(), "files": {}, "tokenizer": tokenizer,
+                             "data": loaded.data, "run": run, **fields})
 
 
 def compression_fields(spec: TensorSpec) -> list[str]:
@@ -123,8 +125,8 @@ def export_native(loaded: LoadedModel, out: str | Path, force: bool = False, ext
             shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         if write_extra is not None:
             write_extra(staging)
-        write_manifest(staging, loaded, NATIVE_FORMAT, TOKENIZER_FILE if tokenizer else None, layers=layers,
-                       **(extra or {}))
+        write_manifest(staging, export_manifest(loaded, NATIVE_FORMAT, TOKENIZER_FILE if tokenizer else None,
+                                                layers=layers, **(extra or {})))
     plain = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")
              and n not in stored]
     for module in plain:
@@ -165,16 +167,18 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
     """Load a native export after verifying its manifest (format version, and the size and sha256 of every file)
     before reading any tensor; ValueError / FileNotFoundError naming the file otherwise."""
     directory = Path(directory)
-    meta = verify_export(directory, NATIVE_FORMAT, (TENSOR_FILE,))
+    manifest = verify_export(directory, NATIVE_FORMAT, (TENSOR_FILE,))
+    if manifest.layers is None:
+        raise ValueError(f"{directory / MANIFEST_FILE} has no 'layers' entry: the export is damaged; export it again")
     tensor_path = directory / TENSOR_FILE
     tensors = load_file(str(tensor_path))
-    config, recipe = LlamaConfig.from_dict(meta["model"]), Recipe.from_dict(meta["recipe"])
+    config, recipe = LlamaConfig.from_dict(manifest.model), Recipe.from_dict(manifest.recipe)
     with torch.device("meta"):
         model = LlamaModel(config)
     model.to_empty(device="cpu")
     model.init_weights()  # RoPE tables; every parameter is overwritten below
     fmt = recipe.weight.fmt
-    for name, info in meta["layers"].items():
+    for name, info in manifest.layers.items():
         out_features, in_features = info["shape"]
         index = unpack_fields(tensors.pop(f"{name}.weight.codes"), info["field_bits"], in_features)
         codes = index_to_code(index, fmt.bits) if fmt.kind == "int" else index
@@ -188,6 +192,5 @@ def load_native(directory: str | Path, device: str = "cpu") -> LoadedModel:
     frozen = frozen_layers(model)
     if unexpected or [k for k in missing if k.rpartition(".")[0] not in frozen]:
         raise ValueError(f"{tensor_path}: tensors do not match the model: missing {missing}, unexpected {unexpected}")
-    tokenizer = directory / meta["tokenizer"] if meta.get("tokenizer") else None
-    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native", directory, True,
-                       meta.get("data"))
+    tokenizer = directory / manifest.tokenizer if manifest.tokenizer else None
+    return LoadedModel(model.to(device).eval(), config, recipe, tokenizer, "native", directory, True, manifest.data)

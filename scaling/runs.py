@@ -15,7 +15,6 @@ Rows are validated when read (positive finite N, D, loss; a known recipe), so th
 from __future__ import annotations
 
 import csv
-import json
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -23,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.records import RunRecord
 from ..kernels.recipe import Recipe, load_recipe, recipe_names
 
 CSV_COLUMNS = ("N", "D", "loss", "recipe")
 SPEED_COLUMNS = ("tokens_per_s", "backend", "device")  # optional in CSV input
-RECORD_KEYS = ("params_non_embedding", "tokens", "val_loss", "recipe")
+WANDB_KEYS = (*RunRecord.REQUIRED, "tokens_per_s", "device")  # what a wandb run's summary must or may carry
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,18 @@ def _preset(name: str, where: str, known: dict[str, Recipe] | None = None) -> Re
     return load_recipe(name)
 
 
-def run_from_record(record: dict[str, Any], source: str) -> Run:
-    """A :class:`Run` from a run record (the dict of ``run.json``); ValueError names ``source`` and the key."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{source}: expected a JSON object with keys {', '.join(RECORD_KEYS)}")
-    missing = [key for key in RECORD_KEYS if key not in record]
-    if missing:
-        raise ValueError(f"{source}: run record lacks {', '.join(missing)}; required: {', '.join(RECORD_KEYS)}")
-    recipe_data = record["recipe"]
+def run_from_record(record: RunRecord, source: str) -> Run:
+    """A :class:`Run` from a run record; ValueError names ``source`` and the field that is not allowed."""
     try:
-        recipe = _preset(recipe_data, source) if isinstance(recipe_data, str) else Recipe.from_dict(recipe_data)
+        recipe = _preset(record.recipe, source) if isinstance(record.recipe, str) else Recipe.from_dict(record.recipe)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
-    speed = record.get("tokens_per_s")
-    return Run(N=_positive(record["params_non_embedding"], "params_non_embedding", source),
-               D=_positive(record["tokens"], "tokens", source),
-               loss=_positive(record["val_loss"], "val_loss", source), recipe=recipe, source=source,
+    speed = record.tokens_per_s
+    return Run(N=_positive(record.params_non_embedding, "params_non_embedding", source),
+               D=_positive(record.tokens, "tokens", source),
+               loss=_positive(record.val_loss, "val_loss", source), recipe=recipe, source=source,
                tokens_per_s=None if speed is None else _positive(speed, "tokens_per_s", source),
-               backend=backend_summary(record["backends"]) if isinstance(record.get("backends"), dict) else None,
-               device=record.get("device"))
+               backend=backend_summary(record.backends) if record.backends is not None else None, device=record.device)
 
 
 def backend_summary(backends: dict[str, Any]) -> str:
@@ -106,11 +99,7 @@ def backend_summary(backends: dict[str, Any]) -> str:
 def read_run_json(path: str | Path) -> Run:
     """The run recorded in one ``run.json`` file."""
     path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return run_from_record(record, str(path))
+    return run_from_record(RunRecord.read(path), str(path))
 
 
 def read_run_dirs(directory: str | Path) -> list[Run]:
@@ -190,8 +179,11 @@ def read_wandb(project: str, entity: str | None = None) -> list[Run]:
     path = f"{entity}/{project}" if entity else project
     runs = []
     for item in wandb.Api().runs(path, filters={"state": "finished"}):
-        record = {**dict(item.config), **dict(item.summary)}
-        runs.append(run_from_record(record, f"wandb:{path}/{item.id}"))
+        logged = {**dict(item.config), **dict(item.summary)}
+        source = f"wandb:{path}/{item.id}"
+        # Only the record's fields: a wandb run's config and summary also hold wandb's own entries.
+        record = RunRecord.from_dict({key: logged[key] for key in WANDB_KEYS if key in logged}, source)
+        runs.append(run_from_record(record, source))
     if not runs:
         raise ValueError(f"wandb project {path!r}: no finished runs")
     return runs

@@ -8,10 +8,10 @@ on kernels; ``train``, ``deploy`` and ``compress`` on models (compress also on d
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = {
@@ -28,13 +28,13 @@ ALLOWED = {**RUNTIME, "benchmarks": set(RUNTIME)}  # benchmarks, profiles and st
 
 
 def package_folders() -> dict[str, str]:
-    """``{folder: package}`` for every top-level folder pyproject maps into ``bitlaw`` (``kernels`` → ``bitlaw.kernels``)."""
+    """``{folder: package}`` for every top-level folder pyproject maps into bitlaw (``kernels``: ``bitlaw.kernels``)."""
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     return {folder: package for package, folder in mapping.items()}
 
 
 def module_package(path: Path) -> list[str]:
-    """The dotted package of the module at ``path`` as a list (``kernels/triton/quant.py`` → bitlaw, kernels, triton)."""
+    """The package of the module at ``path`` as a list (``kernels/triton/quant.py``: bitlaw, kernels, triton)."""
     relative = path.relative_to(ROOT)
     return package_folders()[relative.parts[0]].split(".") + list(relative.parts[1:-1])
 

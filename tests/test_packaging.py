@@ -4,6 +4,7 @@ any directory next to Hugging Face's ``kernels`` package, and no folder of the r
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
@@ -31,18 +32,68 @@ def test_every_source_folder_is_a_listed_package():
             relative = path.parent.relative_to(ROOT / folder)
             package = ".".join([name, *relative.parts])
             assert package in listed, f"{path.relative_to(ROOT)} is in {package}, missing from pyproject's packages"
+    # Every top-level folder holding code or configs is part of the package (tests/ and tools/ are not installed).
+    code = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and (any(p.rglob("*.py")) or any(p.rglob("*.yaml")))}
+    assert code - {"tests", "tools"} == set(package_dirs.values())
     assert "bitlaw.conf" in listed and setuptools["package-data"]["bitlaw.conf"] == ["**/*.yaml"]
 
 
-def test_no_top_level_name_of_bitlaw_is_importable_from_the_repository_root():
-    probe = ("import importlib.util, sys\n"
-             "for name in ('kernels', 'models', 'train', 'data', 'deploy', 'scaling', 'conf'):\n"
-             "    spec = importlib.util.find_spec(name)\n"
-             "    if spec is not None and spec.origin and spec.origin.startswith(sys.argv[1]):\n"
-             "        print(name, spec.origin)\n")
-    out = subprocess.run([sys.executable, "-c", probe, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
-    assert out == "", f"importable as top-level modules from the repository root: {out}"
+def package_folders() -> list[str]:
+    """Every top-level folder pyproject maps into ``bitlaw`` (``kernels`` for ``bitlaw.kernels``, ``conf``, …)."""
+    return sorted(_pyproject()["tool"]["setuptools"]["package-dir"].values())
+
+
+# Run from ``root`` with ``root`` first on sys.path (as ``python -c`` and ``python -m`` put the working directory), and
+# ``extra`` after it: for each name, report a module or regular package inside ``root`` (bitlaw code answering to a
+# generic name), or a namespace package that merges a folder of ``root`` with packages of the same name elsewhere
+# (the folder's modules would hide the others'). A namespace package made of the folder alone hides nothing: CPython
+# makes one of every directory on sys.path (docs/ and tools/ too).
+_SHADOW_PROBE = """
+import importlib.util, json, os, sys
+root, names, extra = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+sys.path[:] = [root, *extra, *sys.path[1:]]
+inside = lambda path: os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+found = {}
+for name in names:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        continue
+    locations = list(spec.submodule_search_locations or [])
+    if spec.origin and inside(spec.origin):
+        found[name] = "a module or regular package of the repository: " + spec.origin
+    elif spec.origin is None and any(map(inside, locations)) and not all(map(inside, locations)):
+        found[name] = "a namespace package merging the repository's folder with " + ", ".join(
+            path for path in locations if not inside(path))
+print(json.dumps(found))
+"""
+
+
+def shadowed_names(root: Path, names: list[str], extra: list[str] = ()) -> dict[str, str]:
+    """What :data:`_SHADOW_PROBE` reports for ``names`` imported from ``root`` (name → what shadows it)."""
+    done = subprocess.run([sys.executable, "-c", _SHADOW_PROBE, str(root), json.dumps(names), json.dumps(list(extra))],
+                          cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_no_folder_shadows_a_package_from_the_repository_root():
+    names = package_folders()
+    assert {"core", "kernels", "models", "train", "data", "deploy", "scaling", "compress", "benchmarks",
+            "conf"} <= set(names)
+    assert shadowed_names(ROOT, names) == {}
+
+
+def test_the_shadow_probe_catches_planted_shadows(tmp_path):
+    repository, installed = tmp_path / "repository", tmp_path / "site"
+    for folder in ("models", "train", "data"):
+        (repository / folder).mkdir(parents=True)
+        (repository / folder / "module.py").write_text("")
+    (repository / "train" / "__init__.py").write_text("")  # a regular package: bitlaw code under "train"
+    (installed / "data").mkdir(parents=True)  # an installed namespace package "data", merged with the folder
+    (installed / "data" / "other.py").write_text("")
+    found = shadowed_names(repository, ["models", "train", "data"], [str(installed)])
+    assert set(found) == {"train", "data"}, found
+    assert "regular package" in found["train"] and str(installed / "data") in found["data"]
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +136,24 @@ def test_installed_bitlaw_and_huggingface_kernels_live_side_by_side(fresh_venv, 
     except importlib.metadata.PackageNotFoundError:
         pytest.fail("Hugging Face's `kernels` package is not installed: pip install -e '.[dev]' installs it")
     python = str(fresh_venv / "bin" / "python")
-    check = ("import sys, kernels\n"
+    check = ("import importlib.metadata, sys, kernels\n"
              "assert not [m for m in sys.modules if m.startswith('bitlaw')], 'import kernels imported bitlaw'\n"
              "import bitlaw.kernels.formats, bitlaw.train.cli, bitlaw.deploy.load, bitlaw.scaling.fit\n"
-             "print(kernels.__file__); print(bitlaw.kernels.formats.__file__)\n")
+             "print(kernels.__file__); print(bitlaw.kernels.formats.__file__)\n"
+             "print(importlib.metadata.distribution('kernels').locate_file('kernels/__init__.py'))\n")
     for cwd in (tmp_path, ROOT):  # also from the repository root, where the folders kernels/, train/ … lie
         done = _run(fresh_venv, [python, "-c", check], cwd)
         assert done.returncode == 0, done.stderr[-2000:]
-        hf_kernels, formats = done.stdout.split()
-        assert "bitlaw" not in hf_kernels and Path(hf_kernels).parent.name == "kernels"
+        hf_kernels, formats, distributed = done.stdout.split()
+        assert Path(hf_kernels).resolve() == Path(distributed).resolve(), "import kernels is not Hugging Face's"
         assert formats.startswith(str(fresh_venv)) and formats.endswith("bitlaw/kernels/formats.py")
 
+    # Nothing of bitlaw is installed under a generic top-level name: every file is in bitlaw/, its dist-info or bin/.
+    listed = _run(fresh_venv, [python, "-c", "import importlib.metadata as m; print(*m.files('bitlaw'), sep='\\n')"],
+                  tmp_path)
+    tops = {Path(name).parts[0] for name in listed.stdout.split()}
+    assert "bitlaw" in tops and {top for top in tops if top not in ("bitlaw", "..") and not (
+        top.startswith("bitlaw-") and top.endswith(".dist-info"))} == set(), tops
     info = _run(fresh_venv, ["bitlaw-info", "model=30m", "quant=quest_w4a4"], tmp_path)
     assert info.returncode == 0 and "non-embedding parameters N: 30,482,560" in info.stdout, info.stderr[-2000:]
     run_dir = tmp_path / "run"

@@ -3,13 +3,14 @@ build, no training."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from bitlaw.core.records import RunRecord
 from bitlaw.kernels.recipe import load_recipe
+from bitlaw.models.llama import LlamaConfig
 from bitlaw.train.module import LitLlama
 
 MODEL = {"n_layer": 2, "d_model": 128, "n_head": 1, "vocab_size": 96, "max_seq_len": 64}
@@ -45,8 +46,11 @@ def small_run(directory: Path, recipe_name: str = "bf16") -> Path:
     checkpoint with a tokenizer; returns the run directory."""
     tokenizer = small_tokenizer(directory.parent / f"{directory.name}-tokenizer.json")
     small_checkpoint(directory / "checkpoints", recipe_name, tokenizer=tokenizer, name="last")
-    (directory / "run.json").write_text(json.dumps({"val_loss": 4.5, "seq_len": 32, "global_batch": 2,
-                                                    "val_batches": 1}))
+    config = LlamaConfig.from_dict(MODEL)
+    record = RunRecord(params_non_embedding=config.params_non_embedding, tokens=2 * 32, steps=1, val_loss=4.5,
+                       recipe=load_recipe(recipe_name).to_dict(), model=config.to_dict(), seq_len=32, global_batch=2,
+                       val_batches=1)
+    (directory / "run.json").write_text(record.to_json())
     return directory
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from scipy.stats import norm
 
 from bitlaw.kernels.formats import gaussian_scale, get_format
 from bitlaw.kernels.quantizers import (
@@ -122,21 +123,35 @@ def test_one_bit_is_sign_times_sqrt_2_over_pi_rms():
     torch.testing.assert_close(res.values, expected, rtol=1e-12, atol=0)
 
 
-# docs/numerics.md §4: expected masked fractions for x_h ~ N(0,1) (given to 3 significant digits there).
-MASKED = [("int1", "trust", None, 0.111), ("int2", "trust", None, 0.0464), ("int3", "trust", None, 0.0191),
-          ("int4", "trust", None, 0.00733), ("int8", "trust", None, 9.6e-5), ("int1", "clip", 1.30, 0.30),
-          ("int4z", "trust", None, 0.00755), ("int4s", "trust", None, 0.00804)]
+# docs/numerics.md §4's table of masked fractions of x_h ~ N(0,1), with the significant digits it gives. The test
+# checks that each figure is the exact fraction (the Gaussian mass outside the mask bounds at the Gaussian-optimal
+# scale) rounded, and that the quantizer drops that fraction of a large sample.
+MASKED = [("int1", "trust", None, "0.1105"), ("int2", "trust", None, "0.04644"), ("int3", "trust", None, "0.01907"),
+          ("int4", "trust", None, "0.007327"), ("int8", "trust", None, "8.23e-5"), ("int1", "clip", 1.30, "0.2996"),
+          ("int4z", "trust", None, "0.007550"), ("int4s", "trust", None, "0.008035")]
 
 
-@pytest.mark.parametrize(("fmt", "grad", "clip", "expected"), MASKED)
-def test_masked_fraction_matches_reference(fmt, grad, clip, expected):
+def exact_masked_fraction(spec: TensorSpec) -> float:
+    """P(x outside the mask) for x ~ N(0, 1) quantized by ``spec`` with the exact RMS (= 1)."""
+    low, high = mask_bounds(spec)
+    return float(norm.cdf(low * spec.gaussian_scale) + norm.sf(high * spec.gaussian_scale))
+
+
+@pytest.mark.parametrize(("fmt", "grad", "clip", "documented"), MASKED)
+def test_masked_fraction_matches_the_exact_gaussian_fraction(fmt, grad, clip, documented):
     spec = TensorSpec(format=fmt, grad=grad, clip=clip)
+    exact = exact_masked_fraction(spec)
+    digits = len(documented.split("e")[0].replace("0.", "", 1).lstrip("0").replace(".", ""))
+    assert f"{exact:.{digits}g}" == f"{float(documented):.{digits}g}", (exact, documented)
     x = _randn(64, 2**16, seed=7, dtype=torch.float32)  # 4.2M samples; long rows keep the RMS estimate tight
     frac = 1 - quantize(x, spec).mask.double().mean().item()
-    n = x.numel()
-    sampling = 5 * math.sqrt(expected * (1 - expected) / n)
-    digits = 0.5 * 10 ** (math.floor(math.log10(expected)) - (1 if expected != 0.30 else 0))
-    assert abs(frac - expected) <= sampling + digits, (frac, expected)
+    # Sampling error of the fraction, plus the per-row RMS estimate moving the bounds (rows of n = 65,536 give RMS
+    # within 1 ± 4/sqrt(2n) at 4 sigma; the density at each bound times how far that moves it).
+    low, high = mask_bounds(spec)
+    bounds = [b * spec.gaussian_scale for b in (low, high) if math.isfinite(b)]
+    rms_shift = 4 / math.sqrt(2 * 2**16) * sum(abs(b) * norm.pdf(b) for b in bounds)
+    sampling = 5 * math.sqrt(exact * (1 - exact) / x.numel())
+    assert abs(frac - exact) <= sampling + rms_shift, (frac, exact, sampling, rms_shift)
 
 
 @pytest.mark.parametrize("name", ["int3", "int3z", "int4z", "int4s"])

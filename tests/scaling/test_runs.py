@@ -101,13 +101,15 @@ def test_levels_group_values_within_ten_percent():
 
 
 def test_speed_and_backend_come_from_the_record_and_mixed_paths_are_flagged(tmp_path):
+    from bitlaw.core.records import RunRecord
     from bitlaw.scaling.report import throughput_section
     from bitlaw.scaling.runs import backend_summary, run_from_record
 
     def record(recipe, backend, speed):
         kinds = {} if backend is None else {k: {"backend": backend, "reason": None} for k in ("mlp.up_proj", "o")}
-        return {"params_non_embedding": 1e6, "tokens": 1e7, "val_loss": 3.0, "recipe": load_recipe(recipe).to_dict(),
-                "tokens_per_s": speed, "backends": kinds, "device": "NVIDIA H100 80GB HBM3"}
+        return RunRecord(params_non_embedding=1_000_000, tokens=10_000_000, val_loss=3.0,
+                         recipe=load_recipe(recipe).to_dict(), tokens_per_s=speed, backends=kinds,
+                         device="NVIDIA H100 80GB HBM3")
 
     bf16 = run_from_record(record("bf16", None, 9000.0), "a")
     fused = run_from_record(record("quest_w4a4", "triton", 8000.0), "b")

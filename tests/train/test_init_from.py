@@ -17,9 +17,10 @@ from bitlaw.core.config import CONF_DIR
 from bitlaw.kernels.recipe import load_recipe
 from bitlaw.models.convert import convert
 from bitlaw.models.llama import LlamaConfig, LlamaModel
-from bitlaw.train.cli import UsageError, main, plan_run, prepare_run_data, train
+from bitlaw.train.cli import main, train
 from bitlaw.train.config import register_configs
 from bitlaw.train.module import LitLlama
+from bitlaw.train.plan import UsageError, plan_run, prepare_run_data
 from tests.helpers import compose_train, small_overrides
 
 CHECKPOINT_RECIPE = "quest_w4a4"  # quantized: the weights only fit once the recipe's layers are swapped in
@@ -62,8 +63,8 @@ def test_init_from_takes_model_recipe_and_weights_and_starts_fresh(tmp_path, cor
                                   "ckpt_every=2", "mask_stats_every=0"]))
 
     # (a) the architecture and recipe are the checkpoint's, not the model and quant groups'
-    assert record["model"]["n_layer"] == 2 and record["recipe"]["name"] == CHECKPOINT_RECIPE
-    assert record["init_from"] == str(checkpoint.resolve()) and record["steps"] == 2
+    assert record.model["n_layer"] == 2 and record.recipe["name"] == CHECKPOINT_RECIPE
+    assert record.init_from == str(checkpoint.resolve()) and record.steps == 2
     out = capsys.readouterr().out
     assert (f"init_from {checkpoint.resolve()}: model and recipe from the checkpoint (n_layer=2, d_model=128, "
             f"recipe {CHECKPOINT_RECIPE}); fresh optimizer and schedule") in out

@@ -21,8 +21,9 @@ import pytest
 import torch
 import yaml
 
-from bitlaw.train.cli import UsageError, train
+from bitlaw.train.cli import train
 from bitlaw.train.config import run_dir_suffix
+from bitlaw.train.plan import UsageError
 from tests.helpers import compose_train, small_overrides, train_cli
 
 
@@ -30,8 +31,8 @@ def test_changed_settings_are_refused_on_resume_and_on_a_finished_run(tmp_path, 
     run_dir = tmp_path / "run"
     base = small_overrides(corpus, tmp_path / "cache", run_dir)
     record = train(compose_train(base))
-    assert record["settings"]["optim.lr"] == 0.003 == record["lr"] and record["settings"]["steps"] == 12
-    assert record["settings"]["model.vocab_size"] == record["model"]["vocab_size"]
+    assert record.settings["optim.lr"] == 0.003 == record.lr and record.settings["steps"] == 12
+    assert record.settings["model.vocab_size"] == record.model["vocab_size"]
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
     # Finished: a learning-rate sweep aimed at one directory must not get the first run's result back.
@@ -52,7 +53,7 @@ def test_changed_settings_are_refused_on_resume_and_on_a_finished_run(tmp_path, 
         p: b for p, b in kept.items() if p.name != "run.json"}
     # Settings that do not change the result may differ between attempts.
     again = train(compose_train([*base, "ckpt_every=6", "val_every=4", "trainer.log_every_n_steps=3"]))
-    assert again["val_loss"] == record["val_loss"] and again["settings"] == record["settings"]
+    assert again.val_loss == record.val_loss and again.settings == record.settings
 
 
 def test_records_hold_what_ran_one_metrics_row_per_step_and_follow_the_umask(tmp_path, corpus, monkeypatch):
@@ -66,7 +67,7 @@ def test_records_hold_what_ran_one_metrics_row_per_step_and_follow_the_umask(tmp
     finally:
         os.umask(previous)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["model"]["vocab_size"] == record["model"]["vocab_size"] != 32000
+    assert config["model"]["vocab_size"] == record.model["vocab_size"] != 32000
     for path in (run_dir / "run.json", run_dir / "metrics.csv", run_dir / "config.yaml",
                  run_dir / "checkpoints" / "last.ckpt"):
         assert path.stat().st_mode & 0o777 == 0o640, path

@@ -28,7 +28,7 @@ def test_finished_run_is_skipped_mismatch_is_refused_and_resume_never_retrains(t
 
     monkeypatch.setattr(LitLlama, "training_step", counting)
     again = train(compose_train(base))
-    assert steps == [] and again == json.loads(written["run.json"]) and again["val_loss"] == first["val_loss"]
+    assert steps == [] and again.to_dict() == json.loads(written["run.json"]) and again.val_loss == first.val_loss
     assert {name: (run_dir / name).read_bytes() for name in written} == written
     assert f"skipped {run_dir}: already finished" in capsys.readouterr().out
 
@@ -43,4 +43,4 @@ def test_finished_run_is_skipped_mismatch_is_refused_and_resume_never_retrains(t
     assert steps == [] and (run_dir / "run.json").read_bytes() == written["run.json"]
 
     retrained = train(compose_train([*base, "resume=never"]))
-    assert steps == list(range(12)) and retrained["val_loss"] == first["val_loss"]
+    assert steps == list(range(12)) and retrained.val_loss == first.val_loss

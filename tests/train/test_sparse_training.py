@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from bitlaw.kernels.recipe import load_recipe
-from bitlaw.train.cli import UsageError, plan_run, train
+from bitlaw.train.cli import train
 from bitlaw.train.module import LitLlama
+from bitlaw.train.plan import UsageError, plan_run
 from bitlaw.train.settings import differences, run_settings
 from tests.helpers import compose_train, small_overrides, train_losses
 
@@ -54,7 +55,7 @@ def test_rigl_run_trains_logs_its_path_and_resumes_exactly(tmp_path, corpus, mon
     record = train(compose_train(small_overrides(corpus, cache, full, "rigl50") + rigl))
     losses = train_losses(full)
     assert losses[7] < losses[0] - 0.5
-    assert record["backends"]["mlp.down_proj"] == {
+    assert record.backends["mlp.down_proj"] == {
         "backend": "reference",
         "reason": "no Triton kernel: weight: sparsity 0.5 (structure row, rule rigl) runs only on the reference path"}
     state = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -77,4 +78,4 @@ def test_rigl_run_trains_logs_its_path_and_resumes_exactly(tmp_path, corpus, mon
     train(compose_train(small_overrides(corpus, cache, resumed, "rigl50") + rigl))
     after = train_losses(resumed)
     assert all(after[s] == losses[s] for s in range(4, 8)), (after, losses)
-    assert json.loads((resumed / "run.json").read_text())["val_loss"] == record["val_loss"]
+    assert json.loads((resumed / "run.json").read_text())["val_loss"] == record.val_loss
