@@ -95,7 +95,7 @@ class RunConfig:
 def register_configs() -> None:
     """Store the schema as ``train_schema`` in Hydra's ConfigStore (``conf/train.yaml`` lists it first).
 
-    Call before composing ``conf/train.yaml`` (``bitlaw-train``'s ``main`` does; so do ``bitlaw.train.bench`` and
+    Call before composing ``conf/train.yaml`` (``bitlaw-train``'s ``main`` does; so do the benchmarks and
     the tests). Storing it again replaces it with the same schema.
     """
     ConfigStore.instance().store(name="train_schema", node=RunConfig)

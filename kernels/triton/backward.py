@@ -9,7 +9,7 @@ run on ``torch.matmul`` (cuBLAS), the fastest code for them there is. Around eac
 - :func:`masked_rotate` applies the trust mask and the inverse block Hadamard to the GEMM's output in one pass:
   one read, one write; the ``·H`` is a tensor-core dot against the ±1 matrix, exact products in bf16.
 
-The static profile (bitlaw.kernels.profile) shows why this beats the earlier fused kernel that dequantized codes
+The static profile (bitlaw.benchmarks.profile) shows why this beats the earlier fused kernel that dequantized codes
 inside its K-loop and rotated in its epilogue: that loop issued about twice the instructions its tensor-core
 work needed and its grid re-read the output gradient once per 128 columns, while cuBLAS needs neither.
 """
@@ -42,7 +42,7 @@ def pass_launch(capability: int, dot: int = 1) -> tuple[int, int]:
     ``capability``, for a rotation by ``dot`` (:func:`~bitlaw.kernels.triton.common.dot_mode`). Hopper: 64 rows on 4
     warps (wgmma reads the ±1 matrix from shared memory). Older GPUs, whose mma.sync holds it in registers: 64 rows
     on 8 warps (4 would spill), and 32 rows on 4 warps for fp32 gradients, whose three bf16 parts per value spill at
-    64 rows once the unit column stride is specialized (bitlaw.kernels.profile)."""
+    64 rows once the unit column stride is specialized (bitlaw.benchmarks.profile)."""
     if capability >= 90:
         return 64, 4
     return (32, 4) if dot == 2 else (64, 8)

@@ -21,7 +21,7 @@ from .quant import QuantizedRows
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 M_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per GPU generation, all spill-free in the static profile
-# (bitlaw.kernels.profile). Hopper: large wgmma tiles for training shapes, 64-row tiles for short inputs. Ampere's
+# (bitlaw.benchmarks.profile). Hopper: large wgmma tiles for training shapes, 64-row tiles for short inputs. Ampere's
 # mma.sync keeps operand fragments in registers, so its tiles are smaller.
 GEMM_TILES = {
     90: ((128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4),

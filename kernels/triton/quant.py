@@ -49,7 +49,7 @@ def one_pass_blocks(k: int, dtype: torch.dtype, capability: int) -> int:
     """``K/128`` when the quantizer reads each row once (its tiles held in registers between the sum of squares and
     the rounding), else 0 (two passes over the row). One pass takes whole power-of-two numbers of 128-column
     blocks, at least two rows per program (``K`` of 128 … 4096) — except fp32 rows on GPUs before Hopper, whose
-    three bf16 parts per value spill there (bitlaw.kernels.profile)."""
+    three bf16 parts per value spill there (bitlaw.benchmarks.profile)."""
     blocks = k // TILE_K
     if k % TILE_K or blocks & (blocks - 1) or not 1 <= blocks <= ONE_PASS_TILES // 2:
         return 0
@@ -62,7 +62,7 @@ def launch_config(dtype: torch.dtype, capability: int, k: int = 0) -> tuple[int,
 
     Fixed per GPU generation, not autotuned: the kernel is bound by memory bandwidth, so the launch shape matters
     little, and a fixed one keeps every DDP rank and every sequence length on the same code. Chosen by the static
-    profile (bitlaw.kernels.profile) to be spill-free: one pass holds 64 tiles on 4 warps; in two passes Hopper's
+    profile (bitlaw.benchmarks.profile) to be spill-free: one pass holds 64 tiles on 4 warps; in two passes Hopper's
     wgmma reads the ±1 matrix from shared memory, while Ampere's mma.sync holds it in registers, so fp32 rows there
     go 32 at a time without pipelining.
     """
