@@ -1,4 +1,8 @@
-"""``convert``: the one place where a model's ``nn.Linear`` layers are swapped for quantized ones."""
+"""``convert``: the one place where a model's ``nn.Linear`` layers are swapped for quantized ones.
+
+Training drives it through :class:`bitlaw.models.converter.RecipeConverter`, which also sets the layers' kernel
+backend and keeps their per-step sparsity and statistics bookkeeping.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ BLOCK_PROJECTIONS = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_p
 LayerFilter = Callable[[str, nn.Module], bool] | str
 
 
-def _matcher(layer_filter: LayerFilter) -> Callable[[str, nn.Module], bool]:
+def layer_matcher(layer_filter: LayerFilter) -> Callable[[str, nn.Module], bool]:
+    """``layer_filter`` as a predicate ``(module name, module) -> selected``: a regex must match the whole name."""
     if callable(layer_filter):
         return layer_filter
     pattern = re.compile(layer_filter)
@@ -35,7 +40,7 @@ def convert(model: nn.Module, recipe: Recipe, layer_filter: LayerFilter = BLOCK_
     Raises ValueError if the filter selects no linear layer, or (naming the layer) if a Hadamard block, an N:M
     group or a scale group does not divide a selected layer's ``in_features`` — before any layer is swapped.
     """
-    match = _matcher(layer_filter)
+    match = layer_matcher(layer_filter)
     selected = [(name, module) for name, module in model.named_modules()
                 if isinstance(module, nn.Linear) and match(name, module)]
     if not selected:

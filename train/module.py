@@ -7,7 +7,6 @@ Throughput and MFU come from the ``Throughput`` callback (``bitlaw.train.callbac
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import lightning as L
@@ -17,7 +16,7 @@ from torch import nn
 
 from ..kernels.gradients import set_noise_context
 from ..kernels.recipe import Recipe
-from ..models.convert import convert, quantized_layers
+from ..models.converter import RecipeConverter
 from ..models.llama import LlamaConfig, LlamaModel
 from ..models.quant_linear import QuantLinear
 from .config import OptimConfig
@@ -90,13 +89,14 @@ class LitLlama(L.LightningModule):
 
     Batches are ``(x, y)`` int64 ``[micro_batch, seq_len]``. ``run`` holds the batch geometry that a resumed run
     must share: ``seed`` (model init and data order), ``seq_len``, ``global_batch`` (sequences per step, all ranks).
-    ``backend`` goes to every quantized layer (``QuantLinear.backend``); None follows ``$BITLAW_BACKEND``.
-    Which path each kind of quantized layer took is logged as ``backend/<kind>`` (1 Triton, 0 reference) and
-    kept, with the reason for a fallback, in :meth:`backend_report`. ``settings`` (the run's defining settings,
-    :func:`bitlaw.train.settings.run_settings`) go into every checkpoint, to be compared when resuming.
-    With a sparse weight (docs/numerics.md §7) every layer is told the step before each training step
-    (``QuantLinear.set_progress``: the cubic schedule, RigL's gradient capture) and updates its mask after each
-    optimizer step (``QuantLinear.update_sparsity``: RigL).
+    ``converter`` (a :class:`~bitlaw.models.converter.RecipeConverter` of the recipe, with ``backend``: None follows
+    ``$BITLAW_BACKEND``) converts the model and keeps its quantized layers' bookkeeping: its ``pre_step_hook`` runs
+    before each training step (a sparse weight's schedule, RigL's gradient capture, docs/numerics.md §7), its
+    ``post_optimizer_hook`` after each optimizer step (RigL's mask update); every ``mask_stats_every`` steps it
+    samples the masked fractions (``mask/<layer>.<role>``). Which path each kind of quantized layer took is logged as
+    ``backend/<kind>`` (1 Triton, 0 reference) and kept, with the reason for a fallback, in :meth:`backend_report`.
+    ``settings`` (the run's defining settings, :func:`bitlaw.train.settings.run_settings`) go into every checkpoint,
+    to be compared when resuming.
     """
 
     def __init__(self, model_config: dict[str, Any], recipe: dict[str, Any], optim: dict[str, Any],
@@ -118,12 +118,8 @@ class LitLlama(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run["seed"])
             self.model = LlamaModel(self.model_config)
-        if self.recipe.compressed:
-            convert(self.model, self.recipe)
-            for layer in quantized_layers(self.model).values():
-                layer.backend = backend
-        # Layers whose weight sparsity follows the training progress (schedule, RigL): told each step.
-        self._sparse_layers = list(quantized_layers(self.model).values()) if self.recipe.weight.sparse else []
+        self.converter = RecipeConverter(self.recipe, backend=backend)
+        self.converter.convert(self.model)  # a recipe that compresses nothing (bf16) leaves the model as built
         if compile:
             self.model.compile()  # in place: state_dict keys stay the same with and without compile
         self.tokenizer_path: str | None = None  # set by the CLI; stored in checkpoints for export and generation
@@ -132,7 +128,6 @@ class LitLlama(L.LightningModule):
         # bitlaw-eval find the validation split the model was trained beside.
         self.data_source: dict[str, str] | None = None
         self.flops_per_batch: int | None = None  # model FLOPs of one micro-batch, forward + backward (setup)
-        self._backends: dict[str, dict[str, str | None]] = {}
         self._val_sum = self._val_count = 0.0
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -155,20 +150,14 @@ class LitLlama(L.LightningModule):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(x, y)
 
-    def _track_masks(self, on: bool) -> dict[str, nn.Module]:
-        layers = quantized_layers(self.model)
-        for layer in layers.values():
-            layer.track_stats = on
-        return layers
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         step = self.global_step
         # Sampled on steps Lightning writes to the loggers (mask_stats_every is a multiple of log_every_n_steps).
         sample_masks = self.mask_stats_every > 0 and (step + 1) % self.mask_stats_every == 0
-        layers = self._track_masks(sample_masks) if sample_masks else {}
-        for layer in self._sparse_layers:
-            layer.set_progress(step, self.total_steps)
+        if sample_masks:
+            self.converter.track_masks(self.model, True)
+        self.converter.pre_step_hook(self.model, step, self.total_steps)
         if self.recipe.quantized_backward:
             # The stochastic backward's bits: per run seed, DDP rank (independent ranks) and micro-batch, so a
             # resumed run draws what the uninterrupted one would have.
@@ -180,12 +169,11 @@ class LitLlama(L.LightningModule):
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         self.log("tokens_seen", float((step + 1) * self.tokens_per_step))
         sampled: dict[str, float] = {}
-        for name, layer in layers.items():
-            for key, value in layer.stats.items():
-                sampled[f"mask/{name}.{key.removesuffix('_masked_fraction')}"] = float(value)
-            layer.track_stats = False
-        if sample_masks or not self._backends:
-            sampled.update(self._record_backends())
+        if sample_masks:
+            sampled.update(self.converter.masked_fractions(self.model))
+            self.converter.track_masks(self.model, False)
+        if sample_masks or not self.converter.backend_report():
+            sampled.update(self.converter.record_backends(self.model))
         if sample_masks:
             # Straight to the loggers, for this step only: a value given to self.log on some steps is written
             # again on every later step until the next one, which would read as a measurement that was not made.
@@ -193,27 +181,10 @@ class LitLlama(L.LightningModule):
                 logger.log_metrics(sampled, step=step)
         return loss
 
-    def _record_backends(self) -> dict[str, float]:
-        """Note which path each kind of quantized layer took in the forward just run; return ``backend/<kind>``
-        metrics (the fraction of that kind's layers on the Triton path)."""
-        kinds: dict[str, set[tuple[str, str | None]]] = {}
-        metrics: dict[str, float] = {}
-        for name, layer in quantized_layers(self.model).items():
-            if layer.last_backend is not None:
-                kind = re.sub(r"^layers\.\d+\.", "", name)
-                kinds.setdefault(kind, set()).add((layer.last_backend.backend, layer.last_backend.reason))
-        for kind, choices in kinds.items():
-            backends = sorted({backend for backend, _ in choices})
-            reasons = sorted({reason for _, reason in choices if reason})
-            self._backends[kind] = {"backend": backends[0] if len(backends) == 1 else "mixed",
-                                    "reason": "; ".join(reasons) or None}
-            metrics[f"backend/{kind}"] = sum(b == "triton" for b, _ in choices) / len(choices)
-        return metrics
-
     def backend_report(self) -> dict[str, dict[str, str | None]]:
         """``{layer kind (e.g. "self_attn.q_proj"): {"backend": "triton" | "reference" | "mixed", "reason": why not
         Triton or None}}`` as seen in training; empty for a model without quantized layers."""
-        return dict(self._backends)
+        return self.converter.backend_report()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = self._val_count = 0.0
@@ -221,8 +192,8 @@ class LitLlama(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self(x, y)
-        if not self._backends:  # evaluating a checkpoint without training first: the same layers, the same paths
-            self._record_backends()
+        if not self.converter.backend_report():  # evaluating a checkpoint without training first: the same paths
+            self.converter.record_backends(self.model)
         self._val_sum += loss.item() * y.numel()
         self._val_count += y.numel()
 
@@ -236,8 +207,7 @@ class LitLlama(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # After the weights moved (and once per optimizer step, however many micro-batches): RigL's drop/grow and
         # the next step's mask act on the updated weights.
-        for layer in self._sparse_layers:
-            layer.update_sparsity()
+        self.converter.post_optimizer_hook(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = decay_groups(self.model)

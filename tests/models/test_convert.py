@@ -1,12 +1,17 @@
-"""convert() and QuantLinear: exactly the block projections, parameter reuse, idempotence, equal numerics."""
+"""convert() and QuantLinear: exactly the block projections, parameter reuse, idempotence, equal numerics; the
+RecipeConverter: backend, the sparsity hooks, masked-fraction sampling, the backend report."""
+
+import math
 
 import pytest
 import torch
 from torch import nn
 
+from bitlaw.kernels.linear import BackendChoice
 from bitlaw.kernels.quantizers import reference_linear
-from bitlaw.kernels.recipe import Recipe, load_recipe
+from bitlaw.kernels.recipe import Recipe, TensorSpec, load_recipe
 from bitlaw.models.convert import convert, quantized_layers
+from bitlaw.models.converter import RecipeConverter
 from bitlaw.models.llama import LlamaConfig, LlamaModel
 from bitlaw.models.quant_linear import QuantLinear
 
@@ -137,3 +142,105 @@ def test_filters():
     assert isinstance(model.lm_head, QuantLinear)
     with pytest.raises(ValueError, match="selects no nn.Linear"):
         convert(model, load_recipe("quest_w4a4"), r"nothing")
+
+
+def _batch(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def test_converter_converts_sets_the_backend_and_is_idempotent():
+    model = _tiny()
+    converter = RecipeConverter(load_recipe("quest_w4a4"), backend="reference")
+    assert converter.convert(model) is model
+    layers = quantized_layers(model)
+    assert set(layers) == {f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert all(layer.backend == "reference" for layer in layers.values())
+    converter.convert(model)
+    assert all(quantized_layers(model)[k] is v for k, v in layers.items())
+    # Another converter's filter: only its layers get its recipe and its backend.
+    RecipeConverter(load_recipe("quest_w2a2"), r"layers\.\d+\.mlp\..*", backend="triton").convert(model)
+    for name, layer in quantized_layers(model).items():
+        assert (layer.recipe.name, layer.backend) == (("quest_w2a2", "triton") if ".mlp." in name
+                                                      else ("quest_w4a4", "reference")), name
+    RecipeConverter(Recipe()).convert(model)
+    assert not quantized_layers(model)
+    with pytest.raises(ValueError, match=r"backend='cuda' is not allowed; allowed: auto, reference, triton"):
+        RecipeConverter(load_recipe("quest_w4a4"), backend="cuda")
+
+
+def test_pre_step_hook_drives_the_cubic_schedule_of_the_sparse_layers_only():
+    model = _tiny()
+    cubic = Recipe(name="cubic", weight=TensorSpec(format="bf16", sparsity=0.75, schedule="cubic", ramp=0.5))
+    converter = RecipeConverter(cubic, r"layers\.\d+\.mlp\..*")
+    converter.convert(model)
+    RecipeConverter(load_recipe("quest_w4a4"), r"layers\.\d+\.self_attn\..*").convert(model)
+    layers = quantized_layers(model)
+    for step, sparsity in [(0, 0.0), (5, 0.75 * (1 - 0.5**3)), (10, 0.75), (19, 0.75)]:
+        converter.pre_step_hook(model, step, 20)
+        for name, layer in layers.items():
+            if ".mlp." in name:
+                zeros = (layer.quantized_weight().values == 0).sum(-1)
+                assert (zeros == math.floor(sparsity * layer.in_features + 0.5)).all(), (step, name)
+            else:  # not sparse: never told the progress
+                assert layer.progress.tolist() == [-1, 1], name
+
+
+def test_post_optimizer_hook_moves_rigl_masks_only_on_update_steps():
+    model = _tiny()
+    spec = TensorSpec(format="bf16", sparsity=0.5, sparse_rule="rigl", update_every=3, drop_fraction=0.5)
+    converter = RecipeConverter(Recipe(name="rigl", weight=spec))
+    converter.convert(model)
+    layers = quantized_layers(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    total = 8  # updates after steps 0 and 3 (6 is past rigl_stop · 8 = 6)
+    for step in range(total):
+        converter.pre_step_hook(model, step, total)
+        _, loss = model(_batch(step), _batch(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        before = {name: layer.rigl_mask.clone() for name, layer in layers.items()}
+        converter.post_optimizer_hook(model)
+        changed = {name for name, layer in layers.items() if not torch.equal(before[name], layer.rigl_mask)}
+        assert changed == (set(layers) if step in (0, 3) else set()), step
+        for name, layer in layers.items():
+            assert (layer.rigl_mask.sum(-1) == layer.in_features // 2).all(), (step, name)
+            assert (layer.weight[layer.rigl_mask & ~before[name]] == 0).all(), (step, name)  # grown weights start at 0
+
+
+def test_track_masks_switches_the_masked_fraction_sampling():
+    model = _tiny()
+    converter = RecipeConverter(load_recipe("quest_w4a4"))
+    converter.convert(model)
+    model(_batch())
+    assert converter.masked_fractions(model) == {}
+    converter.track_masks(model, True)
+    model(_batch())
+    fractions = converter.masked_fractions(model)
+    assert set(fractions) == {f"mask/layers.{i}.{p}.{role}" for i in range(2) for p in PROJECTIONS
+                              for role in ("weight", "input")}
+    down = model.layers[0].mlp.down_proj.stats
+    assert fractions["mask/layers.0.mlp.down_proj.weight"] == down["weight_masked_fraction"].item() > 0
+    assert fractions["mask/layers.0.mlp.down_proj.input"] == down["input_masked_fraction"].item()
+    assert all(0 <= value < 0.2 for value in fractions.values())
+    converter.track_masks(model, False)
+    assert not any(layer.track_stats for layer in quantized_layers(model).values())
+    model(_batch())
+    assert converter.masked_fractions(model) == {}
+
+
+def test_backend_report_names_each_kind_its_path_and_reason():
+    model = _tiny()
+    converter = RecipeConverter(load_recipe("quest_w4a4"), backend="reference")
+    converter.convert(model)
+    assert converter.record_backends(model) == {} and converter.backend_report() == {}  # no forward yet
+    model(_batch())
+    reason = "backend=reference requested (the backend argument)"
+    assert converter.record_backends(model) == {f"backend/{p}": 0.0 for p in PROJECTIONS}
+    assert converter.backend_report() == {p: {"backend": "reference", "reason": reason} for p in PROJECTIONS}
+    model.layers[1].mlp.up_proj.last_backend = BackendChoice("triton", None)
+    metrics = converter.record_backends(model)
+    assert metrics["backend/mlp.up_proj"] == 0.5 and metrics["backend/mlp.gate_proj"] == 0.0
+    report = converter.backend_report()
+    assert report["mlp.up_proj"] == {"backend": "mixed", "reason": reason}
+    assert report["mlp.gate_proj"] == {"backend": "reference", "reason": reason}
