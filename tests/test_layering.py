@@ -93,3 +93,34 @@ def test_the_import_reader_resolves_relative_imports_and_flags_absolute_ones(tmp
     assert imported_modules(planted, ["bitlaw", "compress"]) == [
         ("bitlaw.compress.stages", 1, False), ("bitlaw.kernels.recipe", 2, False), ("bitlaw.train", 4, True),
         ("bitlaw.models.llama", 5, True)]
+
+
+def module_file(name: str) -> Path | None:
+    """The file or folder of the bitlaw module ``name`` (``bitlaw.kernels.recipe`` → kernels/recipe.py) in the
+    checkout, found from pyproject's folder mapping alone, as a static tool resolves it; None when there is none."""
+    parts = name.split(".")
+    for folder, package in package_folders().items():
+        prefix = package.split(".")
+        if parts[:len(prefix)] == prefix:
+            path = ROOT.joinpath(folder, *parts[len(prefix):])
+            for candidate in (path.with_suffix(".py"), path):
+                if candidate.exists():
+                    return candidate
+    return None
+
+
+def test_every_relative_import_resolves_to_a_module_of_the_checkout():
+    unresolved = []
+    for folder in package_folders():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name, line, absolute in imported_modules(path):
+                if absolute or module_file(name) is not None:
+                    continue
+                # ``from . import name`` may import a name the package defines rather than a module.
+                parent = module_file(name.rsplit(".", 1)[0])
+                defined = parent is not None and parent.is_file() and name.rsplit(".", 1)[1] in {
+                    node.name for node in ast.walk(ast.parse(parent.read_text()))
+                    if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+                if not defined:
+                    unresolved.append(f"{path.relative_to(ROOT)}:{line}: {name}")
+    assert not unresolved, unresolved
