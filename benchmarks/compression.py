@@ -34,10 +34,16 @@ HEADER = ("| method | setting | loss | Δ loss | perplexity | bits/byte | blocks
           "|---|---|---|---|---|---|---|---|---|")
 
 
+def quoted(value: object) -> str:
+    """``value`` as a quoted Hydra override value: a path may hold ``=`` (bitlaw-train names run directories by their
+    overrides, ``runs/tiny-bf16-seed0--tokens=1280000``), which Hydra's grammar refuses unquoted."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
 def _run(source: str, out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="compress", overrides=[f"source={source}", f"out={out / name}", "force=true",
-                                                         *overrides])
+        cfg = compose(config_name="compress", overrides=[f"source={quoted(source)}", f"out={quoted(out / name)}",
+                                                         "force=true", *overrides])
     return compress(plan(cfg, data_overrides(overrides)))
 
 

@@ -63,3 +63,15 @@ def test_the_record_holds_every_run_and_the_source_run(tmp_path, monkeypatch, ca
 def test_a_source_that_is_not_a_run_directory_has_no_run_record(tmp_path):
     assert compression.source_run(str(tmp_path / "last.ckpt")) is None
     assert compression.source_run(str(tmp_path)) is None
+
+
+def test_source_paths_with_an_equals_sign_reach_the_compress_config():
+    # bitlaw-train names a run directory by its overrides (runs/tiny-bf16-seed0--tokens=1280000): Hydra's grammar
+    # refuses the '=' unquoted.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bitlaw.benchmarks.compression import quoted
+
+    parser = OverridesParser.create()
+    for path in ("runs/tiny-bf16-seed0--tokens=1280000", "it's/a b\\c"):
+        assert parser.parse_override(f"source={quoted(path)}").value() == path
