@@ -45,8 +45,8 @@ from .record import BenchmarkRecord, command_line, write_record
 MODULE = "bitlaw.benchmarks.kernels"
 # (tokens M, in_features K, out_features N): the tiny model's projections and the 30M/100M ones.
 CPU_SHAPES = [(1024, 256, 768), (2048, 640, 1792), (2048, 1024, 2816)]
-# The 800M model (d_model 2048, MLP 5632): q/o, gate/up, down, and a fused q/k/v of 3 × 2048, at 16,384 tokens.
-GPU_SHAPES = [(16384, 2048, 2048), (16384, 2048, 5632), (16384, 5632, 2048), (16384, 2048, 6144)]
+# The shapes of an 800M block (d_model 2048, MLP 5632) at 16,384 tokens: q/k/v/o, gate/up, down.
+GPU_SHAPES = [(16384, 2048, 2048), (16384, 2048, 5632), (16384, 5632, 2048)]
 # Under the interpreter: one small shape with two row tiles and two Hadamard blocks, seconds per measurement.
 INTERPRETER_SHAPES = [(96, 256, 128)]
 RECIPES = ["quest_w4a4", "quest_w1a1", "quest_w4"]

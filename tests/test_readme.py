@@ -4,7 +4,8 @@
 compression sections in order in an empty directory (about 18 minutes on 2 cores: two full default trainings),
 so it is marked ``slow`` and deselected by default (``python -m pytest -m slow``). The fast test checks on every run
 of the suite what made an example fail right after the quick start before: each training example must either be
-the quick start's own run or get a directory of its own.
+the quick start's own run or get a directory of its own. ``test_the_readmes_figures_equal_their_records`` holds every
+figure the README quotes from a benchmark to that benchmark's record in ``benchmarks/records/``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from bitlaw.benchmarks.record import BenchmarkRecord, read_records
 from bitlaw.core.config import CONF_DIR
 from bitlaw.train.config import register_configs, run_dir_suffix
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RECORDS = README.parent / "benchmarks" / "records"
 SECTIONS = ("## Quick start", "## Training", "## Export and inference", "## Post-training compression")
 NOT_HERE = ("trainer=gpu", "trainer=ddp", "trainer=slurm", "-m ", "...", "data=c4", "data=fineweb_edu")
 
@@ -90,3 +93,67 @@ def test_readme_examples_run_as_written(tmp_path):
         done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _readme_words() -> str:
+    """The README with every run of whitespace as one space: its lines wrap anywhere."""
+    return " ".join(README.read_text().split())
+
+
+def _record(benchmark: str) -> BenchmarkRecord:
+    (found,) = [r for r in read_records(RECORDS) if r.benchmark == benchmark] or [None]
+    assert found is not None, f"the README quotes {benchmark!r}, which has no record in {RECORDS}"
+    return found
+
+
+def _row(record: BenchmarkRecord, **where) -> dict:
+    (row,) = [r for r in record.rows if all(r.get(key) == value for key, value in where.items())]
+    return row
+
+
+def _quickstart(record: BenchmarkRecord) -> list[str]:
+    # The summary line ends with the run record's absolute path, which names the folder the benchmark ran in.
+    figures = record.notes["summary_line"].partition(" run record ")[0]
+    return [f"{figures} run record /", f"the whole command took {record.rows[0]['wall_s'] / 60:.1f} minutes here"]
+
+
+def _exports(record: BenchmarkRecord) -> list[str]:
+    native = _row(record, recipe="quest_w4a4", format="native")
+    return [f"A W4A4 export's block weights take {native['block_bytes'] / native['block_bytes_bf16']:.3f}x of bf16"]
+
+
+def _compression(record: BenchmarkRecord) -> list[str]:
+    def loss(method: str, setting: str = "70% sparse") -> str:
+        (row,) = [r for r in record.rows if r["method"] == method and r["setting"].startswith(setting)]
+        return f"{row['loss']:.4f}"
+
+    return [f"validation loss {record.notes['source_run']['val_loss']:.4f} on training's first windows, "
+            f"{loss('none (the trained model)', '')} on the whole validation split",
+            f"at 70 % sparsity magnitude pruning {loss('magnitude uniform')}, uniform SparseGPT "
+            f"{loss('sparsegpt uniform')}, scheduled SparseGPT {loss('sparsegpt scheduled')}; GPTQ int2 "
+            f"{loss('GPTQ', 'int2')}, with PV-tuning {loss('GPTQ + PV-tuning', 'int2')}; one of four blocks removed by "
+            f"ShortGPT {loss('ShortGPT', 'blocks')}, healed with 200k tokens {loss('ShortGPT + healing', '200,000')}"]
+
+
+def _sweep(record: BenchmarkRecord) -> list[str]:
+    return [f"a laptop CPU, {record.notes['sweep_wall_s'] / 60:.0f} minutes on 2 cores and the fit "
+            f"{record.notes['fit_wall_s']:.0f} s"]
+
+
+def _estimate(record: BenchmarkRecord) -> list[str]:
+    ratio = {row["backward"]: row["ratio"] for row in record.rows if row["scope"] == "block" and row["bits"] == 4}
+    return [f"{ratio['bf16']:.2f}x `nn.Linear` bf16 for `quest_w4a4` and {ratio['g8g8']:.2f}x with both backward "
+            "GEMMs in int8",
+            f"**{ratio['g8g8']:.2f}x** the bf16 block with `quest_w4a4_g8g8` ({ratio['g8']:.2f}x with `quest_w4a4_g8`, "
+            f"{ratio['bf16']:.2f}x with QuEST's backward)"]
+
+
+FIGURES = {"quickstart": _quickstart, "exports": _exports, "compression": _compression,
+           "sweep-cpu_mini_sweep": _sweep, "estimate-800m": _estimate}
+
+
+@pytest.mark.parametrize("benchmark", sorted(FIGURES))
+def test_the_readmes_figures_equal_their_records(benchmark):
+    readme = _readme_words()
+    missing = [phrase for phrase in FIGURES[benchmark](_record(benchmark)) if " ".join(phrase.split()) not in readme]
+    assert not missing, f"README.md does not say what benchmarks/records/{benchmark}.json holds: {missing}"
