@@ -149,7 +149,8 @@ def _estimate(record: BenchmarkRecord) -> list[str]:
 
 
 FIGURES = {"quickstart": _quickstart, "exports": _exports, "compression": _compression,
-           "sweep-cpu_mini_sweep": _sweep, "estimate-800m": _estimate}
+           "sweep-cpu_mini_sweep": _sweep, "sweep-cpu_sparse_sweep": _sweep,
+           "estimate-800m": _estimate}
 
 
 @pytest.mark.parametrize("benchmark", sorted(FIGURES))
