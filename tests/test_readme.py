@@ -153,8 +153,9 @@ FIGURES = {"quickstart": _quickstart, "exports": _exports, "compression": _compr
            "estimate-800m": _estimate}
 
 
-@pytest.mark.parametrize("benchmark", sorted(FIGURES))
-def test_the_readmes_figures_equal_their_records(benchmark):
+@pytest.mark.parametrize("record_name", sorted(FIGURES))
+def test_the_readmes_figures_equal_their_records(record_name):
     readme = _readme_words()
-    missing = [phrase for phrase in FIGURES[benchmark](_record(benchmark)) if " ".join(phrase.split()) not in readme]
-    assert not missing, f"README.md does not say what benchmarks/records/{benchmark}.json holds: {missing}"
+    phrases = FIGURES[record_name](_record(record_name))
+    missing = [phrase for phrase in phrases if " ".join(phrase.split()) not in readme]
+    assert not missing, f"README.md does not say what benchmarks/records/{record_name}.json holds: {missing}"
