@@ -160,32 +160,89 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias
     ``grad_seed``: the seed (0-dim int64 tensor) of a quantized backward's stochastic rounding
     (:func:`bitlaw.kernels.gradients.layer_seed`); None draws one.
     """
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"quantized_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit; "
-                         "expected x [..., K] and weight [N, K]")
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        x = x.to(torch.get_autocast_dtype(device_type))
+    _check_shapes(x, [weight], "quantized_linear")
+    x = _autocast_input(x)
     if select_backend(recipe, x, weight, backend).backend == "triton":
-        with torch.autocast(device_type, enabled=False):
-            return _triton_linear(x, weight, recipe, bias, stats, grad_seed)
+        with torch.autocast(x.device.type, enabled=False):
+            return _triton_linear(x, [weight], recipe, bias, stats, grad_seed)
     return reference_linear(x, weight, recipe, bias, weight_lsq_scale, input_lsq_scale, stats, weight_sparse,
                             grad_seed)
 
 
-def _triton_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: torch.Tensor | None,
+def group_unsupported_reason(recipe: Recipe) -> str | None:
+    """Why :func:`quantized_linear_group` cannot run ``recipe`` (None when it can): one quantization of the input
+    serves every weight only when the input is quantized by a fixed rule (no learned scale) and the weight role is
+    quantized row by row without per-layer state (no learned scale, no sparsity)."""
+    if not recipe.input.quantized:
+        return "the input is not quantized (nothing to share)"
+    if recipe.input.learned_scale or recipe.weight.learned_scale:
+        return "a learned (LSQ) scale belongs to one layer"
+    if recipe.weight.sparse or recipe.input.sparse:
+        return "sparsity state belongs to one layer"
+    return None
+
+
+def quantized_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], recipe: Recipe,
+                           biases: Sequence[torch.Tensor | None] | None = None, stats: dict | None = None,
+                           backend: str | None = None, grad_seed: torch.Tensor | None = None
+                           ) -> list[torch.Tensor]:
+    """``[Q_in(x) · Q_w(w_i)ᵀ (+ b_i) for each weight]`` from ONE quantization of ``x`` and one GEMM: the layer of
+    the concatenated weight ``[ΣN_i, K]``, split back (each weight role is quantized per row, so the forward equals
+    separate layers; a quantized backward quantizes the concatenated output gradient, keyed by ``grad_seed``).
+
+    x: ``[..., K]``; weights: ``[N_i, K]`` of one dtype; biases: all ``[N_i]`` or all None. Returns ``[..., N_i]``
+    views of one output. Raises ValueError when :func:`group_unsupported_reason` names a reason.
+    """
+    reason = group_unsupported_reason(recipe)
+    if reason is None and not 1 <= len(weights) <= _ops().MAX_GROUP:
+        reason = f"{len(weights)} weights (a group holds 1 to {_ops().MAX_GROUP})"
+    if reason is not None:
+        raise ValueError(f"quantized_linear_group: recipe {recipe.name!r} cannot share one quantized input: {reason}")
+    _check_shapes(x, weights, "quantized_linear_group")
+    if len({w.dtype for w in weights}) != 1:
+        raise ValueError(f"quantized_linear_group: the weights have different dtypes {[w.dtype for w in weights]}")
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if len(biases) != len(weights) or (any(b is None for b in biases) and any(b is not None for b in biases)):
+        raise ValueError("quantized_linear_group: give a bias for every weight or for none")
+    bias = None if biases[0] is None else torch.cat(biases)
+    x = _autocast_input(x)
+    if select_backend(recipe, x, weights[0], backend).backend == "triton":
+        with torch.autocast(x.device.type, enabled=False):
+            y = _triton_linear(x, list(weights), recipe, bias, stats, grad_seed)
+    else:
+        y = reference_linear(x, torch.cat(list(weights)), recipe, bias, stats=stats, grad_seed=grad_seed)
+    return list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+def _check_shapes(x: torch.Tensor, weights: Sequence[torch.Tensor], what: str) -> None:
+    if not weights or x.dim() < 1 or any(w.dim() != 2 or x.shape[-1] != w.shape[1] for w in weights):
+        raise ValueError(f"{what}: x {tuple(x.shape)} and weight(s) {[tuple(w.shape) for w in weights]} do not "
+                         "fit; expected x [..., K] and weights [N, K]")
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
+def _triton_linear(x: torch.Tensor, weights: list[torch.Tensor], recipe: Recipe, bias: torch.Tensor | None,
                    stats: dict | None, grad_seed: torch.Tensor | None) -> torch.Tensor:
     ops = _ops()
     x2d = x.reshape(-1, x.shape[-1])
     text = ops.recipe_text(recipe)
+    n = sum(w.shape[0] for w in weights)
     if recipe.input.quantized:
         if recipe.quantized_backward and grad_seed is None:
             grad_seed = layer_seed("linear")
-        y, _, _, x_mask, _, _, w_mask = ops.quantized_linear_op(x2d, weight, bias, text, grad_seed)
+        given = weights + [None] * (ops.MAX_GROUP - len(weights))
+        y, _, _, x_mask, _, _, w_mask = ops.quantized_linear_op(x2d, *given, bias, text, grad_seed)
         _record(stats, "input", x_mask, x.shape[-1])
     else:
         # Weight-only: the quantized weight (rotated back unless layout 'rotated'), then an ordinary matmul as the
         # reference does.
+        (weight,) = weights
         w_hat, w_mask = ops.quantized_weight_op(weight, text)
         dtype = torch.promote_types(x2d.dtype, w_hat.dtype)
         y = torch.matmul(x2d.to(dtype), w_hat.to(dtype).t())
@@ -193,7 +250,7 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, bias: 
             y = y + bias
         y = y.to(x.dtype)
     _record(stats, "weight", w_mask, x.shape[-1])
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _record(stats: dict | None, role: str, mask: torch.Tensor, k: int) -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant_linear import shared_input_projections
+
 
 @dataclass
 class LlamaConfig:
@@ -231,9 +233,9 @@ class LlamaAttention(nn.Module):
         of the new chunk."""
         batch, seq, d = x.shape
         # [B, T, d] -> [B, H, T, head_dim]
-        q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        # One quantization of x for the three projections (when the layers are quantized and allow it).
+        q, k, v = (y.reshape(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+                   for y in shared_input_projections(x, [self.q_proj, self.k_proj, self.v_proj]))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None or cache.length == 0:
             if cache is not None:
@@ -264,7 +266,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_projections(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):

@@ -7,7 +7,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..kernels.gradients import layer_seed
-from ..kernels.linear import BackendChoice, quantized_linear, select_backend
+from ..kernels.linear import (
+    BackendChoice,
+    group_unsupported_reason,
+    quantized_linear,
+    quantized_linear_group,
+    select_backend,
+)
 from ..kernels.quantizers import QuantResult, initial_lsq_scale, quantize
 from ..kernels.recipe import Recipe
 from ..kernels.sparsity import (
@@ -206,3 +212,40 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+
+def _shareable(layers: list[nn.Module]) -> bool:
+    """Whether ``layers`` can take one quantized input: QuantLinears of one recipe that a group runs (no learned
+    scales, no sparsity), no hooks that expect each layer's own call, biases on all or none."""
+    first = layers[0]
+    if not all(isinstance(layer, QuantLinear) for layer in layers):
+        return False
+    if any(layer.recipe != first.recipe or layer.backend != first.backend or layer._forward_hooks
+           or layer._forward_pre_hooks for layer in layers):
+        return False
+    if len({layer.bias is None for layer in layers}) != 1:
+        return False
+    return group_unsupported_reason(first.recipe) is None
+
+
+def shared_input_projections(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` with ONE quantization of ``x`` when the layers allow it (q, k and v of an
+    attention layer; gate and up of a SwiGLU): one GEMM against their weights' codes, one output split into views
+    ``[..., out_i]``. The forward equals the separate layers' (each weight is quantized per row); the backward is
+    that of one layer with the concatenated weight (a quantized backward's random bits keyed by the first layer's
+    name). Parameters stay the layers' own, so checkpoints and exports are unchanged. Layers that cannot share
+    (plain ``nn.Linear``, learned scales, sparsity, hooks, different recipes) run one by one."""
+    if len(layers) == 1 or not _shareable(layers):
+        return [layer(x) for layer in layers]
+    first = layers[0]
+    stats = {} if any(layer.track_stats for layer in layers) else None
+    choice = select_backend(first.recipe, x, first.weight, first.backend)
+    seed = layer_seed(first.layer_name) if first.recipe.quantized_backward and torch.is_grad_enabled() else None
+    biases = None if first.bias is None else [layer.bias for layer in layers]
+    outputs = quantized_linear_group(x, [layer.weight for layer in layers], first.recipe, biases, stats,
+                                     choice.backend, seed)
+    for layer in layers:
+        layer.last_backend = choice
+        if stats is not None and layer.track_stats:
+            layer.stats = stats
+    return outputs

@@ -15,6 +15,7 @@ from ..hadamard import hadamard_matrix
 
 HADAMARD_BLOCK = 128  # the only rotation block the kernels implement: one 128×128 tile per dot
 MAX_BITS = 7  # odd codes up to ±(2^7 − 1) = ±127 fit int8; int8's ±255 do not
+E4M3_BITS = 4  # odd codes up to ±15 (three mantissa bits after the leading one) are exact in fp8 e4m3
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel: set it before importing bitlaw.kernels.triton.
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # How a dot against the ±1 Hadamard matrix multiplies its other operand (the DOT constexpr of the kernels):
@@ -90,6 +91,17 @@ def dot_signs(x, signs, acc, DOT: tl.constexpr):
     else:
         out = tl.dot(x.to(tl.float32), signs, acc, input_precision="ieee")
     return out
+
+
+@triton.jit
+def e4m3_byte(code):
+    """The fp8 e4m3 (``float8_e4m3fn``) bit pattern, as int32, of each integer in ``code`` (int32, ``|code| ≤ 15``,
+    all exact in e4m3): sign, exponent ``e = floor(log2|code|)`` biased by 7, and the three bits after the leading
+    one. Written as integer arithmetic, not a cast: the interpreter has no fp8 type."""
+    a = tl.abs(code)
+    e = (a >= 2).to(tl.int32) + (a >= 4).to(tl.int32) + (a >= 8).to(tl.int32)
+    normal = (((e + 7) << 3) | ((a << (3 - e)) & 7)) | ((code < 0).to(tl.int32) << 7)
+    return tl.where(a == 0, 0, normal)
 
 
 @triton.jit

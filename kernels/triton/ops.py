@@ -4,9 +4,13 @@ Registered as operators, the Triton path is one opaque node to ``torch.compile``
 through every quantized layer instead of breaking it around each kernel launch. Each operator has a fake (meta)
 implementation giving output shapes and dtypes, so tracing needs no real kernels.
 
-- ``bitlaw::quantized_linear``: both roles quantized; ``x [M, K]`` (fp32/bf16), ``weight [N, K]`` (read in its own
-  dtype, the fp32 master weight, once), optional ``bias [N]`` → ``y [M, N]`` in ``x``'s dtype, plus the packed
-  codes, steps and bit masks of both roles that backward keeps (no activation tensor).
+- ``bitlaw::quantized_linear``: both roles quantized; ``x [M, K]`` (fp32/bf16), one to three weights
+  ``[N_i, K]`` (read in their own dtype, the fp32 master weights, once), optional ``bias [ΣN_i]`` →
+  ``y [M, ΣN_i]`` in ``x``'s dtype, plus the packed codes, steps and bit masks of both roles that backward keeps (no
+  activation tensor). Several weights make one GEMM against one quantization of ``x`` (q, k and v share their
+  input): the weights are quantized row by row, so this equals the layer of the concatenated weight. The GEMM is
+  the vendor's (:mod:`bitlaw.kernels.triton.vendor`): fp8 e4m3 codes into ``torch._scaled_mm`` with both row
+  steps in its epilogue.
 - ``bitlaw::quantized_linear_backward``: the gradients of docs/numerics.md §4 (:mod:`bitlaw.kernels.triton.backward`);
   with a quantized backward (the recipe's ``grad_input`` / ``grad_weight``, docs/numerics.md §8) those GEMMs take
   the int8 gradient of :mod:`bitlaw.kernels.triton.grad_gemm`, seeded by the forward's ``seed`` tensor.
@@ -27,11 +31,12 @@ from ..hadamard import block_hadamard
 from ..packing import field_bits, unpack_mask
 from ..recipe import Recipe
 from .backward import dequantize_rows, grad_input, grad_weight
-from .gemm import quantized_matmul
 from .grad_gemm import block_scaled_gemm, quantize_gradient, transposed_codes
-from .quant import QuantizedRows, quantize_rows
+from .quant import QuantizedRows, quantize_row_groups, quantize_rows
+from .vendor import scaled_matmul
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+MAX_GROUP = 3  # weights one quantized_linear call multiplies against one quantized input (q, k, v)
 
 
 @functools.cache
@@ -53,25 +58,33 @@ def _empty_like_rows(rows: int, k: int, bits: int, device: torch.device) -> tupl
 
 
 @torch.library.custom_op("bitlaw::quantized_linear", mutates_args=())
-def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: str,  # noqa: UP045
+def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, weight2: Optional[torch.Tensor],  # noqa: UP045
+                        weight3: Optional[torch.Tensor], bias: Optional[torch.Tensor], recipe: str,  # noqa: UP045
                         seed: Optional[torch.Tensor] = None  # noqa: UP045
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
-    """``(y, x_packed, x_step, x_mask, w_packed, w_step, w_mask)``; see the module docstring. ``seed``: a 0-dim int64
-    tensor keying a stochastic backward's bits (unused otherwise)."""
+    """``(y, x_packed, x_step, x_mask, w_packed, w_step, w_mask)``, the weight role's rows those of ``weight``,
+    ``weight2`` and ``weight3`` (the ones given) in order; see the module docstring. ``seed``: a 0-dim int64 tensor
+    keying a stochastic backward's bits (unused otherwise). Up to three weights as separate arguments, not a
+    ``Tensor[]``: torch 2.13's autograd wrapper of custom operators miscounts the gradients of a tensor list."""
     spec = recipe_of(recipe)
     xq = quantize_rows(x, spec.input, codes=True, packed=True)
-    wq = quantize_rows(weight, spec.weight, codes=True, packed=True)
-    y = quantized_matmul(xq, wq, bias, out_dtype=x.dtype)
+    wq = quantize_row_groups(_given(weight, weight2, weight3), spec.weight, codes=True, packed=True)
+    y = scaled_matmul(xq.codes, xq.step * 0.5, wq.codes, wq.step * 0.5, x.dtype, bias)
     return y, xq.packed, xq.step, xq.mask, wq.packed, wq.step, wq.mask
 
 
+def _given(*weights: torch.Tensor | None) -> list[torch.Tensor]:
+    return [w for w in weights if w is not None]
+
+
 @quantized_linear_op.register_fake
-def _(x, weight, bias, recipe, seed=None):
+def _(x, weight, weight2, weight3, bias, recipe, seed=None):
     spec = recipe_of(recipe)
-    y = x.new_empty(x.shape[0], weight.shape[0])
+    n = sum(w.shape[0] for w in _given(weight, weight2, weight3))
+    y = x.new_empty(x.shape[0], n)
     return (y, *_empty_like_rows(x.shape[0], x.shape[1], spec.input.fmt.bits, x.device),
-            *_empty_like_rows(weight.shape[0], weight.shape[1], spec.weight.fmt.bits, x.device))
+            *_empty_like_rows(n, x.shape[1], spec.weight.fmt.bits, x.device))
 
 
 @torch.library.custom_op("bitlaw::quantized_linear_backward", mutates_args=())
@@ -108,19 +121,22 @@ def _(grad_y, x_packed, x_step, x_mask, w_packed, w_step, w_mask, recipe, k, x_d
 
 
 def _setup_linear(ctx, inputs, output):
-    x, weight, bias, recipe, seed = inputs
+    x, weight, weight2, weight3, bias, recipe, seed = inputs
+    weights = _given(weight, weight2, weight3)
     ctx.save_for_backward(*output[1:])
     ctx.recipe, ctx.k = recipe, x.shape[1]
     ctx.seed = 0 if seed is None else int(seed)
-    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.rows = [w.shape[0] for w in weights]
+    ctx.dtypes = (x.dtype, weights[0].dtype, None if bias is None else bias.dtype)
 
 
 def _backward_linear(ctx, grad_y, *unused):
     x_dtype, w_dtype, b_dtype = ctx.dtypes
     grad_x, grad_w = quantized_linear_backward_op(grad_y, *ctx.saved_tensors, ctx.recipe, ctx.k, x_dtype, w_dtype,
                                                   ctx.seed)
-    grad_b = grad_y.float().sum(dim=0).to(b_dtype) if ctx.needs_input_grad[2] else None
-    return grad_x, grad_w, grad_b, None, None
+    grad_b = grad_y.float().sum(dim=0).to(b_dtype) if ctx.needs_input_grad[4] else None
+    grads_w = list(grad_w.split(ctx.rows)) + [None] * (3 - len(ctx.rows))
+    return grad_x, *grads_w, grad_b, None, None
 
 
 quantized_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)

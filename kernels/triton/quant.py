@@ -3,9 +3,10 @@
 ``quantize_rows(x, spec)`` turns ``[M, K]`` fp32/bf16 rows into odd integer codes ``2q+1`` (docs/numerics.md §3), a
 per-row step and the bit-packed gradient mask (docs/numerics.md §4), equal to
 :func:`bitlaw.kernels.quantizers.quantize` except where a value lies within float rounding of a boundary. It writes
-what its callers ask for: int8 odd codes (the operand of the int8 GEMM), the same codes packed in the storage
-encoding of :mod:`bitlaw.kernels.packing` (level indices in ``field_bits(2^b)``-bit fields; what backward keeps),
-or both; the mask and the step always.
+what its callers ask for: the odd codes as the vendor GEMM's operand (fp8 e4m3 bytes for grids of up to 4
+bits, which torch._scaled_mm multiplies on fp8 tensor cores; int8 above, for torch._int_mm), the same codes packed
+in the storage encoding of :mod:`bitlaw.kernels.packing` (level indices in ``field_bits(2^b)``-bit fields; what
+backward keeps), or both; the mask and the step always.
 
 How the kernel stays cheap (docs/numerics.md §6): the row's RMS is taken before rotating (the rotation is
 orthonormal), so rows of up to 4096 columns (power-of-two blocks) are read once and held in registers, and longer
@@ -18,6 +19,7 @@ pairwise splits, so neighbouring elements meet in registers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +30,14 @@ import triton.language as tl
 from ..packing import field_bits, unpack_codes, unpack_mask
 from ..recipe import TensorSpec
 from .common import (
+    E4M3_BITS,
     HADAMARD_BLOCK,
     MAX_BITS,
     capability,
     check_device,
     dot_mode,
     dot_signs,
+    e4m3_byte,
     pack_pairs,
     pick,
     signs_for,
@@ -76,11 +80,12 @@ def launch_config(dtype: torch.dtype, capability: int, k: int = 0) -> tuple[int,
 
 @triton.jit
 def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_rows, row_ok, K,
-                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, WRITE_CODES: tl.constexpr, EVEN_K: tl.constexpr,
+                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, CODES: tl.constexpr, EVEN_K: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Round one tile ``a`` ``[ROWS, BLOCK_K]`` (rotated, fp32) by the per-row reciprocal step and mask threshold,
-    and store its int8 codes, packed fields and mask bits. ``k0``: the tile's first column, a scalar or ``[ROWS, 1]``
-    (one per row when a program's tiles are pieces of several rows); ``*_rows``: ``[ROWS, 1]`` row pointers."""
+    and store its codes (``CODES``: 0 none, 1 int8, 2 fp8 e4m3 bytes), packed fields and mask bits. ``k0``: the
+    tile's first column, a scalar or ``[ROWS, 1]`` (one per row when a program's tiles are pieces of several rows);
+    ``*_rows``: ``[ROWS, 1]`` row pointers."""
     LOW: tl.constexpr = -(2 ** (BITS - 1))
     HIGH: tl.constexpr = 2 ** (BITS - 1) - 1
     cols = k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -89,8 +94,10 @@ def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_r
     keep = (tl.abs(a) <= threshold[:, None]).to(tl.int32)
     if not EVEN_K:
         keep = tl.where(cols < K, keep, 0)
-    if WRITE_CODES:
+    if CODES == 1:
         tl.store(codes_rows + cols, (2 * q + 1).to(tl.int8), mask=ok)
+    elif CODES == 2:
+        tl.store(codes_rows + cols, e4m3_byte(2 * q + 1).to(tl.uint8), mask=ok)
     if FIELD_BITS > 0:
         index = q + 2 ** (BITS - 1)  # the level index of docs/numerics.md §6
         if not EVEN_K:
@@ -153,7 +160,7 @@ def _per_tile(v, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
 @triton.jit
 def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr, M, K, stride_x, stride_codes,
                      stride_packed, stride_mask, gaussian_scale, mask_coef, inv_sqrt_block,
-                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, WRITE_CODES: tl.constexpr, ROTATE: tl.constexpr,
+                     BITS: tl.constexpr, FIELD_BITS: tl.constexpr, CODES: tl.constexpr, ROTATE: tl.constexpr,
                      EVEN_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     BLOCK_K: tl.constexpr = 128
     first = tl.program_id(0) * BLOCK_M
@@ -182,7 +189,7 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
                          _rows_at(codes_ptr, first, local, stride_codes),
                          _rows_at(packed_ptr, first, local, stride_packed),
                          _rows_at(mask_ptr, first, local, stride_mask), tile_ok, K,
-                         BITS, FIELD_BITS, WRITE_CODES, True, TILES, BLOCK_K)
+                         BITS, FIELD_BITS, CODES, True, TILES, BLOCK_K)
     else:
         local = tl.arange(0, BLOCK_M)
         rows = first + local
@@ -227,14 +234,15 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
             else:
                 a = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_rows, row_ok, K, BITS,
-                             FIELD_BITS, WRITE_CODES, EVEN_K, BLOCK_M, BLOCK_K)
+                             FIELD_BITS, CODES, EVEN_K, BLOCK_M, BLOCK_K)
 
 
 @dataclass(frozen=True)
 class QuantizedRows:
     """Rows quantized by :func:`quantize_rows`, in the rotated domain when ``rotated``.
 
-    codes:  ``[R, K]`` int8 odd codes ``2q+1`` (the int8 GEMM's operand), or None when not asked for.
+    codes:  ``[R, K]`` odd codes ``2q+1`` as the GEMM's operand: fp8 e4m3 for grids of up to 4 bits, int8 above
+            (:func:`code_dtype`); None when not asked for.
     packed: ``[R, ceil(K·field_bits(2^bits)/8)]`` uint8 level-index fields (:mod:`bitlaw.kernels.packing`), or None.
     step:   ``[R]`` fp32, ``2α/(2^bits − 1)``; values are ``(2q+1) · step/2``.
     mask:   ``[R, ceil(K/8)]`` uint8, one bit per element, set where the gradient flows.
@@ -268,7 +276,9 @@ class QuantizedRows:
 
     def unpacked_codes(self) -> torch.Tensor:
         """Odd codes ``[R, K]`` int8 (from ``codes``, else unpacked from ``packed``)."""
-        return self.codes if self.codes is not None else unpack_codes(self.packed, self.bits, self.k)
+        if self.codes is None:
+            return unpack_codes(self.packed, self.bits, self.k)
+        return self.codes.float().to(torch.int8) if self.codes.dtype != torch.int8 else self.codes
 
     def unpacked_mask(self) -> torch.Tensor:
         """Gradient mask ``[R, K]`` bool."""
@@ -304,43 +314,81 @@ def check_rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The dtype of the GEMM operand codes of ``bits``-bit grids: fp8 e4m3 up to :data:`E4M3_BITS` bits (exact
+    there, and what torch._scaled_mm multiplies on fp8 tensor cores), int8 above (torch._int_mm)."""
+    return torch.float8_e4m3fn if bits <= E4M3_BITS else torch.int8
+
+
 def quantize_rows(x: torch.Tensor, spec: TensorSpec, codes: bool = True, packed: bool = False) -> QuantizedRows:
     """Quantize each row of ``x`` ``[M, K]`` (fp32/bf16) by ``spec`` in one fused kernel. See :class:`QuantizedRows`.
 
     ``spec`` must be an ``int1 … int7`` format with ``gaussian_rms`` scale and Hadamard block 128 (or no rotation);
     when rotated ``K`` must be a multiple of 128. ``codes``/``packed`` choose which code tensors are written (at
-    least one).
+    least one); codes are fp8 e4m3 for grids of up to 4 bits, int8 above (:func:`code_dtype`).
     """
+    return quantize_row_groups([x], spec, codes, packed)
+
+
+def quantize_row_groups(tensors: Sequence[torch.Tensor], spec: TensorSpec, codes: bool = True,
+                        packed: bool = False) -> QuantizedRows:
+    """:func:`quantize_rows` of the rows of ``tensors`` (each ``[R_i, K]``, one ``K``) stacked in order, written
+    straight into one ``[ΣR_i, …]`` set of outputs (no concatenated copy of the inputs): each row is quantized on
+    its own, so this equals quantizing ``torch.cat(tensors)``. The operand of a GEMM against several weights at
+    once (q, k and v of one attention layer)."""
     reason = unsupported_reason(spec)
     if reason is not None:
         raise ValueError(f"quantize_rows: {reason}; use bitlaw.kernels.quantizers.quantize for this spec")
     if not (codes or packed):
         raise ValueError("quantize_rows: ask for codes, packed codes or both")
-    x = check_rows(x, "quantize_rows: x")
-    m, k = x.shape
+    if not tensors:
+        raise ValueError("quantize_rows: no tensors to quantize")
+    tensors = [check_rows(x, "quantize_rows: x") for x in tensors]
+    k = tensors[0].shape[1]
+    if any(x.shape[1] != k for x in tensors):
+        raise ValueError(f"quantize_rows: the tensors have different row lengths {[x.shape[1] for x in tensors]}; "
+                         "a group shares one K")
     if spec.rotated and k % HADAMARD_BLOCK:
         raise ValueError(f"quantize_rows: K={k} is not a multiple of the Hadamard block {HADAMARD_BLOCK} "
-                         f"(x has shape {tuple(x.shape)}); allowed: K = 128·n, or rotation: none")
+                         f"(x has shape {tuple(tensors[0].shape)}); allowed: K = 128·n, or rotation: none")
+    m = sum(x.shape[0] for x in tensors)
     bits = spec.fmt.bits
     width = field_bits(2**bits)
-    device = x.device
-    out_codes = torch.empty(m, k, dtype=torch.int8, device=device) if codes else None
+    device = tensors[0].device
+    fp8 = bits <= E4M3_BITS
+    # fp8 codes are written as their bytes (the interpreter has no fp8 type) and viewed as e4m3 afterwards.
+    out_codes = torch.empty(m, k, dtype=torch.uint8 if fp8 else torch.int8, device=device) if codes else None
     out_packed = torch.empty(m, -(-k * width // 8), dtype=torch.uint8, device=device) if packed else None
     step = torch.empty(m, dtype=torch.float32, device=device)
     mask = torch.empty(m, -(-k // 8), dtype=torch.uint8, device=device)
-    if m and k:
-        dot = dot_mode(x.dtype)
-        signs = signs_for(dot, device)
-        block_m, warps, stages, blocks = launch_config(x.dtype, capability(device), k)
-        # Unwritten outputs get a valid dummy pointer; the kernel never touches it (WRITE_CODES / FIELD_BITS = 0).
-        _quantize_kernel[(triton.cdiv(m, block_m),)](
-            x, signs, out_codes if codes else step, out_packed if packed else step, mask, step, m, k, x.stride(0),
-            out_codes.stride(0) if codes else 0, out_packed.stride(0) if packed else 0, mask.stride(0),
-            spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
-            BITS=bits, FIELD_BITS=width if packed else 0, WRITE_CODES=codes, ROTATE=spec.rotated,
-            EVEN_K=k % TILE_K == 0, DOT=dot, BLOCK_M=block_m, BLOCKS=blocks, num_warps=pick(warps, 4),
-            num_stages=stages)
+    first = 0
+    for x in tensors:
+        rows = slice(first, first + x.shape[0])
+        first = rows.stop
+        if x.shape[0] and k:
+            _launch(x, spec, out_codes[rows] if codes else None, out_packed[rows] if packed else None, step[rows],
+                    mask[rows], 2 if fp8 else 1)
+    if codes and fp8:
+        out_codes = out_codes.view(torch.float8_e4m3fn)
     return QuantizedRows(out_codes, out_packed, step, mask, k, bits, spec.rotated)
+
+
+def _launch(x: torch.Tensor, spec: TensorSpec, out_codes: torch.Tensor | None, out_packed: torch.Tensor | None,
+            step: torch.Tensor, mask: torch.Tensor, code_format: int) -> None:
+    """One launch of the quantizer over ``x`` ``[M, K]`` into the given outputs (row slices are fine)."""
+    m, k = x.shape
+    dot = dot_mode(x.dtype)
+    signs = signs_for(dot, x.device)
+    block_m, warps, stages, blocks = launch_config(x.dtype, capability(x.device), k)
+    codes, packed = out_codes is not None, out_packed is not None
+    # Unwritten outputs get a valid dummy pointer; the kernel never touches it (CODES / FIELD_BITS = 0).
+    _quantize_kernel[(triton.cdiv(m, block_m),)](
+        x, signs, out_codes if codes else step, out_packed if packed else step, mask, step, m, k, x.stride(0),
+        out_codes.stride(0) if codes else 0, out_packed.stride(0) if packed else 0, mask.stride(0),
+        spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
+        BITS=spec.fmt.bits, FIELD_BITS=field_bits(2**spec.fmt.bits) if packed else 0,
+        CODES=code_format if codes else 0, ROTATE=spec.rotated, EVEN_K=k % TILE_K == 0, DOT=dot, BLOCK_M=block_m,
+        BLOCKS=blocks, num_warps=pick(warps, 4), num_stages=stages)
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
