@@ -216,8 +216,9 @@ def quantized_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], rec
 
 def _check_shapes(x: torch.Tensor, weights: Sequence[torch.Tensor], what: str) -> None:
     if not weights or x.dim() < 1 or any(w.dim() != 2 or x.shape[-1] != w.shape[1] for w in weights):
-        raise ValueError(f"{what}: x {tuple(x.shape)} and weight(s) {[tuple(w.shape) for w in weights]} do not "
-                         "fit; expected x [..., K] and weights [N, K]")
+        shapes = ", ".join(str(tuple(w.shape)) for w in weights)
+        raise ValueError(f"{what}: x {tuple(x.shape)} and weight {shapes} do not fit; expected x [..., K] and "
+                         "weight [N, K]")
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ implementation giving output shapes and dtypes, so tracing needs no real kernels
   steps in its epilogue.
 - ``bitlaw::quantized_linear_backward``: the gradients of docs/numerics.md §4 (:mod:`bitlaw.kernels.triton.backward`);
   with a quantized backward (the recipe's ``grad_input`` / ``grad_weight``, docs/numerics.md §8) those GEMMs take
-  the int8 gradient of :mod:`bitlaw.kernels.triton.grad_gemm`, seeded by the forward's ``seed`` tensor.
+  the 8-bit gradient of :mod:`bitlaw.kernels.triton.grad_gemm` on the vendor GEMMs, seeded by the forward's ``seed``
+  tensor.
 - ``bitlaw::quantized_weight``: weight-only recipes; ``Q(w·H)·Hᵀ`` (``Q(w·H)`` for ``layout='rotated'``) in fp32
   and the mask.
 
@@ -31,8 +32,8 @@ from ..hadamard import block_hadamard
 from ..packing import field_bits, unpack_mask
 from ..recipe import Recipe
 from .backward import dequantize_rows, grad_input, grad_weight
-from .grad_gemm import block_scaled_gemm, quantize_gradient, transposed_codes
-from .quant import QuantizedRows, quantize_row_groups, quantize_rows
+from .grad_gemm import quantize_gradient, quantized_grad_gemm
+from .quant import QuantizedRows, code_dtype, quantize_row_groups, quantize_rows
 from .vendor import scaled_matmul
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -68,8 +69,10 @@ def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, weight2: Optional
     keying a stochastic backward's bits (unused otherwise). Up to three weights as separate arguments, not a
     ``Tensor[]``: torch 2.13's autograd wrapper of custom operators miscounts the gradients of a tensor list."""
     spec = recipe_of(recipe)
-    xq = quantize_rows(x, spec.input, codes=True, packed=True)
-    wq = quantize_row_groups(_given(weight, weight2, weight3), spec.weight, codes=True, packed=True)
+    # Both operands' codes in one dtype: fp8 when both grids are e4m3-exact, else int8.
+    int8 = torch.int8 in (code_dtype(spec.input.fmt.bits), code_dtype(spec.weight.fmt.bits))
+    xq = quantize_rows(x, spec.input, codes=True, packed=True, int8=int8)
+    wq = quantize_row_groups(_given(weight, weight2, weight3), spec.weight, codes=True, packed=True, int8=int8)
     y = scaled_matmul(xq.codes, xq.step * 0.5, wq.codes, wq.step * 0.5, x.dtype, bias)
     return y, xq.packed, xq.step, xq.mask, wq.packed, wq.step, wq.mask
 
@@ -106,11 +109,11 @@ def quantized_linear_backward_op(grad_y: torch.Tensor, x_packed: torch.Tensor, x
     if quant_in is None:
         grad_x = grad_input(grad_y, xq, wq, out_dtype=x_dtype)
     else:
-        grad_x = block_scaled_gemm(*quant_in, transposed_codes(wq), xq, x_dtype, grad_y.dtype)
+        grad_x = quantized_grad_gemm(quant_in, wq, xq, x_dtype, grad_y.dtype)
     if quant_w is None:
         grad_w = grad_weight(grad_y, xq, wq, out_dtype=w_dtype)
     else:
-        grad_w = block_scaled_gemm(*quant_w, transposed_codes(xq), wq, w_dtype, grad_y.dtype)
+        grad_w = quantized_grad_gemm(quant_w, xq, wq, w_dtype, grad_y.dtype)
     return grad_x, grad_w
 
 

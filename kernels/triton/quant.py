@@ -320,18 +320,20 @@ def code_dtype(bits: int) -> torch.dtype:
     return torch.float8_e4m3fn if bits <= E4M3_BITS else torch.int8
 
 
-def quantize_rows(x: torch.Tensor, spec: TensorSpec, codes: bool = True, packed: bool = False) -> QuantizedRows:
+def quantize_rows(x: torch.Tensor, spec: TensorSpec, codes: bool = True, packed: bool = False,
+                  int8: bool = False) -> QuantizedRows:
     """Quantize each row of ``x`` ``[M, K]`` (fp32/bf16) by ``spec`` in one fused kernel. See :class:`QuantizedRows`.
 
     ``spec`` must be an ``int1 … int7`` format with ``gaussian_rms`` scale and Hadamard block 128 (or no rotation);
     when rotated ``K`` must be a multiple of 128. ``codes``/``packed`` choose which code tensors are written (at
-    least one); codes are fp8 e4m3 for grids of up to 4 bits, int8 above (:func:`code_dtype`).
+    least one); codes are fp8 e4m3 for grids of up to 4 bits, int8 above (:func:`code_dtype`) or when ``int8`` (the
+    other GEMM operand's codes are int8).
     """
-    return quantize_row_groups([x], spec, codes, packed)
+    return quantize_row_groups([x], spec, codes, packed, int8)
 
 
 def quantize_row_groups(tensors: Sequence[torch.Tensor], spec: TensorSpec, codes: bool = True,
-                        packed: bool = False) -> QuantizedRows:
+                        packed: bool = False, int8: bool = False) -> QuantizedRows:
     """:func:`quantize_rows` of the rows of ``tensors`` (each ``[R_i, K]``, one ``K``) stacked in order, written
     straight into one ``[ΣR_i, …]`` set of outputs (no concatenated copy of the inputs): each row is quantized on
     its own, so this equals quantizing ``torch.cat(tensors)``. The operand of a GEMM against several weights at
@@ -355,7 +357,7 @@ def quantize_row_groups(tensors: Sequence[torch.Tensor], spec: TensorSpec, codes
     bits = spec.fmt.bits
     width = field_bits(2**bits)
     device = tensors[0].device
-    fp8 = bits <= E4M3_BITS
+    fp8 = code_dtype(bits) == torch.float8_e4m3fn and not int8
     # fp8 codes are written as their bytes (the interpreter has no fp8 type) and viewed as e4m3 afterwards.
     out_codes = torch.empty(m, k, dtype=torch.uint8 if fp8 else torch.int8, device=device) if codes else None
     out_packed = torch.empty(m, -(-k * width // 8), dtype=torch.uint8, device=device) if packed else None

@@ -91,3 +91,21 @@ def test_layers_that_cannot_share_run_one_by_one(monkeypatch):
     block.self_attn.k_proj.register_forward_hook(lambda *args: None)  # a hook expects k_proj's own call
     _run(block)
     assert calls == [2]
+
+
+@needs_triton
+def test_a_quantized_block_compiles_in_one_graph_with_eager_numerics():
+    """``compile: true`` (train config) compiles the model: a quantized block on the fast path is one graph (the
+    quantized linear is a torch.library operator, the grouping plain Python) and computes what eager does."""
+    block = _block("quest_w4a4", "triton")
+    x = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(CONFIG.head_dim, 16, CONFIG.rope_theta))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x, cos, sin)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager = _run(block)
+    torch._dynamo.reset()
+    block.forward = torch.compile(block.forward, backend="aot_eager", fullgraph=True)
+    compiled = _run(block)
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
