@@ -66,6 +66,21 @@ def _capability(index: int) -> int:
     return 10 * major + minor
 
 
+HOPPER_SMS = 132  # multiprocessors of an H100 SXM: what the interpreter's launches assume
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU holding ``device``; :data:`HOPPER_SMS` under the interpreter."""
+    if INTERPRETED or device.type != "cuda":
+        return HOPPER_SMS
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def check_device(x: torch.Tensor, what: str) -> None:
     """Raise unless Triton can run on ``x``'s device (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
     if x.device.type != "cuda" and not INTERPRETED:

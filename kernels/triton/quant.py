@@ -38,6 +38,7 @@ from .common import (
     dot_mode,
     dot_signs,
     e4m3_byte,
+    multiprocessors,
     pack_pairs,
     pick,
     signs_for,
@@ -76,6 +77,17 @@ def launch_config(dtype: torch.dtype, capability: int, k: int = 0) -> tuple[int,
     if capability >= 90:
         return 64, 4, 3, 0
     return (32, 4, 1, 0) if dtype == torch.float32 else (64, 8, 3, 0)
+
+
+def column_splits(m: int, k: int, block_m: int, blocks: int, sms: int) -> int:
+    """Programs per row block along the columns: 1, unless the two-pass kernel (``blocks`` 0) would launch fewer
+    programs than the GPU has multiprocessors (a weight of few rows, e.g. 2048 × 5632): then enough splits of the
+    row's 128-column blocks for one full wave. Each split reads its rows once more for the scale (the sum of
+    squares): a small tensor read again so that every multiprocessor works."""
+    rows = -(-m // block_m)
+    if blocks or rows >= sms:
+        return 1
+    return min(-(-sms // rows), max(k // TILE_K, 1))
 
 
 @triton.jit
@@ -159,7 +171,7 @@ def _per_tile(v, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
 
 @triton.jit
 def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr, M, K, stride_x, stride_codes,
-                     stride_packed, stride_mask, gaussian_scale, mask_coef, inv_sqrt_block,
+                     stride_packed, stride_mask, gaussian_scale, mask_coef, inv_sqrt_block, chunk,
                      BITS: tl.constexpr, FIELD_BITS: tl.constexpr, CODES: tl.constexpr, ROTATE: tl.constexpr,
                      EVEN_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     BLOCK_K: tl.constexpr = 128
@@ -204,7 +216,12 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
             squares += x * x
         step, inv_step, threshold = _row_scales(tl.sum(squares, axis=1), K, gaussian_scale, mask_coef,
                                                 inv_sqrt_block, BITS, ROTATE)
-        tl.store(step_ptr + rows, step, mask=row_ok)
+        # Programs along axis 1 split the row's columns (``chunk`` each, whole 128-column blocks) for the second
+        # pass, so that tensors with few rows still fill the GPU; each computed the whole row's scale.
+        k_lo = tl.program_id(1) * chunk
+        k_hi = tl.minimum(K, k_lo + chunk)
+        if tl.program_id(1) == 0:
+            tl.store(step_ptr + rows, step, mask=row_ok)
         if ROTATE:
             # fp32 rows are multiplied in two halves of the block (rows of H split in two): the three bf16 parts
             # of a half stay in registers where those of the whole block would spill.
@@ -219,7 +236,7 @@ def _quantize_kernel(x_ptr, signs_ptr, codes_ptr, packed_ptr, mask_ptr, step_ptr
         packed_rows = _rows_at(packed_ptr, first, local, stride_packed)
         mask_rows = _rows_at(mask_ptr, first, local, stride_mask)
         # Pass 2: rotate, round and store, block by block.
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             cols = k0 + offs
             ok = _tile_ok(row_ok, cols[None, :], K, EVEN_K)
             if ROTATE and DOT == 2:
@@ -382,12 +399,14 @@ def _launch(x: torch.Tensor, spec: TensorSpec, out_codes: torch.Tensor | None, o
     dot = dot_mode(x.dtype)
     signs = signs_for(dot, x.device)
     block_m, warps, stages, blocks = launch_config(x.dtype, capability(x.device), k)
+    splits = column_splits(m, k, block_m, blocks, multiprocessors(x.device))
+    chunk = -(-k // (splits * TILE_K)) * TILE_K
     codes, packed = out_codes is not None, out_packed is not None
     # Unwritten outputs get a valid dummy pointer; the kernel never touches it (CODES / FIELD_BITS = 0).
-    _quantize_kernel[(triton.cdiv(m, block_m),)](
+    _quantize_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, chunk))](
         x, signs, out_codes if codes else step, out_packed if packed else step, mask, step, m, k, x.stride(0),
         out_codes.stride(0) if codes else 0, out_packed.stride(0) if packed else 0, mask.stride(0),
-        spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK),
+        spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK), chunk,
         BITS=spec.fmt.bits, FIELD_BITS=field_bits(2**spec.fmt.bits) if packed else 0,
         CODES=code_format if codes else 0, ROTATE=spec.rotated, EVEN_K=k % TILE_K == 0, DOT=dot, BLOCK_M=block_m,
         BLOCKS=blocks, num_warps=pick(warps, 4), num_stages=stages)
