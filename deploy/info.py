@@ -28,6 +28,7 @@ from ..core.config import CONF_DIR
 from ..data.cli import to_data_config
 from ..data.config import DataConfig
 from ..data.shards import META_FILE, dataset_dir
+from ..kernels.linear import triton_unsupported_reason
 from ..kernels.packing import field_bits
 from ..kernels.recipe import Recipe, TensorSpec
 from ..models.convert import BLOCK_PROJECTIONS, convert
@@ -80,6 +81,21 @@ def _describe(spec: TensorSpec) -> str:
     return f"{spec.format} ({spec.scale} scale, {spec.grad}{clip} gradient, {rotation}{suffix})"
 
 
+def fast_path_line(recipe: Recipe) -> str:
+    """Which kernels train ``recipe``'s projections on CUDA (under bf16 autocast), and why not the fast path."""
+    if not recipe.compressed:
+        return "on CUDA: nn.Linear (cuBLAS bf16); nothing is quantized"
+    reason = triton_unsupported_reason(recipe, torch.bfloat16, torch.float32)
+    if reason is not None:
+        return f"on CUDA: the reference path (plain PyTorch), not the fast path: {reason}"
+    if not recipe.input.quantized:
+        return "on CUDA: the fast path (fused Triton weight quantizer, then cuBLAS)"
+    gemm = "torch._scaled_mm on fp8 e4m3 codes" if max(recipe.weight.fmt.bits, recipe.input.fmt.bits) <= 4 \
+        else "torch._int_mm on int8 codes"
+    backward = "8-bit gradients on the same vendor GEMMs" if recipe.quantized_backward else "bf16 cuBLAS backward"
+    return f"on CUDA: the fast path (fused Triton quantizers, {gemm}, {backward})"
+
+
 def report(model_cfg: LlamaConfig, recipe: Recipe, model_name: str, vocab_source: str | None = None) -> str:
     """The text ``bitlaw-info`` prints; ``vocab_source`` says where the vocabulary size came from (a line of its
     own when given). Builds the model on the meta device (no memory, no compute)."""
@@ -101,6 +117,7 @@ def report(model_cfg: LlamaConfig, recipe: Recipe, model_name: str, vocab_source
         + ("; the weight stays rotated (layout rotated: y = x·Q(W·H)ᵀ)" if recipe.layout == "rotated" else ""),
         f"block weights: {elements:,} elements, {nbytes:,} bytes ({nbytes / 2**20:,.1f} MiB) in {recipe.name}, "
         f"{nbytes / bf16_bytes:.3f}x of bf16 ({bf16_bytes:,} bytes)",
+        fast_path_line(recipe),
     ]
     return "\n".join(lines)
 

@@ -86,3 +86,21 @@ def test_console_entry_point_runs():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recipe quest_w2: weight int2" in proc.stdout and "input bf16 (not quantized)" in proc.stdout
+
+
+def test_every_preset_says_which_kernels_train_it_on_cuda(capsys):
+    from bitlaw.kernels.recipe import recipe_names
+
+    paths = {}
+    for name in recipe_names():
+        assert main(["model=tiny", f"quant={name}"]) == 0
+        (line,) = [text for text in capsys.readouterr().out.splitlines() if text.startswith("on CUDA: ")]
+        paths[name] = line
+    assert paths["bf16"] == "on CUDA: nn.Linear (cuBLAS bf16); nothing is quantized"
+    for name in ("quest_w4a4", "quest_w1a1", "quest_w2a2", "quest_w3a3"):
+        assert "fast path (fused Triton quantizers, torch._scaled_mm on fp8 e4m3 codes" in paths[name], name
+    assert "8-bit gradients on the same vendor GEMMs" in paths["quest_w4a4_g8g8_e4m3"]
+    # What stays on the reference says why, naming the field.
+    assert "format 'fp4_e2m1'" in paths["quest_fp4"] and "lsq" in paths["lsq_w4a4"]
+    assert all(line.startswith(("on CUDA: the fast path", "on CUDA: the reference path (plain PyTorch), not the "
+                                "fast path: ", "on CUDA: nn.Linear")) for line in paths.values())
