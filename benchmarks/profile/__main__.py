@@ -3,29 +3,29 @@
     python -m bitlaw.benchmarks.profile                  # the tables, both targets, and the two records
     python -m bitlaw.benchmarks.profile --json out.json  # also every figure as JSON
 
-No GPU is needed (``sass``). For every configuration the code can launch (``variants``) — each tile configuration
-the GEMM autotuner may select, and each variant of the fixed-configuration kernels that the presets use — the table
-reports, per loop of the kernel (or its whole body when it has none):
+No GPU is needed (``sass``). For every configuration the code launches for the presets (``variants``: the fused
+quantizer, the backward's dequantize and mask + inverse-Hadamard passes, the quantized backward's gradient passes;
+the GEMMs are the vendor's and are not profiled) the table reports, per loop of the kernel (or its whole body when
+it has none):
 
 - ``regs``, ``stack`` (bytes of local memory per thread: spills), ``smem`` (KiB, static + dynamic);
-- ``instr``: SASS instructions per iteration, ``mma``: the tensor-core instructions among them (wgmma ``HGMMA`` /
-  ``IGMMA`` on sm_90a, ``HMMA`` / ``IMMA`` on sm_80), ``async``: asynchronous copies into shared memory
+- ``instr``: SASS instructions per iteration, ``mma``: the tensor-core instructions among them (wgmma ``HGMMA`` on
+  sm_90a, ``HMMA`` on sm_80: the Hadamard rotations), ``async``: asynchronous copies into shared memory
   (``LDGSTS`` = cp.async, ``UTMALDG`` = TMA), ``ldg vec/scalar``: global loads of 64/128 bits vs narrower ones;
 - the issue-slot model of docs/kernels.md §2: ``issue`` = instructions × warps / 4 cycles per iteration (four
   schedulers per SM, one warp-instruction each per cycle), ``tensor`` = the iteration's MMA operations / the SM's
-  dense tensor-core rate; ``issue/tensor`` ≤ 1 means the tensor cores, not instruction issue, bound the loop.
-  Memory-bound kernels report ``instr/B``: thread-instructions per input byte and per byte moved (read or
-  written); the layer estimate's H100 issues about 10.3 per byte of HBM traffic at its 3.0 TB/s, so a pass whose
-  instructions per byte moved stay below that is memory-bound.
+  dense tensor-core rate; ``instr/B``: thread-instructions per input byte and per byte moved (read or written);
+  the estimate's H100 issues about 10 per byte of HBM traffic at its bandwidth, so a pass whose instructions per
+  byte moved stay below that is memory-bound.
 
 An integer argument equal to 1 is compiled as the constant 1, as Triton specializes it at every launch: the unit
 column strides of the contiguous gradients the backward kernels read (so their loads vectorize as they will).
 
-Then the same model estimates (``estimate``) the forward + backward of each projection shape of the 800M block
-and of the whole block against ``nn.Linear`` in bf16 (docs/kernels.md §3). All of it is an estimate from compiled
-code, not a measurement. Records (``benchmarks.record``): ``profile`` (kind ``compiled``: one row per loop of each
-compiled configuration) and ``estimate-800m`` (kind ``estimated``: the layer and block estimates, with the
-assumptions in its notes).
+Then the estimate (``estimate``) models the forward + backward of one whole 800M block for bf16, quest_w4a4 and the
+quantized backward, at GEMM efficiencies of 0.6, 0.7 and 0.8 (docs/kernels.md §3). It is an estimate from compiled
+code and published rates, not a measurement. Records (``benchmarks.record``): ``profile`` (kind ``compiled``: one
+row per loop of each compiled configuration) and ``estimate-800m`` (kind ``estimated``: per efficiency and recipe
+the block, its parts and passes, with the assumptions in its notes).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 
 from ..options import add_record_arguments, record_directory
 from ..record import BenchmarkRecord, command_line, write_record
-from .estimate import BLOCK_PROJECTIONS, SETTINGS, Gpu, assumptions, block_estimate
+from .estimate import EFFICIENCIES, GROUPS, RATIO_TARGETS, RECIPES, TARGET_EFFICIENCY, Gpu, assumptions, estimates
 from .sass import Profile, nvidia_tools, run_profile
 from .variants import TARGETS
 
@@ -53,13 +53,13 @@ MODULE = "bitlaw.benchmarks.profile.__main__"  # where render() lives: the gener
 
 def profile_rows(profiles: list[Profile]) -> list[dict[str, Any]]:
     """One flat row per loop of each compiled variant (one row, ``loop`` None, for a variant that did not compile):
-    the variant's ``kernel, label, target, num_warps, num_stages, gemm, error``, its ``registers``, ``stack`` and
+    the variant's ``kernel, label, target, num_warps, num_stages, error``, its ``registers``, ``stack`` and
     ``shared`` (bytes), ``total_instructions_per_input_byte`` (all loops, memory-bound kernels), and the loop's
     fields (``loop``: its name; ``instructions``, ``mma`` …, see ``sass.Loop``)."""
     rows = []
     for item in profiles:
         base = {"kernel": item.kernel, "label": item.label, "target": item.target, "num_warps": item.num_warps,
-                "num_stages": item.num_stages, "gemm": item.gemm, "error": item.error, "registers": item.registers,
+                "num_stages": item.num_stages, "error": item.error, "registers": item.registers,
                 "stack": item.stack, "shared": item.shared,
                 "total_instructions_per_input_byte": item.instructions_per_input_byte}
         if not item.loops:
@@ -77,7 +77,7 @@ def _profile_line(row: dict[str, Any]) -> str:
     mma = ", ".join(f"{count}×{op}" for op, count in row["mma"].items()) or "—"
     ratio = f"{row['issue_cycles'] / row['tensor_cycles']:.2f}" if row["tensor_cycles"] else "—"
     per_byte = "—"
-    if row["instructions_per_input_byte"] is not None and not row["gemm"]:
+    if row["instructions_per_input_byte"] is not None:
         per_byte = f"{row['instructions_per_input_byte']:.1f} / {row['instructions_per_byte_moved']:.1f}"
     return (f"| {row['kernel']} | {row['label']} | {row['target']} | {row['num_warps']}/{row['num_stages']} | "
             f"{row['registers']} | {row['stack']} | {row['shared'] / 1024:.0f} | {row['loop']}: "
@@ -93,42 +93,59 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + [_profile_line(row) for row in rows])
 
 
-# ---- the estimate: one row per projection shape and per block ----
+# ---- the estimate: per efficiency and recipe, the block and its passes ----
 
 def estimate_rows(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per :func:`~.estimate.block_estimate`: a ``layer`` row per projection shape (``m, k, n``, the
-    ``projections`` of that shape, per-projection totals ``quantized_us`` / ``nn_linear_us``, ``ratio``, and every
-    pass in ``quantized_passes_us`` / ``nn_linear_passes_us``), then a ``block`` row (sums over the seven
-    projections and their ratio). Times in µs per step."""
+    """Per :func:`~.estimate.estimates` entry a ``block`` row (``efficiency, recipe, block_us, ratio`` to bf16 at
+    that efficiency, ``part_us``: µs per part) followed by a ``pass`` row per pass (``efficiency, recipe, part,
+    name, us``). Times in µs per step of one block."""
     rows = []
     for block in blocks:
-        for layer in block["layers"]:
-            m, k, n = layer["shape"]
-            rows.append({"scope": "layer", "bits": block["bits"], "backward": block["backward"], "m": m, "k": k,
-                         "n": n, "projections": layer["projections"],
-                         "quantized_us": sum(layer["quantized_us"].values()),
-                         "nn_linear_us": sum(layer["nn_linear_us"].values()), "ratio": layer["ratio"],
-                         "quantized_passes_us": layer["quantized_us"], "nn_linear_passes_us": layer["nn_linear_us"]})
-        rows.append({"scope": "block", "bits": block["bits"], "backward": block["backward"], "m": block["tokens"],
-                     "projections": [name for layer in block["layers"] for name in layer["projections"]],
-                     "quantized_us": block["quantized_us"], "nn_linear_us": block["nn_linear_us"],
-                     "ratio": block["ratio"]})
+        rows.append({"scope": "block", "efficiency": block["efficiency"], "recipe": block["recipe"],
+                     "block_us": block["block_us"], "ratio": block["ratio"], "part_us": block["part_us"]})
+        rows += [{"scope": "pass", "efficiency": block["efficiency"], "recipe": block["recipe"], "part": part,
+                  "name": name, "us": us}
+                 for part, passes in block["parts"].items() for name, us in passes.items()]
     return rows
 
 
+PARTS = [name for name, _, _ in GROUPS] + ["attention", "elementwise"]
+
+
+def _target(row: dict[str, Any]) -> str:
+    limit = RATIO_TARGETS.get(row["recipe"])
+    if limit is None or row["efficiency"] != TARGET_EFFICIENCY:
+        return ""
+    verdict = "met" if row["ratio"] <= limit else f"missed by {row['ratio'] - limit:.2f}"
+    return f"≤ {limit:.2f}x: {verdict}"
+
+
 def estimate_table(rows: list[dict[str, Any]]) -> str:
-    """The estimate as a Markdown table: per (bits, backward) a line per projection shape (µs per projection) and
-    one for the whole 800M block (µs summed over its projections)."""
-    lines = ["| layer M x K x N | bits | backward | projections | quantized µs (estimate) | "
-             "nn.Linear bf16 µs (estimate) | ratio |",
-             "|---|---:|---|---|---:|---:|---:|"]
+    """The block estimate as a Markdown table: per GEMM efficiency and recipe, µs per part, the block and its
+    ratio to bf16 (with the issue's target at 0.6)."""
+    lines = ["| GEMM efficiency | recipe | " + " | ".join(f"{part} µs" for part in PARTS) +
+             " | block µs (estimate) | vs bf16 | target |",
+             "|---:|---|" + "---:|" * len(PARTS) + "---:|---:|---|"]
     for row in rows:
         if row["scope"] == "block":
-            what, names = "800M block", f"all {len(row['projections'])}, summed"
-        else:
-            what, names = f"{row['m']}x{row['k']}x{row['n']}", ", ".join(row["projections"])
-        lines.append(f"| {what} | {row['bits']} | {row['backward']} | {names} | {row['quantized_us']:.0f} | "
-                     f"{row['nn_linear_us']:.0f} | {row['ratio']:.2f}x |")
+            parts = " | ".join(f"{row['part_us'][part]:.0f}" for part in PARTS)
+            lines.append(f"| {row['efficiency']:.1f} | {row['recipe']} | {parts} | {row['block_us']:.0f} | "
+                         f"{row['ratio']:.2f}x | {_target(row)} |")
+    return "\n".join(lines)
+
+
+def pass_table(rows: list[dict[str, Any]], efficiency: float = TARGET_EFFICIENCY) -> str:
+    """Every pass of the block at ``efficiency`` as a Markdown table: µs per recipe (— where a recipe has no such
+    pass)."""
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for row in rows:
+        if row["scope"] == "pass" and row["efficiency"] == efficiency:
+            cells.setdefault((row["part"], row["name"]), {})[row["recipe"]] = row["us"]
+    lines = ["| part | pass | " + " | ".join(f"{recipe} µs" for recipe in RECIPES) + " |",
+             "|---|---|" + "---:|" * len(RECIPES)]
+    for (part, name), times in cells.items():
+        figures = " | ".join(f"{times[recipe]:.1f}" if recipe in times else "—" for recipe in RECIPES)
+        lines.append(f"| {part} | {name} | {figures} |")
     return "\n".join(lines)
 
 
@@ -154,10 +171,11 @@ def profile_record(rows: list[dict[str, Any]], targets: list[str], argv: list[st
 def estimate_record(rows: list[dict[str, Any]], targets: list[str], argv: list[str] | None) -> BenchmarkRecord:
     gpu = Gpu()
     return BenchmarkRecord(
-        benchmark="estimate-800m", title="Quantized linear vs nn.Linear, 800M layers and block: estimate",
+        benchmark="estimate-800m", title="One 800M block, forward + backward, bf16 vs quantized: estimate",
         kind="estimated", module=MODULE, command=command_line(COMMAND, argv), rows=rows, device=_compiled_on(targets),
-        notes={"assumptions": assumptions(gpu), "gpu": asdict(gpu), "settings": [list(s) for s in SETTINGS],
-               "block": [list(p) for p in BLOCK_PROJECTIONS], "model": "docs/kernels.md §3"})
+        notes={"assumptions": assumptions(gpu), "gpu": asdict(gpu), "recipes": list(RECIPES),
+               "efficiencies": list(EFFICIENCIES), "targets": RATIO_TARGETS, "target_efficiency": TARGET_EFFICIENCY,
+               "groups": [[name, k, list(outs)] for name, k, outs in GROUPS], "model": "docs/kernels.md §3"})
 
 
 def render(record: BenchmarkRecord) -> str:
@@ -175,10 +193,15 @@ def render(record: BenchmarkRecord) -> str:
                 f"issues {record.notes['issue_per_byte_of_bandwidth']:.1f} per byte of HBM bandwidth).\n\n"
                 f"{markdown_table(record.rows)}\n")
     if record.benchmark == "estimate-800m":
-        return ("Forward + backward of each projection shape of the 800M block (µs per projection) and of the whole "
-                "block (µs summed over its seven projections; ratio of the sums), quantized vs `nn.Linear` under "
-                "bf16 autocast. A model evaluated on compiled code (docs/kernels.md §3), not a measurement.\n\n"
-                f"{estimate_table(record.rows)}\n\nAssumptions:\n\n{assumption_lines(record.notes)}\n")
+        efficiency = record.notes["target_efficiency"]
+        return ("Forward + backward of one whole 800M block at 16,384 tokens (its projection groups, attention and "
+                "the memory passes around them), µs per step, for bf16 (`nn.Linear` under autocast), `quest_w4a4` "
+                "and the quantized backward (`quest_w4a4_g8g8_e4m3`: fp8 e4m3 gradients, row-wise scales), at "
+                "three GEMM efficiencies; the ratio is the block's time over bf16's at the same efficiency. An "
+                "estimate: a model evaluated on compiled code and published rates (docs/kernels.md §3), not a "
+                f"measurement, with these assumptions:\n\n{assumption_lines(record.notes)}\n\n"
+                f"{estimate_table(record.rows)}\n\nEvery pass at GEMM efficiency {efficiency} (µs, estimate):\n\n"
+                f"{pass_table(record.rows, efficiency)}\n")
     raise ValueError(f"{MODULE}.render: benchmark {record.benchmark!r} is not allowed; allowed: profile, "
                      "estimate-800m")
 
@@ -197,24 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     profiles = run_profile(args.targets, args.jobs)
-    blocks = [block_estimate(profiles, bits, backward) for bits, backward in SETTINGS]
-    rows, estimates = profile_rows(profiles), estimate_rows(blocks)
-    records = [profile_record(rows, args.targets, argv), estimate_record(estimates, args.targets, argv)]
+    blocks = estimates(profiles)
+    rows, estimated = profile_rows(profiles), estimate_rows(blocks)
+    records = [profile_record(rows, args.targets, argv), estimate_record(estimated, args.targets, argv)]
     print(f"triton {triton.__version__}; compiled for {', '.join(args.targets)} on this CPU (no GPU)")
     print(markdown_table(rows))
     print()
-    print("Forward + backward of the 800M block's projections and of the whole block, estimated from the profile "
-          "(docs/kernels.md §3):")
-    print(estimate_table(estimates))
+    print("Forward + backward of one 800M block, estimated (docs/kernels.md §3):")
+    print(estimate_table(estimated))
+    print()
+    print(pass_table(estimated))
     print()
     print("Assumptions:")
     print(assumption_lines(records[1].notes))
     if args.json:
-        args.json.write_text(json.dumps({
-            "triton": triton.__version__, "profiles": [asdict(p) for p in profiles],
-            "estimates": [layer for block in blocks for layer in block["layers"]],
-            "blocks": [{key: value for key, value in block.items() if key != "layers"} for block in blocks]},
-            indent=1))
+        args.json.write_text(json.dumps({"triton": triton.__version__, "profiles": [asdict(p) for p in profiles],
+                                         "blocks": blocks}, indent=1))
     for record in records:
         path = write_record(record, record_directory(args))
         if path is not None:

@@ -1,10 +1,22 @@
-"""The layer and block estimate of docs/kernels.md §3: forward + backward time of the quantized linear against
-``nn.Linear`` in bf16 on an assumed H100 (:class:`Gpu`), from the compiled profile's instruction counts.
+"""The block estimate of docs/kernels.md §3: forward + backward time of one whole 800M Llama block on an assumed
+H100 (:class:`Gpu`) for bf16 training (``nn.Linear`` under autocast) and the two quantized designs, from the
+compiled profile's instruction counts and the sourced rates of :func:`assumptions`.
 
-The shapes are the 800M model's block at 16,384 tokens: its seven projections (q, k, v, o: 2048 → 2048; gate, up:
-2048 → 5632; down: 5632 → 2048). :func:`block_estimate` gives each distinct projection shape and the whole block, the
-time summed over the seven projections. :func:`assumptions` states what the estimate assumes, with the sources. It
-is a model evaluated on compiled code, not a measurement.
+The block at ``M = 16,384`` tokens (32 sequences of 512): its projections in the groups that share one quantized
+input (:data:`GROUPS`: q/k/v, o, gate/up, down), causal attention at a FlashAttention-class rate, and the memory
+passes around them (RMSNorms, RoPE, SiLU·mul, residual adds, autocast's casts). Every GEMM reaches one efficiency
+(a share of its dense peak), a parameter: :data:`EFFICIENCIES` gives a row each. Recipes (:data:`RECIPES`):
+
+- ``bf16``: ``nn.Linear`` under bf16 autocast: per projection the fp32 → bf16 weight cast, three bf16 GEMMs, the
+  bf16 → fp32 cast of the weight gradient; the gradients of a shared input summed.
+- ``quest_w4a4``: per group the fused quantizer on the input and on the weights (e4m3 codes, packed codes, mask,
+  steps), one fp8 GEMM (``torch._scaled_mm``), and QuEST's 16-bit backward (dequantize, cuBLAS bf16, mask + IHT).
+- ``quest_w4a4_g8g8_e4m3`` (the quantized backward as the fast path runs it: ``quest_w4a4_g8g8`` itself has int8
+  block scales, which run the reference path): the same forward; the backward quantizes the output gradient to
+  fp8 e4m3 with row-wise scales (an amax pass and a quantize pass writing both operands), transposes the saved
+  codes, and runs both backward GEMMs on fp8 (``torch._scaled_mm``), then mask + IHT.
+
+It is a model evaluated on compiled code and published rates, not a measurement.
 """
 
 from __future__ import annotations
@@ -15,22 +27,46 @@ from typing import Any
 from .sass import MMA_RATE, Loop, Profile
 from .variants import torch_dtype
 
-TOKENS = 16_384  # rows M of every projection: the tokens of one step the estimate assumes (docs/kernels.md §3)
-# The 800M block (conf/model/800m.yaml: d_model 2048, 16 heads with keys and values of full width, MLP hidden 5632):
-# each projection as (name, in_features K, out_features N).
-BLOCK_PROJECTIONS = (("q", 2048, 2048), ("k", 2048, 2048), ("v", 2048, 2048), ("o", 2048, 2048),
-                     ("gate", 2048, 5632), ("up", 2048, 5632), ("down", 5632, 2048))
+TOKENS = 16_384  # rows M of every projection: 32 sequences of 512 tokens (docs/kernels.md §3)
+SEQ_LEN = 512
+D_MODEL, N_HEAD, HIDDEN = 2048, 16, 5632  # conf/model/800m.yaml: keys and values of full width, head dim 128
+# The projection groups of a block: (name, in_features K, the out_features of each weight sharing the input).
+GROUPS = (("qkv", D_MODEL, (D_MODEL, D_MODEL, D_MODEL)), ("o", D_MODEL, (D_MODEL,)),
+          ("gate/up", D_MODEL, (HIDDEN, HIDDEN)), ("down", HIDDEN, (D_MODEL,)))
+RECIPES = ("bf16", "quest_w4a4", "quest_w4a4_g8g8_e4m3")
+EFFICIENCIES = (0.6, 0.7, 0.8)
+# The issue's block ratios to bf16, at 0.6 of peak for every GEMM.
+RATIO_TARGETS = {"quest_w4a4": 0.92, "quest_w4a4_g8g8_e4m3": 0.70}
+TARGET_EFFICIENCY = 0.6
 
 
 @dataclass(frozen=True)
 class Gpu:
-    """What the estimate assumes of one GPU (H100 SXM; docs/kernels.md §3)."""
+    """What the estimate assumes of one GPU (H100 SXM5 80 GB; sources in :func:`assumptions`)."""
 
-    name: str = "H100 SXM (estimate)"
+    name: str = "H100 SXM5 80 GB (estimate)"
     sms: int = 132
     clock: float = 1.83e9  # Hz: the clock NVIDIA's tensor-core figures are quoted at
-    bytes_per_s: float = 3.0e12  # device-to-device copy measured on an H100 80 GB HBM3 (read + write)
-    matmul_efficiency: float = 0.8  # share of the dense peak cuBLAS and our GEMM reach on large shapes, alike
+    hbm_bytes_per_s: float = 3.35e12  # NVIDIA's datasheet figure for HBM3
+    achieved_bandwidth: float = 0.9  # share of it a streaming pass moves (assumed; the GPU check measures a copy)
+    matmul_efficiency: float = 0.6  # share of the dense peak every GEMM reaches, bf16 and fp8 alike
+    # FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608) on an H100 SXM5, head dim 128, sequence 512, in the
+    # FlashAttention FLOP convention: forward with causal mask (Fig. 5), backward without one (Fig. 6).
+    attention_forward_flops: float = 292e12
+    attention_backward_noncausal_flops: float = 316e12
+    attention_forward_noncausal_flops: float = 467e12  # Fig. 5 without causal mask: scales the backward to causal
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Read + write bytes per second of a memory pass."""
+        return self.hbm_bytes_per_s * self.achieved_bandwidth
+
+    @property
+    def attention_backward_flops(self) -> float:
+        """The causal backward rate: the paper's backward figure (no causal mask) scaled by its forward's causal /
+        non-causal ratio at the same shape (the paper shows no causal backward at head dim 128)."""
+        return self.attention_backward_noncausal_flops * self.attention_forward_flops \
+            / self.attention_forward_noncausal_flops
 
     def peak(self, kind: str) -> float:
         """Dense tensor-core operations per second of ``kind`` (``bf16``, ``tf32``, ``int8``, ``fp8``)."""
@@ -48,140 +84,177 @@ def _main_loop(profiles: list[Profile], kernel: str, label: str | None = None) -
     return None
 
 
-BACKWARDS = ("bf16", "g8", "g8g8")  # the layer estimate's backward: QuEST's, int8 grad_input, int8 both GEMMs
+class _Model:
+    """Times in µs of the passes of one block on ``gpu``: memory passes at the bandwidth (or the issue rate of the
+    profiled kernel, where slower), GEMMs at ``gpu.matmul_efficiency`` of their peak."""
 
+    def __init__(self, profiles: list[Profile], gpu: Gpu, tokens: int):
+        self.profiles, self.gpu, self.m = profiles, gpu, tokens
+        self.issue_rate = gpu.sms * 4 * 32 * gpu.clock  # thread-instructions per second
 
-def layer_estimate(profiles: list[Profile], m: int, k: int, n: int, bits: int = 4, gpu: Gpu = Gpu(),
-                   backward: str = "bf16") -> dict[str, Any]:
-    """Estimated forward + backward time (µs) of one quantized linear (``bits``-bit weights and inputs) and of
-    ``nn.Linear`` under bf16 autocast at ``M x K x N``, per step, with the model of docs/kernels.md §3.
-    ``backward``: ``bf16`` (QuEST's: dequantize, cuBLAS, mask + IHT), ``g8`` (int8 ``g_y`` for ``g_x``, the preset
-    ``quest_w4a4_g8``), ``g8g8`` (int8 ``g_y`` for both GEMMs, ``quest_w4a4_g8g8``)."""
-    if backward not in BACKWARDS:
-        raise ValueError(f"layer_estimate: backward={backward!r} is not allowed; allowed: {', '.join(BACKWARDS)}")
-    field_bytes = {1: 1 / 8, 2: 2 / 8, 3: 4 / 8, 4: 4 / 8}[bits]
-    issue_rate = gpu.sms * 4 * 32 * gpu.clock  # thread-instructions per second
-
-    def memory(read: float, write: float, instructions_per_byte: float | None = None) -> float:
-        seconds = (read + write) / gpu.bytes_per_s
-        if instructions_per_byte is not None:
-            seconds = max(seconds, read * instructions_per_byte / issue_rate)
+    def memory(self, read: float, write: float, loop: Loop | None = None) -> float:
+        seconds = (read + write) / self.gpu.bytes_per_s
+        if loop is not None and loop.instructions_per_input_byte is not None:
+            seconds = max(seconds, read * loop.instructions_per_input_byte / self.issue_rate)
         return seconds * 1e6
 
-    def matmul(kind: str, issue_ratio: float = 1.0) -> float:
-        return 2.0 * m * k * n / (gpu.peak(kind) * gpu.matmul_efficiency) * max(1.0, issue_ratio) * 1e6
+    def matmul(self, kind: str, k: int, n: int) -> float:
+        return 2.0 * self.m * k * n / (self.gpu.peak(kind) * self.gpu.matmul_efficiency) * 1e6
 
-    def ratio(loop: Loop | None) -> float:
-        return loop.issue_cycles / loop.tensor_cycles if loop else 1.0
+    def loop(self, kernel: str, label: str | None = None) -> Loop | None:
+        return _main_loop(self.profiles, kernel, label)
 
-    def rotation(rows: int, dots: int) -> float:
-        # The epilogue's inverse Hadamard: per 128-column tile a dot of rows × 128 × 128 against ±1, ``dots`` bf16
-        # dots (1 in bf16 training).
-        return 2.0 * rows * k * 128 * dots / (gpu.peak("bf16") * gpu.matmul_efficiency) * 1e6
+    def quantize(self, rows: int, k: int, dtype: str) -> float:
+        """The fused quantizer on ``[rows, k]`` ``dtype`` rows: read once where it takes one pass on Hopper
+        (``quant.one_pass_blocks``), else twice; writes e4m3 codes (1 B), packed int4 (½ B), mask (⅛ B), a step."""
+        from ...kernels.triton.quant import one_pass_blocks
 
-    label = {4: "w4a4", 1: "w1a1", 2: "w2a2", 3: "w3a3"}[bits]
-    # Rows are read once where the quantizer takes one pass on Hopper (quant.one_pass_blocks), at the instruction
-    # rate the profile measured at K = 2048; else twice.
-    from ...kernels.triton.quant import one_pass_blocks
+        size = {"bf16": 2, "fp32": 4}[dtype]
+        what = "input (bf16)" if dtype == "bf16" else "weight (fp32 master)"
+        one = one_pass_blocks(k, torch_dtype(dtype), 90) > 0
+        loop = (self.loop("quantize", f"w4a4 {what}, one pass, K 2048") if one and k == 2048 else None) or \
+            self.loop("quantize", f"w4a4 {what}")
+        return self.memory((1 if one else 2) * size * rows * k, (1 + 1 / 2 + 1 / 8) * rows * k + 4 * rows, loop)
 
-    one_x = one_pass_blocks(k, torch_dtype("bf16"), 90) and \
-        _main_loop(profiles, "quantize", f"{label} input (bf16), one pass, K 2048")
-    one_w = one_pass_blocks(k, torch_dtype("fp32"), 90) and \
-        _main_loop(profiles, "quantize", "w4a4 weight (fp32 master), one pass, K 2048")
-    quant_x = one_x or _main_loop(profiles, "quantize", f"{label} input (bf16)")
-    quant_w = one_w or _main_loop(profiles, "quantize", f"{label} weight (fp32 master)") or \
-        _main_loop(profiles, "quantize", "w4a4 weight (fp32 master)")
-    reads_x, reads_w = (2 if one_x else 4), (4 if one_w else 8)
-    gemm = _main_loop(profiles, "gemm", "128x256x128")
-    rotate_bf16 = _main_loop(profiles, "masked_rotate", "g_x: mask + IHT (bf16)")
-    rotate_w = _main_loop(profiles, "masked_rotate", "g_w: mask + IHT (bf16 → fp32)")
-    per_byte = lambda loop: loop.instructions_per_input_byte if loop else None  # noqa: E731
-    mask_bytes, code_bytes = 1 / 8, 1 + field_bytes
-    ours = {
-        # In two passes, pass 1 reads the rows for the RMS, pass 2 again (counted from HBM both times, though partly
-        # L2); in one pass they are read once.
-        "quantize x": memory(reads_x * m * k, (code_bytes + mask_bytes) * m * k + 4 * m, per_byte(quant_x)),
-        "quantize w": memory(reads_w * n * k, (code_bytes + mask_bytes) * n * k + 4 * n, per_byte(quant_w)),
-        "int8 GEMM": matmul("int8", ratio(gemm)),
-    }
-    if backward == "bf16":
-        ours |= {"dequantize ŵ": memory(field_bytes * n * k, 2 * n * k), "g_y·ŵ (cuBLAS)": matmul("bf16"),
-                 "mask + IHT g_x": memory((2 + mask_bytes) * m * k, 2 * m * k, per_byte(rotate_bf16))}
+
+def _projections(model: _Model, recipe: str, k: int, outs: tuple[int, ...]) -> dict[str, float]:
+    """The passes (µs) of one projection group: input ``[M, k]`` shared by weights of ``outs`` rows each."""
+    m, n = model.m, sum(outs)
+    mask = 1 / 8
+    if recipe == "bf16":
+        passes = {"weight casts fp32 → bf16": model.memory(4 * n * k, 2 * n * k),
+                  "x·wᵀ (bf16)": model.matmul("bf16", k, n),
+                  "g_y·w (bf16)": model.matmul("bf16", k, n),
+                  "g_yᵀ·x (bf16)": model.matmul("bf16", k, n),
+                  "weight gradients bf16 → fp32": model.memory(2 * n * k, 4 * n * k)}
+        if len(outs) > 1:  # autograd sums the input's gradients from each projection
+            passes["sum of the input's gradients"] = model.memory(len(outs) * 2 * m * k, 2 * m * k)
+        return passes
+    passes = {"quantize x": model.quantize(m, k, "bf16"),
+              "quantize w": model.quantize(n, k, "fp32"),
+              "x̂·ŵᵀ (fp8)": model.matmul("fp8", k, n)}
+    if len(outs) > 1:  # the group's output is split into views: their gradients are joined for the one GEMM
+        passes["join the output gradients"] = model.memory(2 * m * n, 2 * m * n)
+    rotate_x = model.loop("masked_rotate", "g_x: mask + IHT (bf16)")
+    rotate_w = model.loop("masked_rotate", "g_w: mask + IHT (bf16 → fp32)")
+    if recipe == "quest_w4a4":
+        passes |= {"dequantize ŵ": model.memory(n * k / 2 + 4 * n, 2 * n * k,
+                                                  model.loop("dequantize", "ŵ for g_x (w4a4, fp32 training)")),
+                   "g_y·ŵ (bf16)": model.matmul("bf16", k, n),
+                   "dequantize x̂": model.memory(m * k / 2 + 4 * m, 2 * m * k,
+                                                  model.loop("dequantize", "x̂ for g_w (w4a4, bf16)")),
+                   "g_yᵀ·x̂ (bf16)": model.matmul("bf16", k, n)}
     else:
-        quant_g = _main_loop(profiles, "quantize_grad", "g_y → int8 for g_x and g_w (g8g8)" if backward == "g8g8"
-                             else "g_y → int8 for g_x (g8)")
-        codes_t = _main_loop(profiles, "codes_t")
-        grad_x = _main_loop(profiles, "grad_gemm", "128x128x128 g_x (bf16 g_y, bf16 out)")
-        outputs = 2 if backward == "g8g8" else 1  # int8 operands written, each with a scale per 128 entries
-        ours |= {"quantize g_y (int8)": memory(2 * m * n, outputs * m * n * (1 + 4 / 128), per_byte(quant_g)),
-                 "ŵ codes, transposed": memory(field_bytes * n * k, n * k, per_byte(codes_t)),
-                 "g_y·ŵ (int8, + mask, IHT)": matmul("int8", ratio(grad_x)) + rotation(m, 1)}
-    if backward == "g8g8":
-        grad_w = _main_loop(profiles, "grad_gemm", "128x128x128 g_w (bf16 g_y, fp32 out)")
-        ours |= {"x̂ codes, transposed": memory(field_bytes * m * k, m * k, per_byte(codes_t)),
-                 "g_yᵀ·x̂ (int8, + mask, IHT)": matmul("int8", ratio(grad_w)) + rotation(n, 1)}
-    else:
-        ours |= {"dequantize x̂": memory(field_bytes * m * k, 2 * m * k), "g_yᵀ·x̂ (cuBLAS)": matmul("bf16"),
-                 "mask + IHT g_w": memory((2 + mask_bytes) * n * k, 4 * n * k, per_byte(rotate_w))}
-    plain = {
-        "weight cast fp32 → bf16": memory(4 * n * k, 2 * n * k),
-        "x·wᵀ (cuBLAS)": matmul("bf16"),
-        "g_y·w (cuBLAS)": matmul("bf16"),
-        "g_yᵀ·x (cuBLAS)": matmul("bf16"),
-        "weight gradient bf16 → fp32": memory(2 * n * k, 4 * n * k),
+        codes_t = model.loop("codes_t")
+        passes |= {"amax of g_y": model.memory(2 * m * n, 0, model.loop("amax_grad")),
+                   "quantize g_y (fp8, both operands)": model.memory(2 * m * n, 2 * m * n + 4 * (m + n),
+                                                                     model.loop("quantize_grad")),
+                   "ŵ codes, transposed": model.memory(n * k / 2, n * k, codes_t),
+                   "x̂ codes, transposed": model.memory(m * k / 2, m * k, codes_t),
+                   "g_y·ŵ (fp8)": model.matmul("fp8", k, n),
+                   "g_yᵀ·x̂ (fp8)": model.matmul("fp8", k, n)}
+    passes |= {"mask + IHT g_x": model.memory((2 + mask) * m * k, 2 * m * k, rotate_x),
+               "mask + IHT g_w": model.memory((2 + mask) * n * k, 4 * n * k, rotate_w)}
+    return passes
+
+
+def _attention(model: _Model) -> dict[str, float]:
+    """Causal attention of ``M / 512`` sequences, 16 heads of 128: FLOPs in FlashAttention's convention
+    (forward ``4·B·H·S²·D / 2`` with the causal mask, backward 2.5 times it) at :class:`Gpu`'s rates."""
+    sequences, head_dim = model.m // SEQ_LEN, D_MODEL // N_HEAD
+    forward = 4.0 * sequences * N_HEAD * SEQ_LEN**2 * head_dim / 2
+    return {"attention forward": forward / model.gpu.attention_forward_flops * 1e6,
+            "attention backward": 2.5 * forward / model.gpu.attention_backward_flops * 1e6}
+
+
+def _elementwise(model: _Model) -> dict[str, float]:
+    """The memory passes around the projections and attention, each as one fused pass (read its inputs once,
+    write its outputs once). The residual stream is fp32 (autocast leaves the embedding and the adds in fp32),
+    activations bf16; the same for every recipe."""
+    m, d, h = model.m, D_MODEL, HIDDEN
+    md, mh = m * d, m * h
+    return {
+        "RMSNorms + casts to bf16 (2)": 2 * model.memory(4 * md, 2 * md),
+        "RoPE on q, k": model.memory(2 * 2 * md, 2 * 2 * md),
+        "SiLU·mul": model.memory(2 * 2 * mh, 2 * mh),
+        "residual adds (2)": 2 * model.memory((4 + 2) * md, 4 * md),
+        "residual gradients → bf16 (2)": 2 * model.memory(4 * md, 2 * md),
+        "SiLU·mul backward": model.memory(3 * 2 * mh, 2 * 2 * mh),
+        "RoPE backward on g_q, g_k": model.memory(2 * 2 * md, 2 * 2 * md),
+        # Reads x (fp32) and the bf16 input gradient, adds into the fp32 residual gradient.
+        "RMSNorm backward + residual (2)": 2 * model.memory((4 + 2 + 4) * md, 4 * md),
     }
-    return {"shape": [m, k, n], "bits": bits, "backward": backward, "gpu": asdict(gpu), "quantized_us": ours,
-            "nn_linear_us": plain, "ratio": sum(ours.values()) / sum(plain.values())}
 
 
-# (bits, backward) of every estimate: W4A4 and W1A1 with QuEST's bf16 backward; W4A4 with int8 output gradients
-# for grad_input (g8) and for both backward GEMMs (g8g8).
-SETTINGS = ((4, "bf16"), (1, "bf16"), (4, "g8"), (4, "g8g8"))
+def block_estimate(profiles: list[Profile], recipe: str, gpu: Gpu = Gpu(), tokens: int = TOKENS) -> dict[str, Any]:
+    """Forward + backward of one 800M block under ``recipe`` (:data:`RECIPES`): ``parts`` maps each part (the
+    groups of :data:`GROUPS`, ``attention``, ``elementwise``) to its passes ``{name: µs}``; ``part_us`` the sum of
+    each part; ``block_us`` the sum of all; ``efficiency`` the GEMMs' share of peak."""
+    if recipe not in RECIPES:
+        raise ValueError(f"block_estimate: recipe={recipe!r} is not allowed; allowed: {', '.join(RECIPES)}")
+    model = _Model(profiles, gpu, tokens)
+    parts = {name: _projections(model, recipe, k, outs) for name, k, outs in GROUPS}
+    parts |= {"attention": _attention(model), "elementwise": _elementwise(model)}
+    part_us = {name: sum(passes.values()) for name, passes in parts.items()}
+    return {"recipe": recipe, "efficiency": gpu.matmul_efficiency, "tokens": tokens, "parts": parts,
+            "part_us": part_us, "block_us": sum(part_us.values())}
 
 
-def block_shapes(tokens: int = TOKENS) -> list[tuple[tuple[int, int, int], list[str]]]:
-    """The distinct projection shapes ``(M, K, N)`` of the 800M block, each with the names of its projections, in
-    the order of :data:`BLOCK_PROJECTIONS`."""
-    shapes: dict[tuple[int, int, int], list[str]] = {}
-    for name, k, n in BLOCK_PROJECTIONS:
-        shapes.setdefault((tokens, k, n), []).append(name)
-    return list(shapes.items())
-
-
-def block_estimate(profiles: list[Profile], bits: int = 4, backward: str = "bf16", gpu: Gpu = Gpu(),
-                   tokens: int = TOKENS) -> dict[str, Any]:
-    """:func:`layer_estimate` of every distinct projection shape of the 800M block (each with ``projections``, the
-    names of the projections of that shape) and of the whole block: ``quantized_us`` and ``nn_linear_us`` summed
-    over the seven projections (µs per step), ``ratio`` the ratio of the two sums."""
-    layers = [{**layer_estimate(profiles, m, k, n, bits, gpu, backward), "projections": names}
-              for (m, k, n), names in block_shapes(tokens)]
-    quantized = sum(len(layer["projections"]) * sum(layer["quantized_us"].values()) for layer in layers)
-    plain = sum(len(layer["projections"]) * sum(layer["nn_linear_us"].values()) for layer in layers)
-    return {"bits": bits, "backward": backward, "tokens": tokens, "layers": layers, "quantized_us": quantized,
-            "nn_linear_us": plain, "ratio": quantized / plain}
+def estimates(profiles: list[Profile], gpu: Gpu = Gpu()) -> list[dict[str, Any]]:
+    """:func:`block_estimate` of every recipe at every efficiency of :data:`EFFICIENCIES`, each with ``ratio``: its
+    block time over bf16's at the same efficiency."""
+    out = []
+    for efficiency in EFFICIENCIES:
+        at = Gpu(**{**asdict(gpu), "matmul_efficiency": efficiency})
+        blocks = [block_estimate(profiles, recipe, at) for recipe in RECIPES]
+        out += [{**block, "ratio": block["block_us"] / blocks[0]["block_us"]} for block in blocks]
+    return out
 
 
 def assumptions(gpu: Gpu = Gpu()) -> dict[str, str]:
     """What the estimate assumes, each with where it comes from (docs/kernels.md §2-§3), computed from ``gpu``."""
     issue_rate = gpu.sms * 4 * 32 * gpu.clock
+    sequences = TOKENS // SEQ_LEN
     return {
         "gpu": f"{gpu.name}: {gpu.sms} SMs at {gpu.clock / 1e9:.2f} GHz, the clock NVIDIA quotes its tensor-core "
-               "rates at (NVIDIA's H100 whitepaper and datasheet)",
-        "tensor_cores": f"dense tensor-core operations per SM per clock: bf16 {MMA_RATE[90]['bf16']}, int8 "
-                        f"{MMA_RATE[90]['int8']} (NVIDIA's figures): peaks of {gpu.peak('bf16') / 1e12:.0f} TFLOP/s "
-                        f"bf16 and {gpu.peak('int8') / 1e12:.0f} TOP/s int8",
-        "matmul_efficiency": f"every GEMM, cuBLAS's and bitlaw's alike, reaches {gpu.matmul_efficiency:.0%} of its "
-                             "dense peak, and is slower in proportion where the profile's issue/tensor exceeds 1: "
-                             "assumed for large shapes, not measured",
-        "bandwidth": f"memory passes move {gpu.bytes_per_s / 1e12:.1f} TB/s (read + write: the rate of a "
-                     "device-to-device copy measured on an H100 80 GB HBM3), or run at the issue rate "
+               "rates at (NVIDIA H100 Tensor Core GPU datasheet and architecture whitepaper)",
+        "tensor_cores": f"dense tensor-core operations per SM per clock: bf16 {MMA_RATE[90]['bf16']}, fp8 "
+                        f"{MMA_RATE[90]['fp8']} (NVIDIA's figures): peaks of {gpu.peak('bf16') / 1e12:.0f} TFLOP/s "
+                        f"bf16 and {gpu.peak('fp8') / 1e12:.0f} TFLOP/s fp8 (the datasheet's dense figures)",
+        "matmul_efficiency": f"every GEMM (cuBLAS bf16, torch._scaled_mm fp8) reaches one share of its dense peak, "
+                             f"a parameter: rows at {', '.join(f'{e:.0%}' for e in EFFICIENCIES)}; assumed, not "
+                             "measured (the block benchmark of tools/gpu-check.sh measures it)",
+        "bandwidth": f"memory passes move {gpu.bytes_per_s / 1e12:.2f} TB/s read + write: "
+                     f"{gpu.achieved_bandwidth:.0%} (assumed) of the {gpu.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3 "
+                     "bandwidth of NVIDIA's H100 SXM5 datasheet; or the issue rate "
                      f"({gpu.sms} SMs × 4 schedulers × 32 threads × clock = {issue_rate:.3g} thread-instructions/s) "
-                     "with the profile's instructions per byte where that is slower",
-        "second_read": "where the quantizer reads a row twice (K not a power-of-two number of 128-column blocks up "
-                       "to 4096), the second read is charged to HBM, although it partly hits L2",
-        "nn_linear": "nn.Linear is charged three bf16 GEMMs plus autocast's cast of the fp32 weight to bf16 and of "
-                     "its bf16 weight gradient back to fp32",
-        "block": f"a block is its seven projections at M = {TOKENS:,} tokens, each quantizing its own input as the "
-                 "code runs it; attention, norms and activations are not counted; its ratio is the ratio of the "
-                 "summed times",
+                     "with the compiled profile's instructions per byte where that is slower",
+        "attention": f"causal attention, {sequences} × {SEQ_LEN} tokens, {N_HEAD} heads of {D_MODEL // N_HEAD}, "
+                     "FLOPs in FlashAttention's convention (forward 4·B·H·S²·D/2, backward 2.5× forward) at "
+                     "FlashAttention-3's measured H100 SXM5 rates at head dim 128, sequence 512 (Shah et al. 2024, "
+                     f"arXiv:2407.08608): forward {gpu.attention_forward_flops / 1e12:.0f} TFLOP/s (Fig. 5, causal); "
+                     f"backward {gpu.attention_backward_flops / 1e12:.0f} TFLOP/s, the paper's non-causal "
+                     f"{gpu.attention_backward_noncausal_flops / 1e12:.0f} (Fig. 6) scaled by the forward's causal / "
+                     f"non-causal {gpu.attention_forward_flops / 1e12:.0f}/"
+                     f"{gpu.attention_forward_noncausal_flops / 1e12:.0f} (assumed: no causal backward figure); the "
+                     "same for every recipe and efficiency",
+        "elementwise": "RMSNorms (with autocast's cast to bf16), RoPE, SiLU·mul, residual adds and their backward "
+                       "are each one fused pass (read inputs once, write outputs once: what torch.compile makes; "
+                       "eager runs more kernels); residual stream fp32, activations bf16; the same for every recipe",
+        "bf16": "nn.Linear under bf16 autocast: per projection the fp32 → bf16 weight cast, three bf16 GEMMs, the "
+                "bf16 → fp32 weight-gradient cast; the gradients of the shared inputs of q/k/v and gate/up summed",
+        "quest_w4a4": "one quantization per shared input (q/k/v and gate/up each one GEMM against the weights' "
+                      "codes concatenated); the quantizer reads rows once where K/128 is a power of two up to 32 "
+                      "(K = 2048), twice otherwise (down's K = 5632, the second read charged to HBM), and writes "
+                      "e4m3 codes, packed int4, mask and step; weights quantized from the fp32 master each step; "
+                      "the forward GEMM fp8; backward: dequantize ŵ and x̂, two bf16 GEMMs, mask + IHT of g_x "
+                      "(bf16) and g_w (fp32)",
+        "quest_w4a4_g8g8_e4m3": "the quantized backward with fp8 e4m3 gradients and row-wise scales (one per token for "
+                           "grad_input, one per output channel for grad_weight): an amax read of g_y, one pass "
+                           "writing both fp8 operands (g_y and its transpose), the transposed e4m3 codes of W and X, "
+                           "two fp8 GEMMs, mask + IHT of g_x and g_w",
+        "groups": "the split output of a shared-input group costs one pass joining its gradients (read + write "
+                  "[M, N] bf16) in both quantized recipes",
+        "block": f"one 800M block (d_model {D_MODEL}, {N_HEAD} heads, MLP {HIDDEN}) at M = {TOKENS:,} tokens, "
+                 "forward + backward; its ratio is its time over bf16's at the same GEMM efficiency",
     }

@@ -57,7 +57,6 @@ class Profile:
     stack: int = 0
     shared: int = 0
     loops: list[Loop] = field(default_factory=list)
-    gemm: bool = False
     error: str | None = None
     instructions_per_input_byte: float | None = None  # all loops together (memory-bound kernels)
 
@@ -157,7 +156,7 @@ def profile_variant(variant: Variant, target: str) -> Profile:
     from triton.compiler import ASTSource
 
     capability = TARGETS[target]
-    result = Profile(variant.kernel, variant.label, target, variant.num_warps, variant.num_stages, gemm=variant.gemm)
+    result = Profile(variant.kernel, variant.label, target, variant.num_warps, variant.num_stages)
     fn = kernel_fn(variant.kernel)
     signature = {name: variant.signature.get(name, "constexpr") for name in fn.arg_names}
     # Pointers and the integer sizes and strides of the training shapes are multiples of 16, as Triton specializes
@@ -176,10 +175,9 @@ def profile_variant(variant: Variant, target: str) -> Profile:
                                                            capability, variant.read_bytes, variant.written_bytes)
     result.registers, result.stack, result.loops = registers, stack, loops
     result.shared = static_shared + int(compiled.metadata.shared)
-    if not variant.gemm:
-        # Each loop of these kernels reads the input once per iteration (the quantizer's two passes both do).
-        result.instructions_per_input_byte = sum(loop.instructions for loop in loops) * variant.num_warps * 32 \
-            / variant.read_bytes
+    # Each loop of these kernels reads the input once per iteration (the quantizer's two passes both do).
+    result.instructions_per_input_byte = sum(loop.instructions for loop in loops) * variant.num_warps * 32 \
+        / variant.read_bytes
     return result
 
 

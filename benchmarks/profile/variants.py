@@ -19,8 +19,8 @@ class Variant:
     """One launchable kernel configuration: which kernel, with which argument types, constexprs and launch shape.
 
     ``read_bytes`` / ``written_bytes``: global memory the kernel reads / writes per iteration of its main loop (per
-    program when it has no loop): the denominators of instructions per byte for memory-bound kernels. ``gemm``: True
-    for the K-loop GEMM.
+    program when it has no loop): the denominators of instructions per byte (every profiled kernel is a memory pass:
+    the GEMMs are the vendor's).
     """
 
     kernel: str
@@ -31,8 +31,6 @@ class Variant:
     num_stages: int
     read_bytes: int
     written_bytes: int
-    gemm: bool = False
-
 
 
 def _ints(names: Sequence[str]) -> dict[str, str]:
@@ -43,10 +41,10 @@ def variants(capability: int = 90) -> list[Variant]:
     """Every configuration the code launches for the presets on a GPU of ``capability`` (see the module
     docstring): the launch shapes are those the code picks for that generation."""
     from ...kernels.packing import field_bits
-    from ...kernels.triton import backward, gemm, quant
+    from ...kernels.triton import backward, quant
 
     out: list[Variant] = []
-    # The quantizer: (label, input dtype, bits, int8 codes too, K), as quantized_linear calls it: in two passes
+    # The quantizer: (label, input dtype, bits, GEMM codes too, K), as quantized_linear calls it: in two passes
     # (any K; K = 0 here) and in one (K = 2048, the rows of the layer estimate's shapes, where the GPU allows).
     for label, dtype, bits, codes, k in (
             ("w4a4 input (bf16)", "bf16", 4, True, 0), ("w4a4 weight (fp32 master)", "fp32", 4, True, 0),
@@ -59,24 +57,17 @@ def variants(capability: int = 90) -> list[Variant]:
         block_m, warps, stages, blocks = quant.launch_config(torch_dtype(dtype), capability, k)
         if k and not blocks:
             continue  # this GPU reads such rows in two passes: the variants above
-        signature = {"x_ptr": f"*{dtype}", "signs_ptr": "*bf16", "codes_ptr": "*i8", "packed_ptr": "*u8",
+        signature = {"x_ptr": f"*{dtype}", "signs_ptr": "*bf16", "codes_ptr": "*u8", "packed_ptr": "*u8",
                      "mask_ptr": "*u8", "step_ptr": "*fp32",
                      **_ints(["M", "K", "stride_x", "stride_codes", "stride_packed", "stride_mask"]),
-                     "gaussian_scale": "fp32", "mask_coef": "fp32", "inv_sqrt_block": "fp32"}
-        constexprs = {"BITS": bits, "FIELD_BITS": field_bits(2**bits), "WRITE_CODES": codes, "ROTATE": True,
+                     "gaussian_scale": "fp32", "mask_coef": "fp32", "inv_sqrt_block": "fp32", "chunk": "i32"}
+        # CODES: 2 writes e4m3 codes (grids of up to 4 bits, the operand of torch._scaled_mm), 0 none.
+        constexprs = {"BITS": bits, "FIELD_BITS": field_bits(2**bits), "CODES": 2 if codes else 0, "ROTATE": True,
                       "EVEN_K": True, "DOT": 1 if dtype == "bf16" else 2, "BLOCK_M": block_m, "BLOCKS": blocks}
         elements = block_m * 128 * max(blocks, 1)  # per iteration of each loop; one pass: the program's rows
         written = elements * ((1 if codes else 0) + field_bits(2**bits) / 8 + 1 / 8)
         out.append(Variant("quantize", label, signature, constexprs, warps, stages,
                            elements * (2 if dtype == "bf16" else 4), int(written)))
-    # The forward GEMM: every configuration its autotuner may select on this generation.
-    for config in gemm.configs_for(capability):
-        meta = config.kwargs
-        signature = {"cx_ptr": "*i8", "cw_ptr": "*i8", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": "*fp32",
-                     "out_ptr": "*bf16", **_ints(["M", "N", "K", "M_BUCKET", "stride_cx", "stride_cw", "stride_out"])}
-        label = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
-        out.append(Variant("gemm", label, signature, {"HAS_BIAS": False, "EVEN_K": True, **meta}, config.num_warps,
-                           config.num_stages, (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"], 0, gemm=True))
     # The backward passes around cuBLAS (one 128-column block per program).
     rows, warps = backward.pass_launch(capability)  # the dequantizer rotates with bf16 dots
     for label, out_dtype, bits, rotate in (("x̂ for g_w (w4a4, bf16)", "bf16", 4, False),
@@ -106,30 +97,27 @@ def variants(capability: int = 90) -> list[Variant]:
 
 
 def _grad_variants(capability: int) -> list[Variant]:
-    """The quantized backward's kernels (``kernels/triton/grad_gemm.py``) as the int8-gradient presets launch them."""
+    """The quantized backward's passes (``kernels/triton/grad_gemm.py``) as the fp8 row-scaled preset launches
+    them: e4m3 gradients for both GEMMs, stochastic rounding; the GEMMs themselves are the vendor's."""
     from ...kernels.triton import grad_gemm
 
-    out = []
-    for label, do_in, do_w in (("g_y → int8 for g_x and g_w (g8g8)", True, True), ("g_y → int8 for g_x (g8)", True,
-                                                                                    False)):
-        signature = {"g_ptr": "*bf16", **_ints(["stride_gm"]), "unit_in_ptr": "*fp32",
-                     "unit_w_ptr": "*fp32", "qin_ptr": "*i8", "sin_ptr": "*fp32", "qw_ptr": "*i8", "sw_ptr": "*fp32",
-                     **_ints(["M", "N"]), "key": "u32"}
-        constexprs = {"stride_gn": 1, "DO_IN": do_in, "DO_W": do_w, "SR_IN": True, "SR_W": True}
-        out.append(Variant("quantize_grad", label, signature, constexprs, grad_gemm.QUANT_WARPS, 1, 128 * 128 * 2,
-                           128 * 128 * (do_in + do_w)))
-    signature = {"packed_ptr": "*u8", "out_ptr": "*i8", **_ints(["R", "K", "stride_packed"])}
-    out.append(Variant("codes_t", "int4 codes → int8, transposed", signature,
-                       {"BITS": 4, "FIELD_BITS": 4, "BLOCK_R": 64}, 4, 1, 64 * 64, 64 * 128))
-    block_m, warps, stages = grad_gemm.GEMM_LAUNCH[90 if capability >= 90 else 80]
-    # bf16 training: the rotation reads the bf16 output gradient's sums with one bf16 dot (DOT 1) in both GEMMs.
-    for label, out_dtype, dot in (("g_x (bf16 g_y, bf16 out)", "bf16", 1), ("g_w (bf16 g_y, fp32 out)", "fp32", 1)):
-        signature = {"a_ptr": "*i8", "sa_ptr": "*fp32", "b_ptr": "*i8", "mask_ptr": "*u8", "stride_mask": "i32",
-                     "signs_ptr": "*bf16", "out_ptr": f"*{out_dtype}", **_ints(["R", "C", "RED"]),
-                     "inv_sqrt_block": "fp32"}
-        constexprs = {"ROTATE": True, "DOT": dot, "EVEN_RED": True, "BLOCK_M": block_m}
-        out.append(Variant("grad_gemm", f"{block_m}x128x128 {label}", signature, constexprs, warps, stages,
-                           (block_m + 128) * 128, 0, gemm=True))
+    both = {"DO_IN": True, "DO_W": True}
+    tile = grad_gemm.TILE * grad_gemm.TILE
+    signature = {"g_ptr": "*bf16", **_ints(["stride_gm"]), "unit_in_ptr": "*fp32", "unit_w_ptr": "*fp32",
+                 "amax_in_ptr": "*fp32", "amax_w_ptr": "*fp32", **_ints(["M", "N"])}
+    out = [Variant("amax_grad", "amax of g_y per token and per channel", signature, {"stride_gn": 1, **both},
+                   grad_gemm.QUANT_WARPS, 1, tile * 2, 0)]
+    signature = {"g_ptr": "*bf16", **_ints(["stride_gm"]), "unit_in_ptr": "*fp32", "unit_w_ptr": "*fp32",
+                 "amax_in_ptr": "*fp32", "amax_w_ptr": "*fp32", "qin_ptr": "*u8", "sin_ptr": "*fp32",
+                 "qw_ptr": "*u8", "sw_ptr": "*fp32", **_ints(["M", "N"]), "key": "u32", "largest_in": "fp32",
+                 "largest_w": "fp32"}
+    e4m3 = grad_gemm.FORMAT_IDS["fp8_e4m3"]
+    constexprs = {"stride_gn": 1, **both, "FORMAT_IN": e4m3, "FORMAT_W": e4m3, "SR_IN": True, "SR_W": True}
+    out.append(Variant("quantize_grad", "g_y → e4m3 for g_x and g_w (row-wise scales)", signature, constexprs,
+                       grad_gemm.QUANT_WARPS, 1, tile * 2, tile * 2))
+    signature = {"packed_ptr": "*u8", "out_ptr": "*u8", **_ints(["R", "K", "stride_packed"])}
+    out.append(Variant("codes_t", "int4 codes → e4m3, transposed", signature,
+                       {"BITS": 4, "FIELD_BITS": 4, "FP8": True, "BLOCK_R": 64}, 4, 1, 64 * 64, 64 * 128))
     return out
 
 
@@ -142,9 +130,8 @@ def torch_dtype(name: str):
 
 def kernel_fn(name: str):
     """The ``@triton.jit`` function of the kernel a :class:`Variant` names."""
-    from ...kernels.triton import backward, gemm, grad_gemm, quant
+    from ...kernels.triton import backward, grad_gemm, quant
 
-    return {"quantize": quant._quantize_kernel, "gemm": gemm._gemm_kernel.fn,
-            "dequantize": backward._dequantize_kernel, "masked_rotate": backward._masked_rotate_kernel,
-            "quantize_grad": grad_gemm._quantize_grad_kernel, "codes_t": grad_gemm._codes_t_kernel,
-            "grad_gemm": grad_gemm._block_scaled_gemm_kernel}[name]
+    return {"quantize": quant._quantize_kernel, "dequantize": backward._dequantize_kernel,
+            "masked_rotate": backward._masked_rotate_kernel, "amax_grad": grad_gemm._amax_kernel,
+            "quantize_grad": grad_gemm._quantize_grad_kernel, "codes_t": grad_gemm._codes_t_kernel}[name]
