@@ -196,7 +196,7 @@ def render(record: BenchmarkRecord) -> str:
         efficiency = record.notes["target_efficiency"]
         return ("Forward + backward of one whole 800M block at 16,384 tokens (its projection groups, attention and "
                 "the memory passes around them), µs per step, for bf16 (`nn.Linear` under autocast), `quest_w4a4` "
-                "and the quantized backward (`quest_w4a4_g8g8_e4m3`: fp8 e4m3 gradients, row-wise scales), at "
+                "and the quantized backward (`quest_w4a4_g8g8`: fp8 e4m3 gradients, row-wise scales), at "
                 "three GEMM efficiencies; the ratio is the block's time over bf16's at the same efficiency. An "
                 "estimate: a model evaluated on compiled code and published rates (docs/kernels.md §3), not a "
                 f"measurement, with these assumptions:\n\n{assumption_lines(record.notes)}\n\n"

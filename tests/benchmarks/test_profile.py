@@ -177,8 +177,8 @@ def test_each_recipe_has_its_gemms_and_passes():
              for recipe in RECIPES}
     assert gemms == {"bf16": ["x·wᵀ (bf16)", "g_y·w (bf16)", "g_yᵀ·x (bf16)"],
                      "quest_w4a4": ["x̂·ŵᵀ (fp8)", "g_y·ŵ (bf16)", "g_yᵀ·x̂ (bf16)"],
-                     "quest_w4a4_g8g8_e4m3": ["x̂·ŵᵀ (fp8)", "g_y·ŵ (fp8)", "g_yᵀ·x̂ (fp8)"]}
-    g8g8 = block_estimate([], "quest_w4a4_g8g8_e4m3")["parts"]
+                     "quest_w4a4_g8g8": ["x̂·ŵᵀ (fp8)", "g_y·ŵ (fp8)", "g_yᵀ·x̂ (fp8)"]}
+    g8g8 = block_estimate([], "quest_w4a4_g8g8")["parts"]
     for part in PROJECTION_PARTS:
         assert {"quantize x", "quantize w", "amax of g_y", "quantize g_y (fp8, both operands)", "ŵ codes, transposed",
                 "x̂ codes, transposed", "mask + IHT g_x", "mask + IHT g_w"} <= set(g8g8[part])
@@ -190,7 +190,7 @@ def test_each_recipe_has_its_gemms_and_passes():
 
 def test_a_gemm_takes_its_flops_at_the_efficiency_of_its_peak():
     gpu = Gpu(matmul_efficiency=0.7)
-    qkv = block_estimate([], "quest_w4a4_g8g8_e4m3", gpu)["parts"]["qkv"]
+    qkv = block_estimate([], "quest_w4a4_g8g8", gpu)["parts"]["qkv"]
     flops = 2.0 * TOKENS * 2048 * 6144
     assert math.isclose(qkv["x̂·ŵᵀ (fp8)"], flops / (0.7 * gpu.peak("fp8")) * 1e6)
     bf16 = block_estimate([], "bf16", gpu)["parts"]["qkv"]
