@@ -90,6 +90,14 @@ def column_splits(m: int, k: int, block_m: int, blocks: int, sms: int) -> int:
     return min(-(-sms // rows), max(k // TILE_K, 1))
 
 
+def launch_grid(m: int, k: int, dtype: torch.dtype, capability: int, sms: int) -> tuple[tuple[int, int], int]:
+    """(grid, columns per program) of the quantizer over ``[m, k]`` ``dtype`` rows on a GPU of ``capability`` with
+    ``sms`` multiprocessors: row blocks of :func:`launch_config` times the :func:`column_splits`."""
+    block_m, _, _, blocks = launch_config(dtype, capability, k)
+    chunk = -(-k // (column_splits(m, k, block_m, blocks, sms) * TILE_K)) * TILE_K
+    return (triton.cdiv(m, block_m), triton.cdiv(k, chunk)), chunk
+
+
 @triton.jit
 def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_rows, row_ok, K,
                      BITS: tl.constexpr, FIELD_BITS: tl.constexpr, CODES: tl.constexpr, EVEN_K: tl.constexpr,
@@ -399,11 +407,10 @@ def _launch(x: torch.Tensor, spec: TensorSpec, out_codes: torch.Tensor | None, o
     dot = dot_mode(x.dtype)
     signs = signs_for(dot, x.device)
     block_m, warps, stages, blocks = launch_config(x.dtype, capability(x.device), k)
-    splits = column_splits(m, k, block_m, blocks, multiprocessors(x.device))
-    chunk = -(-k // (splits * TILE_K)) * TILE_K
+    grid, chunk = launch_grid(m, k, x.dtype, capability(x.device), multiprocessors(x.device))
     codes, packed = out_codes is not None, out_packed is not None
     # Unwritten outputs get a valid dummy pointer; the kernel never touches it (CODES / FIELD_BITS = 0).
-    _quantize_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, chunk))](
+    _quantize_kernel[grid](
         x, signs, out_codes if codes else step, out_packed if packed else step, mask, step, m, k, x.stride(0),
         out_codes.stride(0) if codes else 0, out_packed.stride(0) if packed else 0, mask.stride(0),
         spec.gaussian_scale, spec.mask_threshold * spec.fmt.max_level, 1.0 / math.sqrt(HADAMARD_BLOCK), chunk,
