@@ -216,12 +216,14 @@ class QuantLinear(nn.Linear):
 
 def _shareable(layers: list[nn.Module]) -> bool:
     """Whether ``layers`` can take one quantized input: QuantLinears of one recipe that a group runs (no learned
-    scales, no sparsity), no hooks that expect each layer's own call, biases on all or none."""
+    scales, no sparsity), no hooks that expect each layer's own call, no statistics to track, biases on all or
+    none."""
     first = layers[0]
     if not all(isinstance(layer, QuantLinear) for layer in layers):
         return False
+    # A layer tracking its mask statistics needs its own weight's fraction: on those steps the layers run alone.
     if any(layer.recipe != first.recipe or layer.backend != first.backend or layer._forward_hooks
-           or layer._forward_pre_hooks for layer in layers):
+           or layer._forward_pre_hooks or layer.track_stats for layer in layers):
         return False
     if len({layer.bias is None for layer in layers}) != 1:
         return False
@@ -234,18 +236,16 @@ def shared_input_projections(x: torch.Tensor, layers: list[nn.Module]) -> list[t
     ``[..., out_i]``. The forward equals the separate layers' (each weight is quantized per row); the backward is
     that of one layer with the concatenated weight (a quantized backward's random bits keyed by the first layer's
     name). Parameters stay the layers' own, so checkpoints and exports are unchanged. Layers that cannot share
-    (plain ``nn.Linear``, learned scales, sparsity, hooks, different recipes) run one by one."""
+    (plain ``nn.Linear``, learned scales, sparsity, hooks, statistics tracking, different recipes) run one by
+    one."""
     if len(layers) == 1 or not _shareable(layers):
         return [layer(x) for layer in layers]
     first = layers[0]
-    stats = {} if any(layer.track_stats for layer in layers) else None
     choice = select_backend(first.recipe, x, first.weight, first.backend)
     seed = layer_seed(first.layer_name) if first.recipe.quantized_backward and torch.is_grad_enabled() else None
     biases = None if first.bias is None else [layer.bias for layer in layers]
-    outputs = quantized_linear_group(x, [layer.weight for layer in layers], first.recipe, biases, stats,
-                                     choice.backend, seed)
+    outputs = quantized_linear_group(x, [layer.weight for layer in layers], first.recipe, biases,
+                                     backend=choice.backend, grad_seed=seed)
     for layer in layers:
         layer.last_backend = choice
-        if stats is not None and layer.track_stats:
-            layer.stats = stats
     return outputs

@@ -91,6 +91,11 @@ def test_layers_that_cannot_share_run_one_by_one(monkeypatch):
     block.self_attn.k_proj.register_forward_hook(lambda *args: None)  # a hook expects k_proj's own call
     _run(block)
     assert calls == [2]
+    calls.clear()
+    block = _block("quest_w4a4", "reference")
+    block.mlp.up_proj.track_stats = True  # its own weight's masked fraction, on the steps that log it
+    _run(block)
+    assert calls == [3] and set(block.mlp.up_proj.stats) == {"weight_masked_fraction", "input_masked_fraction"}
 
 
 @needs_triton
