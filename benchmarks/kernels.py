@@ -1,24 +1,24 @@
 """Benchmarks of the quantized linear, every figure measured side by side in one run and printed as one table.
 
-    python -m bitlaw.benchmarks.kernels          # on CUDA: the fused Triton kernels at the 800M layer shapes
+    python -m bitlaw.benchmarks.kernels          # on CUDA: the fast path at the 800M block's GEMM shapes
     python -m bitlaw.benchmarks.kernels --cpu    # the reference PyTorch path vs nn.Linear on the CPU
     TRITON_INTERPRET=1 python -m bitlaw.benchmarks.kernels --triton --shapes 64x256x128  # the kernel table, interpreted
 
-The kernel table (CUDA medians of ``triton.testing.do_bench``) has, per layer shape ``M x K x N`` (tokens, in, out),
-with the operands training feeds (bf16 activations, the fp32 master weight, bf16 autocast):
+The kernel table (CUDA medians of ``triton.testing.do_bench``) has, per GEMM shape ``M x K x N`` (tokens, in, out:
+the 800M block's groups, q/k/v as one GEMM of 6144 outputs, o, gate/up as one of 11264, down), with the operands
+training feeds (bf16 activations, the fp32 master weight, bf16 autocast):
 
-- ``check``: the Triton layer's output and gradients against the reference path at this shape (relative error of
-  the norm; bf16 rounding makes it ~1e-3, a wrong kernel makes it ~1);
-- ``quantize``: the fused quantizer on the bf16 input ``[M, K]`` (int8 codes for the GEMM, packed codes and bit mask
-  for backward, steps); GB/s counts the bytes it reads plus the bytes it writes, next to a device-to-device copy of
-  the input (read + write), and the ratio of the two;
-- ``gemm``: the int8 tensor-core GEMM of the codes vs ``torch.matmul`` in bf16 (cuBLAS) on the same shape, as time,
-  speed-up and TFLOP/s, and vs cuBLAS's own int8 GEMM (``torch._int_mm``, int32 out), the int8 ceiling;
-- ``linear``: forward + backward of the whole quantized linear (Triton path) vs ``nn.Linear`` under the same bf16
-  autocast and vs the reference PyTorch path (``kernels.quantizers``); ratios are times relative to ``nn.Linear``
-  and the speed-up over the reference;
-- ``saved``: bytes autograd keeps for backward per linear (activations only, measured with saved-tensor hooks)
-  relative to ``nn.Linear``'s.
+- ``gemm``: ``torch._scaled_mm`` on the e4m3 codes the quantizer writes, with row-wise scales ``[M, 1]`` and
+  ``[1, N]`` and bf16 output (the forward GEMM of the fast path), vs ``torch.mm`` in bf16 on the same shape, as
+  time, TFLOP/s and the ratio of the two;
+- ``quantize``: the fused quantizer on the bf16 input ``[M, K]`` with the ``quest_w4a4`` input spec (e4m3 codes for
+  the GEMM, packed codes and bit mask for backward, steps); GB/s counts the bytes it reads plus the bytes it writes,
+  next to a device-to-device copy of the input (read + write), and the ratio of the two;
+- per recipe, ``check``: the Triton layer's output and gradients against the reference path at this shape
+  (relative error of the norm; bf16 rounding makes it ~1e-3, a wrong kernel makes it ~1); ``linear``: forward +
+  backward of the whole quantized linear (Triton path) vs ``nn.Linear`` under the same bf16 autocast and vs the
+  reference PyTorch path (``kernels.quantizers``); ``saved``: bytes autograd keeps for backward per linear
+  (activations only, measured with saved-tensor hooks) relative to ``nn.Linear``'s.
 
 Records (``benchmarks.record``): the CUDA kernel table as ``kernels-gpu``, the CPU reference table as
 ``kernels-reference-cpu``, raw milliseconds, bytes and GB/s per row. Under the interpreter the timings measure
@@ -45,8 +45,9 @@ from .record import BenchmarkRecord, command_line, write_record
 MODULE = "bitlaw.benchmarks.kernels"
 # (tokens M, in_features K, out_features N): the tiny model's projections and the 30M/100M ones.
 CPU_SHAPES = [(1024, 256, 768), (2048, 640, 1792), (2048, 1024, 2816)]
-# The shapes of an 800M block (d_model 2048, MLP 5632) at 16,384 tokens: q/k/v/o, gate/up, down.
-GPU_SHAPES = [(16384, 2048, 2048), (16384, 2048, 5632), (16384, 5632, 2048)]
+# The GEMMs of an 800M block (d_model 2048, MLP 5632) at 16,384 tokens: q/k/v (one GEMM against the three
+# weights), o, gate/up (one GEMM against both), down.
+GPU_SHAPES = [(16384, 2048, 6144), (16384, 2048, 2048), (16384, 2048, 11264), (16384, 5632, 2048)]
 # Under the interpreter: one small shape with two row tiles and two Hadamard blocks, seconds per measurement.
 INTERPRETER_SHAPES = [(96, 256, 128)]
 RECIPES = ["quest_w4a4", "quest_w1a1", "quest_w4"]
@@ -138,34 +139,16 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def kernel_measurements(shape: tuple[int, int, int], recipe_name: str, device: torch.device,
-                        min_run_time: float) -> dict[str, Any]:
-    """Measure one shape and recipe on the path training takes; returns one record row of raw figures.
-
-    Inputs as ``bitlaw-train trainer=gpu`` feeds them: bf16 activations ``[M, K]`` and the fp32 master weight
-    ``[N, K]`` under bf16 autocast, so the quantizer reads 16-bit activations and the weight once, and the layer
-    returns bf16. Before timing, the Triton layer's output and gradients are checked against the reference path at
-    this shape (``check_rel_error``: the largest relative norm error of output, input and weight gradients).
-
-    The row: ``m, k, n, recipe, check_rel_error``; ``quantize_gb_s`` (bytes the quantizer reads + writes per second,
-    1e9) and ``copy_gb_s`` (a device-to-device copy of the input, read + write); ``gemm_ms`` (the int8 GEMM of the
-    codes), ``bf16_matmul_ms`` (``torch.matmul`` in bf16), ``cublas_int8_ms`` (``torch._int_mm``; None off CUDA);
-    forward + backward ``linear_ms`` (Triton path), ``nn_linear_ms``, ``reference_ms``; ``saved_bytes`` and
-    ``nn_linear_saved_bytes``: activation bytes autograd keeps for backward. Times are medians in milliseconds.
-    """
+def _layer_measurements(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, recipe_name: str,
+                        device: torch.device, min_run_time: float) -> dict[str, Any]:
+    """One recipe's layer at the shape of ``x`` ``[M, K]`` and ``w`` ``[N, K]``: ``recipe, check_rel_error`` (the
+    largest relative norm error of output, input and weight gradients, Triton path vs reference), forward +
+    backward ``linear_ms`` (Triton path), ``nn_linear_ms``, ``reference_ms``, and ``saved_bytes`` /
+    ``nn_linear_saved_bytes``: activation bytes autograd keeps for backward."""
     from ..kernels.linear import quantized_linear, saved_tensor_bytes
-    from ..kernels.triton import gemm as triton_gemm
-    from ..kernels.triton import quant as triton_quant
 
     recipe = load_recipe(recipe_name)
-    m, k, n = shape
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
-    w = torch.randn(n, k, device=device, generator=gen) * k**-0.5  # fp32, like the master weight
-    grad = torch.randn(m, n, device=device, generator=gen).to(torch.bfloat16)
-    time = lambda fn: median_ms(fn, device, min_run_time)  # noqa: E731
-    row: dict[str, Any] = {"m": m, "k": k, "n": n, "recipe": recipe_name}
-
+    row: dict[str, Any] = {"recipe": recipe_name}
     results = {}
     for backend in ("reference", "triton"):
         xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -175,24 +158,6 @@ def kernel_measurements(shape: tuple[int, int, int], recipe_name: str, device: t
         results[backend] = (y.detach().float(), xg.grad.float(), wg.grad.float())
     row["check_rel_error"] = max(float((a - b).norm() / b.norm())
                                  for a, b in zip(results["triton"], results["reference"], strict=True))
-
-    xq = triton_quant.quantize_rows(x, recipe.input, codes=True, packed=True)
-    moved = x.numel() * x.element_size() + xq.nbytes()
-    quant_ms = time(lambda: triton_quant.quantize_rows(x, recipe.input, codes=True, packed=True))
-    copy_target = torch.empty_like(x)
-    copy_ms = time(lambda: copy_target.copy_(x))
-    row["quantize_gb_s"] = moved / quant_ms / 1e6
-    row["copy_gb_s"] = 2 * x.numel() * x.element_size() / copy_ms / 1e6
-
-    wq = triton_quant.quantize_rows(w, recipe.weight, codes=True, packed=True)
-    row["gemm_ms"] = time(lambda: triton_gemm.quantized_matmul(xq, wq, out_dtype=torch.bfloat16))
-    w16 = w.to(torch.bfloat16)
-    row["bf16_matmul_ms"] = time(lambda: torch.matmul(x, w16.t()))
-    row["cublas_int8_ms"] = None
-    if device.type == "cuda":
-        # cuBLAS int8 (int32 out, no epilogue): the rate an int8 GEMM can reach on this GPU.
-        a8, b8 = xq.codes, wq.codes.t().contiguous().t()  # _int_mm wants the second operand column-major
-        row["cublas_int8_ms"] = time(lambda: torch._int_mm(a8, b8.t()))
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
 
@@ -206,9 +171,11 @@ def kernel_measurements(shape: tuple[int, int, int], recipe_name: str, device: t
 
         return run
 
-    row["nn_linear_ms"] = time(layer(torch.nn.functional.linear))
-    row["linear_ms"] = time(layer(lambda a, b: quantized_linear(a, b, recipe, backend="triton")))
-    row["reference_ms"] = time(layer(lambda a, b: quantized_linear(a, b, recipe, backend="reference")))
+    row["nn_linear_ms"] = median_ms(layer(torch.nn.functional.linear), device, min_run_time)
+    row["linear_ms"] = median_ms(layer(lambda a, b: quantized_linear(a, b, recipe, backend="triton")), device,
+                                 min_run_time)
+    row["reference_ms"] = median_ms(layer(lambda a, b: quantized_linear(a, b, recipe, backend="reference")), device,
+                                    min_run_time)
 
     def saved_per_batch(fn) -> int:
         # What grows with the tokens: the bytes kept for M rows minus those kept for none (weights, casts).
@@ -219,53 +186,98 @@ def kernel_measurements(shape: tuple[int, int, int], recipe_name: str, device: t
 
             return run
 
-        return saved_tensor_bytes(forward(m), exclude=[wg]) - saved_tensor_bytes(forward(0), exclude=[wg])
+        return saved_tensor_bytes(forward(x.shape[0]), exclude=[wg]) - saved_tensor_bytes(forward(0), exclude=[wg])
 
     row["saved_bytes"] = saved_per_batch(lambda a, b: quantized_linear(a, b, recipe, backend="triton"))
     row["nn_linear_saved_bytes"] = saved_per_batch(torch.nn.functional.linear)
     return row
 
 
+def kernel_measurements(shape: tuple[int, int, int], recipe_names: list[str], device: torch.device,
+                        min_run_time: float) -> dict[str, Any]:
+    """Measure one GEMM shape on the path training takes; returns one record row of raw figures.
+
+    Inputs as ``bitlaw-train trainer=gpu`` feeds them: bf16 activations ``[M, K]`` and the fp32 master weight
+    ``[N, K]`` under bf16 autocast.
+
+    The row: ``m, k, n``; ``scaled_mm_ms`` (``torch._scaled_mm`` of the quantizer's e4m3 codes, row-wise fp32
+    scales, bf16 out) and ``bf16_mm_ms`` (``torch.mm`` of the bf16 operands); ``quantize_ms`` / ``quantize_bytes``
+    (the quantizer with the ``quest_w4a4`` input spec writing codes and packed codes: bytes read + written) and
+    ``copy_ms`` / ``copy_bytes`` (a device-to-device copy of the input, read + write), ``quantize_gb_s`` and
+    ``copy_gb_s`` from them; ``layers``: one :func:`_layer_measurements` row per recipe of ``recipe_names``. Times
+    are medians in milliseconds.
+    """
+    from ..kernels.triton import quant as triton_quant
+
+    w4a4 = load_recipe("quest_w4a4")
+    m, k, n = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, device=device, generator=gen) * k**-0.5  # fp32, like the master weight
+    grad = torch.randn(m, n, device=device, generator=gen).to(torch.bfloat16)
+    time = lambda fn: median_ms(fn, device, min_run_time)  # noqa: E731
+    row: dict[str, Any] = {"m": m, "k": k, "n": n}
+
+    xq = triton_quant.quantize_rows(x, w4a4.input, codes=True, packed=True)
+    row["quantize_bytes"] = x.numel() * x.element_size() + xq.nbytes()
+    row["quantize_ms"] = time(lambda: triton_quant.quantize_rows(x, w4a4.input, codes=True, packed=True))
+    copy_target = torch.empty_like(x)
+    row["copy_bytes"] = 2 * x.numel() * x.element_size()
+    row["copy_ms"] = time(lambda: copy_target.copy_(x))
+    row["quantize_gb_s"] = row["quantize_bytes"] / row["quantize_ms"] / 1e6
+    row["copy_gb_s"] = row["copy_bytes"] / row["copy_ms"] / 1e6
+
+    wq = triton_quant.quantize_rows(w, w4a4.weight, codes=True)
+    scale_x, scale_w = (xq.step * 0.5).reshape(m, 1), (wq.step * 0.5).reshape(1, n)
+    codes_w = wq.codes.t()  # [K, N] column-major: the layout torch._scaled_mm takes for its second operand
+    row["scaled_mm_ms"] = time(lambda: torch._scaled_mm(xq.codes, codes_w, scale_a=scale_x, scale_b=scale_w,
+                                                        out_dtype=torch.bfloat16))
+    w16 = w.to(torch.bfloat16).t()
+    row["bf16_mm_ms"] = time(lambda: torch.mm(x, w16))
+    row["layers"] = [_layer_measurements(x, w, grad, name, device, min_run_time) for name in recipe_names]
+    return row
+
+
 KERNEL_HEADER = ("M x K x N", "recipe", "measure", "ours", "baseline", "ratio")
 
 
-def kernel_cells(row: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """The table lines ``(measure, ours, baseline, ratio)`` of one :func:`kernel_measurements` row, as text."""
+def kernel_cells(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The table lines ``(recipe, measure, ours, baseline, ratio)`` of one :func:`kernel_measurements` row, as
+    text: the shape's GEMM and quantizer, then each recipe's layer."""
     flops = 2.0 * row["m"] * row["k"] * row["n"]
-    error, gemm_ms, matmul_ms = row["check_rel_error"], row["gemm_ms"], row["bf16_matmul_ms"]
+    fp8_ms, bf16_ms = row["scaled_mm_ms"], row["bf16_mm_ms"]
     quant_gbs, copy_gbs = row["quantize_gb_s"], row["copy_gb_s"]
-    linear_ms, triton_ms, reference_ms = row["nn_linear_ms"], row["linear_ms"], row["reference_ms"]
-    saved, plain = row["saved_bytes"], row["nn_linear_saved_bytes"]
-    lines = [("check vs reference", f"{error:.2g}", "rel. norm error", "ok" if error < CHECK_TOLERANCE else "MISMATCH"),
-             ("quantize GB/s", f"{quant_gbs:.4g}", f"{copy_gbs:.4g} copy", f"{quant_gbs / copy_gbs:.2f} of copy"),
-             ("gemm ms", f"{gemm_ms:.4g}", f"{matmul_ms:.4g} bf16", f"{matmul_ms / gemm_ms:.2f}x faster"),
-             ("", _tflops(flops, gemm_ms), _tflops(flops, matmul_ms), "")]
-    if row["cublas_int8_ms"] is not None:
-        int_mm_ms = row["cublas_int8_ms"]
-        lines.append(("", "", f"{int_mm_ms:.4g} cuBLAS int8", f"{int_mm_ms / gemm_ms:.2f}x of it"))
-    lines += [("linear fwd+bwd ms", f"{triton_ms:.4g}", f"{linear_ms:.4g} nn.Linear",
-               f"{triton_ms / linear_ms:.2f}x nn.Linear"),
-              ("", _tflops(3 * flops, triton_ms), f"{reference_ms:.4g} reference",
-               f"{reference_ms / triton_ms:.2f}x faster"),
-              ("saved activations MiB", f"{saved / 2**20:.4g}", f"{plain / 2**20:.4g} nn.Linear",
-               f"{saved / plain:.3f} of nn.Linear")]
+    lines = [("", "gemm ms", f"{fp8_ms:.4g} fp8", f"{bf16_ms:.4g} bf16", f"{fp8_ms / bf16_ms:.2f}x of bf16"),
+             ("", "", _tflops(flops, fp8_ms), _tflops(flops, bf16_ms), ""),
+             ("quest_w4a4", "quantize GB/s", f"{quant_gbs:.4g}", f"{copy_gbs:.4g} copy",
+              f"{quant_gbs / copy_gbs:.2f} of copy")]
+    for layer in row["layers"]:
+        error, linear_ms, triton_ms = layer["check_rel_error"], layer["nn_linear_ms"], layer["linear_ms"]
+        saved, plain = layer["saved_bytes"], layer["nn_linear_saved_bytes"]
+        lines += [(layer["recipe"], "check vs reference", f"{error:.2g}", "rel. norm error",
+                   "ok" if error < CHECK_TOLERANCE else "MISMATCH"),
+                  ("", "linear fwd+bwd ms", f"{triton_ms:.4g}", f"{linear_ms:.4g} nn.Linear",
+                   f"{triton_ms / linear_ms:.2f}x nn.Linear"),
+                  ("", "", _tflops(3 * flops, triton_ms), f"{layer['reference_ms']:.4g} reference",
+                   f"{layer['reference_ms'] / triton_ms:.2f}x faster"),
+                  ("", "saved activations MiB", f"{saved / 2**20:.4g}", f"{plain / 2**20:.4g} nn.Linear",
+                   f"{saved / plain:.3f} of nn.Linear")]
     return lines
 
 
 def kernel_table(shapes: list[tuple[int, int, int]], recipe_names: list[str], device: torch.device,
                  min_run_time: float) -> list[dict[str, Any]]:
-    """Print the kernel table (see the module docstring) for every shape and recipe; returns the measured rows."""
-    header = f"{'M x K x N':>20} {'recipe':>11} {'measure':>22} {'ours':>9} {'baseline':>20} {'ratio':>22}"
+    """Print the kernel table (see the module docstring) for every shape; returns the measured rows."""
+    header = f"{'M x K x N':>20} {'recipe':>16} {'measure':>22} {'ours':>12} {'baseline':>20} {'ratio':>20}"
     print(header)
     print("-" * len(header))
     rows = []
     for shape in shapes:
         dims = "x".join(map(str, shape))
-        for name in recipe_names:
-            row = kernel_measurements(shape, name, device, min_run_time)
-            rows.append(row)
-            for what, ours, base, ratio in kernel_cells(row):
-                print(f"{dims:>20} {name:>11} {what:>22} {ours:>9} {base:>20} {ratio:>22}")
+        row = kernel_measurements(shape, recipe_names, device, min_run_time)
+        rows.append(row)
+        for recipe, what, ours, base, ratio in kernel_cells(row):
+            print(f"{dims:>20} {recipe:>16} {what:>22} {ours:>12} {base:>20} {ratio:>20}")
     return rows
 
 
@@ -277,15 +289,17 @@ def render(record: BenchmarkRecord) -> str:
                 f"{record.notes['dtype']}; medians of {record.notes['timer']}, at least "
                 f"{record.notes['min_run_time']} s per measurement; ratio = quantized / nn.Linear.\n\n{table}\n")
     if record.benchmark == "kernels-gpu":
-        lines = [(_dims(row) if i == 0 else "", row["recipe"] if i == 0 else "", *cells)
+        lines = [(_dims(row) if i == 0 else "", *cells)
                  for row in record.rows for i, cells in enumerate(kernel_cells(row))]
         table = markdown.table(KERNEL_HEADER, lines, "lllrrr")
-        return (f"Per layer shape (tokens × in × out) and recipe, {record.notes['operands']}; medians of "
-                f"{record.notes['timer']}. `check`: the Triton layer against the reference path (relative norm "
-                f"error; ok below {record.notes['check_tolerance']:g}); `quantize`: bytes read + written per second "
-                "beside a copy of the input; `gemm`: the int8 GEMM of the codes against bf16 `torch.matmul` and "
-                "cuBLAS's int8 GEMM; `linear`: forward + backward against `nn.Linear` and the reference path; "
-                f"`saved`: activation bytes kept for backward.\n\n{table}\n")
+        return (f"Per GEMM shape of the 800M block (tokens × in × out), {record.notes['operands']}; medians of "
+                f"{record.notes['timer']}, measured side by side. `gemm`: `torch._scaled_mm` on the quantizer's "
+                "e4m3 codes with row-wise scales (bf16 out) against bf16 `torch.mm` (ratio: fp8 time over bf16 "
+                "time); `quantize`: the fused quantizer (`quest_w4a4` input), bytes read + written per second beside "
+                "a copy of the input; per recipe, `check`: the Triton layer against the reference path (relative "
+                "norm error; ok below "
+                f"{record.notes['check_tolerance']:g}); `linear`: forward + backward against `nn.Linear` and the "
+                f"reference path; `saved`: activation bytes kept for backward.\n\n{table}\n")
     raise ValueError(f"{MODULE}.render: benchmark {record.benchmark!r} is not allowed; allowed: kernels-gpu, "
                      "kernels-reference-cpu")
 
@@ -328,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         if not use_cuda:
             return  # interpreted: the timings are numpy's, not the kernels'
         record = BenchmarkRecord(
-            benchmark="kernels-gpu", title="Fused Triton kernels vs cuBLAS and nn.Linear, GPU", kind="measured",
+            benchmark="kernels-gpu", title="fp8 GEMM and fused quantizer vs bf16 cuBLAS and a copy, GPU",
+            kind="measured",
             module=MODULE, command=command_line(MODULE, argv), rows=rows,
             notes={"operands": "bf16 activations and the fp32 master weight under bf16 autocast (as training)",
                    "timer": "triton.testing.do_bench", "min_run_time": args.min_run_time,

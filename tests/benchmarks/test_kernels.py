@@ -18,7 +18,8 @@ def test_kernel_table_runs_under_the_interpreter(capsys, tmp_path):
     kernels.main(["--triton", "--shapes", "32x128x64", "--min-run-time", "0.01", "--recipes", "quest_w4a4",
                   "--record-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    for measure in ("quantize GB/s", "gemm ms", "linear fwd+bwd ms", "reference", "saved activations MiB"):
+    for measure in ("quantize GB/s", "gemm ms", " fp8 ", " bf16 ", "x of bf16", "of copy", "linear fwd+bwd ms",
+                    "reference", "saved activations MiB"):
         assert measure in out
     # Activations kept per token: 64 nibble bytes + 16 mask bytes + a 4-byte step, vs 256 bf16 bytes.
     assert f"{(64 + 16 + 4) / 256:.3f} of nn.Linear" in out
@@ -53,24 +54,32 @@ def test_no_record_writes_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_the_gpu_table_renders_every_recorded_figure():
-    row = {"m": 16384, "k": 2048, "n": 5632, "recipe": "quest_w4a4", "check_rel_error": 1.2e-3,
-           "quantize_gb_s": 1500.0, "copy_gb_s": 3000.0, "gemm_ms": 0.5, "bf16_matmul_ms": 1.0,
-           "cublas_int8_ms": 0.4, "linear_ms": 2.0, "nn_linear_ms": 2.5, "reference_ms": 10.0,
-           "saved_bytes": 3 * 2**20, "nn_linear_saved_bytes": 12 * 2**20}
+    layer = {"recipe": "quest_w4a4", "check_rel_error": 1.2e-3, "linear_ms": 2.0, "nn_linear_ms": 2.5,
+             "reference_ms": 10.0, "saved_bytes": 3 * 2**20, "nn_linear_saved_bytes": 12 * 2**20}
+    row = {"m": 16384, "k": 2048, "n": 11264, "quantize_bytes": 3.0e6, "quantize_ms": 2e-3, "copy_bytes": 6.0e6,
+           "copy_ms": 2e-3, "quantize_gb_s": 1500.0, "copy_gb_s": 3000.0, "scaled_mm_ms": 0.5, "bf16_mm_ms": 1.0,
+           "layers": [layer]}
     record = BenchmarkRecord(benchmark="kernels-gpu", title="t", kind="measured", module=kernels.__name__,
                              command="python -m bitlaw.benchmarks.kernels", rows=[row],
                              notes={"operands": "bf16", "timer": "triton.testing.do_bench", "min_run_time": 1.0,
                                     "check_tolerance": kernels.CHECK_TOLERANCE})
     text = kernels.render(record)
-    tflops = 2.0 * 16384 * 2048 * 5632 / 0.5 / 1e9
-    for cells in ("| 16384x2048x5632 | quest_w4a4 | check vs reference | 0.0012 | rel. norm error | ok |",
-                  "| quantize GB/s | 1500 | 3000 copy | 0.50 of copy |", "| gemm ms | 0.5 | 1 bf16 | 2.00x faster |",
-                  f"| {tflops:.4g} TF/s |", "| 0.4 cuBLAS int8 | 0.80x of it |",
+    flops = 2.0 * 16384 * 2048 * 11264
+    for cells in ("| 16384x2048x11264 |  | gemm ms | 0.5 fp8 | 1 bf16 | 0.50x of bf16 |",
+                  f"| {flops / 0.5 / 1e9:.4g} TF/s | {flops / 1.0 / 1e9:.4g} TF/s |",
+                  "| quest_w4a4 | quantize GB/s | 1500 | 3000 copy | 0.50 of copy |",
+                  "| quest_w4a4 | check vs reference | 0.0012 | rel. norm error | ok |",
                   "| linear fwd+bwd ms | 2 | 2.5 nn.Linear | 0.80x nn.Linear |", "| 10 reference | 5.00x faster |",
                   "| saved activations MiB | 3 | 12 nn.Linear | 0.250 of nn.Linear |"):
         assert cells in text, cells
     with pytest.raises(ValueError, match="'kernels-x' is not allowed; allowed: kernels-gpu"):
         kernels.render(BenchmarkRecord("kernels-x", "t", "measured", kernels.__name__, "c", []))
+
+
+def test_the_gpu_shapes_are_the_800m_blocks_gemms():
+    # q/k/v as one GEMM of 3 × 2048 outputs, o, gate/up as one of 2 × 5632, down: at 16,384 tokens.
+    assert kernels.GPU_SHAPES == [(16384, 2048, 6144), (16384, 2048, 2048), (16384, 2048, 11264),
+                                  (16384, 5632, 2048)]
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "16x128"], ["--shapes", "0x128x32"], ["--cpu", "--triton"]])
