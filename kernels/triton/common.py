@@ -110,13 +110,12 @@ def dot_signs(x, signs, acc, DOT: tl.constexpr):
 
 @triton.jit
 def e4m3_byte(code):
-    """The fp8 e4m3 (``float8_e4m3fn``) bit pattern, as int32, of each integer in ``code`` (int32, ``|code| ≤ 15``,
-    all exact in e4m3): sign, exponent ``e = floor(log2|code|)`` biased by 7, and the three bits after the leading
-    one. Written as integer arithmetic, not a cast: the interpreter has no fp8 type."""
-    a = tl.abs(code)
-    e = (a >= 2).to(tl.int32) + (a >= 4).to(tl.int32) + (a >= 8).to(tl.int32)
-    normal = (((e + 7) << 3) | ((a << (3 - e)) & 7)) | ((code < 0).to(tl.int32) << 7)
-    return tl.where(a == 0, 0, normal)
+    """The fp8 e4m3 (``float8_e4m3fn``) bit pattern, as int32, of each nonzero integer in ``code`` (int32,
+    ``|code| ≤ 15``, all exact in e4m3): read from the integer's fp32 bits, whose exponent and top three mantissa
+    bits sit together above bit 20; re-biasing the exponent from 127 to 7 is one subtraction of ``120 << 3``. Integer
+    arithmetic, not a cast: the interpreter has no fp8 type."""
+    bits = code.to(tl.float32).to(tl.int32, bitcast=True)
+    return (((bits & 0x7FFFFFFF) >> 20) - (120 << 3)) | ((bits >> 24) & 0x80)
 
 
 @triton.jit
