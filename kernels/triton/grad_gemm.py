@@ -125,7 +125,8 @@ def _fp8_byte(q, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
     a = tl.abs(q)
     exponent = ((bits >> 23) & 255) - 127
     normal = (((exponent + BIAS) << MANTISSA) | ((bits >> (23 - MANTISSA)) & ((1 << MANTISSA) - 1)))
-    subnormal = (a * (2.0 ** (BIAS - 1 + MANTISSA))).to(tl.int32)
+    # Capped so that the unused lanes (normal numbers) convert without overflow.
+    subnormal = (tl.minimum(a, 1.0) * (2.0 ** (BIAS - 1 + MANTISSA))).to(tl.int32)
     return tl.where(exponent >= 1 - BIAS, normal, subnormal) | sign
 
 
