@@ -99,7 +99,7 @@ def test_every_preset_says_which_kernels_train_it_on_cuda(capsys):
     assert paths["bf16"] == "on CUDA: nn.Linear (cuBLAS bf16); nothing is quantized"
     for name in ("quest_w4a4", "quest_w1a1", "quest_w2a2", "quest_w3a3"):
         assert "fast path (fused Triton quantizers, torch._scaled_mm on fp8 e4m3 codes" in paths[name], name
-    assert "8-bit gradients on the same vendor GEMMs" in paths["quest_w4a4_g8g8_e4m3"]
+    assert "8-bit gradients on the same vendor GEMMs" in paths["quest_w4a4_g8g8"]
     # What stays on the reference says why, naming the field.
     assert "format 'fp4_e2m1'" in paths["quest_fp4"] and "lsq" in paths["lsq_w4a4"]
     assert all(line.startswith(("on CUDA: the fast path", "on CUDA: the reference path (plain PyTorch), not the "

@@ -36,9 +36,11 @@ def test_defaults_keep_every_recipe_quest():
 
 def test_presets_and_round_trip():
     g8, g8g8 = load_recipe("quest_w4a4_g8"), load_recipe("quest_w4a4_g8g8")
-    assert g8.grad_input == GradSpec("int8", "stochastic", "block") and not g8.grad_weight.quantized
-    assert g8g8.grad_weight == GradSpec("int8", "stochastic", "block")
-    for recipe in (g8, g8g8):
+    assert g8.grad_input == GradSpec("fp8_e4m3", "stochastic", "token") and not g8.grad_weight.quantized
+    assert g8g8.grad_weight == GradSpec("fp8_e4m3", "stochastic", "channel")
+    int8 = load_recipe("quest_w4a4_g8g8_int8")
+    assert int8.grad_input == int8.grad_weight == GradSpec("int8", "stochastic", "block")
+    for recipe in (g8, g8g8, int8):
         assert Recipe.from_dict(recipe.to_dict()) == recipe
         assert recipe.weight == load_recipe("quest_w4a4").weight and recipe.input == load_recipe("quest_w4a4").input
 
@@ -200,8 +202,9 @@ def test_quantized_backward_is_close_to_quest_and_its_mean_converges_to_it():
         assert torch.equal(reference_linear(x, w, recipe), reference_linear(x, w, quest))  # forward unchanged
         gx, gw = _grads(recipe, x, w, g, 0)
         rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-        assert 1e-4 < rel(gx, gx_q) < 0.02
-        assert (rel(gw, gw_q) == 0) == (name == "quest_w4a4_g8") and rel(gw, gw_q) < 0.02
+        # One stochastic draw of e4m3 (three mantissa bits) is a few percent off QuEST's gradient.
+        assert 1e-4 < rel(gx, gx_q) < 0.08
+        assert (rel(gw, gw_q) == 0) == (name == "quest_w4a4_g8") and rel(gw, gw_q) < 0.08
         if name == "quest_w4a4_g8g8":
             # Unbiased: the mean of n seeded draws approaches QuEST's gradient as 1/sqrt(n).
             draws = [_grads(recipe, x, w, g, seed) for seed in range(16)]

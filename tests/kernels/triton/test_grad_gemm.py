@@ -118,7 +118,7 @@ def test_stochastic_rounding_in_the_kernel():
 
 def test_layer_gradients_match_the_reference():
     spec_in, spec_w = _specs("fp8_e4m3", "nearest")
-    recipe = dataclasses.replace(load_recipe("quest_w4a4_g8g8_e4m3"), grad_input=spec_in, grad_weight=spec_w)
+    recipe = dataclasses.replace(load_recipe("quest_w4a4_g8g8"), grad_input=spec_in, grad_weight=spec_w)
     gen = torch.Generator().manual_seed(4)
     x, w, g = (torch.randn(shape, generator=gen).to(DEVICE) for shape in ((2, 48, 128), (256, 128), (2, 48, 256)))
     out = {}
@@ -129,7 +129,7 @@ def test_layer_gradients_match_the_reference():
     for ref, tri in zip(out["reference"], out["triton"], strict=True):
         # The forward quantizers agree except on values within rounding of a boundary (tests/kernels/triton).
         assert float((ref - tri).norm() / ref.norm()) < 2e-3
-    stochastic = load_recipe("quest_w4a4_g8g8_e4m3")
+    stochastic = load_recipe("quest_w4a4_g8g8")
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
     quantized_linear(xx, ww, stochastic, backend="triton", grad_seed=torch.tensor(9)).backward(g)
     for ref, tri in zip(out["reference"], (xx.grad, ww.grad), strict=True):
@@ -146,4 +146,4 @@ def test_unsupported_backwards_fall_back_with_the_reason(change, reason):
     x, w = torch.zeros(4, 128, device=DEVICE), torch.zeros(8, 128, device=DEVICE)
     choice = select_backend(recipe, x, w, "triton")
     assert choice.backend == "reference" and reason in choice.reason
-    assert select_backend(load_recipe("quest_w4a4_g8g8_e4m3"), x, w, "triton").backend == "triton"
+    assert select_backend(load_recipe("quest_w4a4_g8g8"), x, w, "triton").backend == "triton"
