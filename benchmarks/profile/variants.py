@@ -112,9 +112,11 @@ def _grad_variants(capability: int) -> list[Variant]:
                  "qw_ptr": "*u8", "sw_ptr": "*fp32", **_ints(["M", "N"]), "key": "u32", "largest_in": "fp32",
                  "largest_w": "fp32"}
     e4m3 = grad_gemm.FORMAT_IDS["fp8_e4m3"]
-    constexprs = {"stride_gn": 1, **both, "FORMAT_IN": e4m3, "FORMAT_W": e4m3, "SR_IN": True, "SR_W": True}
+    constexprs = {"stride_gn": 1, **both, "FORMAT_IN": e4m3, "FORMAT_W": e4m3, "SR_IN": True, "SR_W": True,
+                  "ROWS": grad_gemm.QUANT_ROWS}
+    rounding_tile = grad_gemm.QUANT_ROWS * grad_gemm.TILE
     out.append(Variant("quantize_grad", "g_y → e4m3 for g_x and g_w (row-wise scales)", signature, constexprs,
-                       grad_gemm.QUANT_WARPS, 1, tile * 2, tile * 2))
+                       grad_gemm.QUANT_WARPS, 1, rounding_tile * 2, rounding_tile * 2))
     signature = {"packed_ptr": "*u8", "out_ptr": "*u8", **_ints(["R", "K", "stride_packed"])}
     out.append(Variant("codes_t", "int4 codes → e4m3, transposed", signature,
                        {"BITS": 4, "FIELD_BITS": 4, "FP8": True, "BLOCK_R": 64}, 4, 1, 64 * 64, 64 * 128))

@@ -39,8 +39,11 @@ from .common import E4M3_BITS, MAX_BITS, check_device, e4m3_byte, pick, unpack_b
 from .quant import QuantizedRows
 from .vendor import scaled_matmul
 
-TILE = 128  # rows and columns of g_y per program of the gradient passes
-QUANT_WARPS = 8  # 128 × 128 tiles: 64 entries per thread
+TILE = 128  # rows and columns of g_y per program of the absmax pass; columns of the rounding pass
+QUANT_WARPS = 8  # 128 × 128 tiles of the absmax pass: 64 entries per thread
+# Rows per tile of the rounding pass: 64 × 128 on 8 warps keeps its 32 entries per thread (and their random bits,
+# two roundings and two fp8 encodings) in registers without spilling (the static profile).
+QUANT_ROWS = 64
 # The GradSpec.scale of each GEMM that is row-wise for its gradient operand (grad_weight's operand is g_yᵀ).
 ROW_SCALE = {"grad_input": "token", "grad_weight": "channel"}
 # The 8-bit dtype of each gradient format and the FORMAT constexpr of the kernels.
@@ -94,7 +97,13 @@ def _amax_kernel(g_ptr, stride_gm, stride_gn, unit_in_ptr, unit_w_ptr, amax_in_p
 def _to_grid(v, bits16, FORMAT: tl.constexpr, STOCHASTIC: tl.constexpr):
     """``v`` (fp32, scaled into the format's range up to float rounding) onto the grid of ``FORMAT`` (0 int8, 1
     e4m3, 2 e5m2): ``floor(v/Δ + ξ)·Δ`` with ``ξ = (bits16 + ½)·2^-16`` or ½ (nearest), clamped to the largest
-    value (int8: only from above, as the reference), returned as the format's byte (int32)."""
+    value (int8: only from above, as the reference), returned as the format's byte (int32).
+
+    fp8 in integer arithmetic on ``v``'s bits: where ``v`` is a normal number of the format, ``v/Δ`` is its fp32
+    mantissa read above bit ``23 − MANTISSA``, so adding ``ξ`` in those units (``⌈·⌉`` from ``−ξ`` for negative
+    ``v``: the floor of a negative value) and truncating rounds it, a carry moving into the exponent by itself; the
+    byte is then the exponent re-biased and the kept mantissa bits. Below the normal range the spacing is fixed
+    and the float formula is cheap."""
     if STOCHASTIC:
         shift = (bits16.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2^-16
     else:
@@ -104,47 +113,41 @@ def _to_grid(v, bits16, FORMAT: tl.constexpr, STOCHASTIC: tl.constexpr):
     else:
         MANTISSA: tl.constexpr = 3 if FORMAT == 1 else 2
         BIAS: tl.constexpr = 7 if FORMAT == 1 else 15
-        LARGEST: tl.constexpr = 448.0 if FORMAT == 1 else 57344.0
-        MIN_EXPONENT: tl.constexpr = 1 - BIAS
-        # The spacing Δ = 2^(max(e, 1 − bias) − mantissa bits) from the exponent bits: exact, as the reference.
-        exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 127
-        exponent = tl.maximum(exponent, MIN_EXPONENT) - MANTISSA
-        spacing = ((exponent + 127) << 23).to(tl.float32, bitcast=True)
-        q = tl.minimum(tl.maximum(tl.floor(v / spacing + shift) * spacing, -LARGEST), LARGEST)
-        byte = _fp8_byte(q, MANTISSA, BIAS)
+        LARGEST_BYTE: tl.constexpr = 0x7E if FORMAT == 1 else 0x7B  # 448 = 1.75·2^8; 57344 = 1.75·2^15
+        LOW: tl.constexpr = 23 - MANTISSA  # fp32 mantissa bits below the format's
+        bits = v.to(tl.int32, bitcast=True)
+        negative = bits < 0
+        magnitude = bits & 0x7FFFFFFF
+        if STOCHASTIC:
+            up = (bits16.to(tl.int32) << (LOW - 16)) + (1 << (LOW - 17))  # ξ in units of 2^-LOW
+        else:
+            up = tl.full(bits.shape, 1 << (LOW - 1), tl.int32)
+        rounded = (magnitude + tl.where(negative, (1 << LOW) - 1 - up, up)) >> LOW
+        normal = tl.minimum(rounded - ((127 - BIAS) << MANTISSA), LARGEST_BYTE)
+        # Subnormal: multiples of 2^(1 − BIAS − MANTISSA), counted as the byte itself (a count of 2^MANTISSA is the
+        # smallest normal number's byte).
+        SCALE: tl.constexpr = 2.0 ** (BIAS - 1 + MANTISSA)
+        subnormal = tl.abs(tl.floor(v * SCALE + shift)).to(tl.int32)
+        small = magnitude < ((128 - BIAS) << 23)  # |v| < 2^(1 − BIAS)
+        byte = tl.where(small, subnormal, normal) | (negative.to(tl.int32) << 7)
     return byte
-
-
-@triton.jit
-def _fp8_byte(q, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
-    """The fp8 bit pattern (int32) of ``q``, an fp32 value exactly representable in the format (``MANTISSA``
-    explicit bits, exponent ``BIAS``): the exponent re-biased and the mantissa's top bits for normal numbers, the
-    integer multiple of the smallest subnormal below them."""
-    bits = q.to(tl.int32, bitcast=True)
-    sign = (bits >> 24) & 0x80
-    a = tl.abs(q)
-    exponent = ((bits >> 23) & 255) - 127
-    normal = (((exponent + BIAS) << MANTISSA) | ((bits >> (23 - MANTISSA)) & ((1 << MANTISSA) - 1)))
-    # Capped so that the unused lanes (normal numbers) convert without overflow.
-    subnormal = (tl.minimum(a, 1.0) * (2.0 ** (BIAS - 1 + MANTISSA))).to(tl.int32)
-    return tl.where(exponent >= 1 - BIAS, normal, subnormal) | sign
 
 
 @triton.jit
 def _quantize_grad_kernel(g_ptr, stride_gm, stride_gn, unit_in_ptr, unit_w_ptr, amax_in_ptr, amax_w_ptr, qin_ptr,
                           sin_ptr, qw_ptr, sw_ptr, M, N, key, largest_in, largest_w, DO_IN: tl.constexpr,
                           DO_W: tl.constexpr, FORMAT_IN: tl.constexpr, FORMAT_W: tl.constexpr, SR_IN: tl.constexpr,
-                          SR_W: tl.constexpr):
+                          SR_W: tl.constexpr, ROWS: tl.constexpr):
     BLOCK: tl.constexpr = 128
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn, mask=ok,
                 other=0.0).to(tl.float32)
     tiny = 1.1754943508222875e-38
-    bits = tl.zeros([BLOCK, BLOCK], dtype=tl.uint32)
+    bits = tl.zeros([ROWS, BLOCK], dtype=tl.uint32)
     if SR_IN or SR_W:  # one hash per entry of g_y: its high half for grad_input, its low half for grad_weight
         # The counter m·N + n + key (mod 2^32): the key joins each row's base, one add per entry.
         bits = _hash32((rows * N + key).to(tl.uint32)[:, None] + cols.to(tl.uint32)[None, :])
@@ -215,11 +218,11 @@ def quantize_gradient(grad_y: torch.Tensor, xq: QuantizedRows, wq: QuantizedRows
         dummy = wq.step
         qin, sin = out_in or (dummy, dummy)
         qw, sw = out_w or (dummy, dummy)
-        _quantize_grad_kernel[grid](
+        _quantize_grad_kernel[(triton.cdiv(m, QUANT_ROWS), triton.cdiv(n, TILE))](
             grad_y, grad_y.stride(0), grad_y.stride(1), wq.step * 0.5, xq.step * 0.5, amax_in, amax_w, qin, sin,
             qw, sw, m, n, seed_key(seed), _largest(grad_input), _largest(grad_weight), **flags,
             FORMAT_IN=FORMAT_IDS.get(grad_input.format, 0), FORMAT_W=FORMAT_IDS.get(grad_weight.format, 0),
-            SR_IN=grad_input.stochastic, SR_W=grad_weight.stochastic, num_warps=pick(QUANT_WARPS, 4))
+            SR_IN=grad_input.stochastic, SR_W=grad_weight.stochastic, ROWS=QUANT_ROWS, num_warps=pick(QUANT_WARPS, 4))
     out_in = None if out_in is None else (out_in[0].view(GRAD_DTYPES[grad_input.format]), out_in[1])
     out_w = None if out_w is None else (out_w[0].view(GRAD_DTYPES[grad_weight.format]), out_w[1])
     return out_in, out_w

@@ -117,7 +117,11 @@ def _round_and_store(a, inv_step, threshold, k0, codes_rows, packed_rows, mask_r
     if CODES == 1:
         tl.store(codes_rows + cols, (2 * q + 1).to(tl.int8), mask=ok)
     elif CODES == 2:
-        tl.store(codes_rows + cols, e4m3_byte(2 * q + 1).to(tl.uint8), mask=ok)
+        if BITS == 1:  # codes ±1: e4m3 0x38 with the sign of q ∈ {−1, 0}
+            byte = (q & 0x80) | 0x38
+        else:
+            byte = e4m3_byte(2 * q + 1)
+        tl.store(codes_rows + cols, byte.to(tl.uint8), mask=ok)
     if FIELD_BITS > 0:
         index = q + 2 ** (BITS - 1)  # the level index of docs/numerics.md §6
         if not EVEN_K:
