@@ -57,7 +57,8 @@ def launches(sms: int = 132, capability: int = 90, tokens: int = TOKENS) -> list
         add("masked_rotate", f"{group} g_w", (n, k), backward._pass_grid(n, k, pass_rows[1]))
         tiles = (triton.cdiv(tokens, grad_gemm.TILE), triton.cdiv(n, grad_gemm.TILE))
         add("grad_amax", f"{group} g_y", (tokens, n), tiles)
-        add("quantize_grad", f"{group} g_y", (tokens, n), tiles)
+        add("quantize_grad", f"{group} g_y", (tokens, n),
+            (triton.cdiv(tokens, grad_gemm.QUANT_ROWS), triton.cdiv(n, grad_gemm.TILE)))
         add("codes_t", f"{group} weight codes", (n, k), (triton.cdiv(n, 64), triton.cdiv(k, grad_gemm.TILE)))
         add("codes_t", f"{group} input codes", (tokens, k), (triton.cdiv(tokens, 64), triton.cdiv(k, grad_gemm.TILE)))
     return out

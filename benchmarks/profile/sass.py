@@ -42,6 +42,9 @@ class Loop:
     tensor_cycles: float
     instructions_per_input_byte: float | None  # thread-instructions per byte read (memory-bound kernels)
     instructions_per_byte_moved: float | None  # per byte read or written
+    # wgmma groups left in flight at the loop's tightest wait (the N of ``WARPGROUP.DEPBAR.LE gsb0, N``); None
+    # without wgmma. 0: each group is waited for before the loop goes on.
+    wgmma_in_flight: int | None = None
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Profile:
     loops: list[Loop] = field(default_factory=list)
     error: str | None = None
     instructions_per_input_byte: float | None = None  # all loops together (memory-bound kernels)
+    ctas_per_sm: int = 0  # occupancy: CTAs resident per multiprocessor (:func:`ctas_per_sm`)
 
 
 def nvidia_tools() -> Path | None:
@@ -87,6 +91,32 @@ def _mma_ops(mnemonic: str, warps: int) -> tuple[str, float]:
     digits = re.search(r"MMA\.(\d{2})(\d)(\d+)", mnemonic)  # mma.sync: m16 n8 kK per warp
     m, n, k = int(digits.group(1)), int(digits.group(2)), int(digits.group(3))
     return kind, 2.0 * m * n * k * warps
+
+
+def _wgmma_in_flight(instructions: Sequence[str]) -> int | None:
+    """The smallest N of the ``WARPGROUP.DEPBAR.LE gsb0, N`` waits among ``instructions`` (None without wgmma)."""
+    if not any(text.startswith(("HGMMA", "IGMMA", "QGMMA")) for text in instructions):
+        return None
+    depths = [int(found.group(1), 16) for text in instructions
+              if (found := re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", text))]
+    return min(depths) if depths else None
+
+
+# What one Hopper / Ampere multiprocessor holds (CUDA occupancy rules): registers, warps, CTAs, shared memory
+# (bytes usable by CTAs, each also taking 1 KB the runtime reserves).
+SM_LIMITS = {90: {"registers": 65536, "warps": 64, "ctas": 32, "shared": 233472},
+             80: {"registers": 65536, "warps": 64, "ctas": 32, "shared": 167936}}
+
+
+def ctas_per_sm(registers: int, warps: int, shared: int, capability: int) -> int:
+    """CTAs of a kernel resident on one multiprocessor at once: registers (allocated per warp, per thread in
+    multiples of 8), warps, the CTA limit and shared memory bound it."""
+    limits = SM_LIMITS[capability]
+    per_warp = -(-max(registers, 1) // 8) * 8 * 32
+    bounds = [limits["ctas"], limits["warps"] // warps, limits["registers"] // (per_warp * warps)]
+    if shared:
+        bounds.append(limits["shared"] // (shared + 1024))
+    return max(min(bounds), 0)
 
 
 def analyse_cubin(cubin: bytes, tools: Path, warps: int, capability: int, read_bytes: int, written_bytes: int
@@ -141,6 +171,7 @@ def analyse_cubin(cubin: bytes, tools: Path, warps: int, capability: int, read_b
             async_copies=sum(count for op, count in counts.items() if op.startswith(ASYNC_PREFIXES)),
             vector_loads=vector, scalar_loads=sum(loads.values()) - vector,
             local_memory=sum(count for op, count in counts.items() if op.startswith(("STL", "LDL"))),
+            wgmma_in_flight=_wgmma_in_flight(instructions[start:end + 1]),
             issue_cycles=len(body) * warps / 4, tensor_cycles=tensor_cycles,
             instructions_per_input_byte=threads * len(body) / read_bytes if main else None,
             instructions_per_byte_moved=threads * len(body) / (read_bytes + written_bytes) if main else None))
@@ -175,6 +206,7 @@ def profile_variant(variant: Variant, target: str) -> Profile:
                                                            capability, variant.read_bytes, variant.written_bytes)
     result.registers, result.stack, result.loops = registers, stack, loops
     result.shared = static_shared + int(compiled.metadata.shared)
+    result.ctas_per_sm = ctas_per_sm(registers, variant.num_warps, result.shared, capability)
     # Each loop of these kernels reads the input once per iteration (the quantizer's two passes both do).
     result.instructions_per_input_byte = sum(loop.instructions for loop in loops) * variant.num_warps * 32 \
         / variant.read_bytes

@@ -116,7 +116,7 @@ def _grad_variants(capability: int) -> list[Variant]:
                   "ROWS": grad_gemm.QUANT_ROWS}
     rounding_tile = grad_gemm.QUANT_ROWS * grad_gemm.TILE
     out.append(Variant("quantize_grad", "g_y → e4m3 for g_x and g_w (row-wise scales)", signature, constexprs,
-                       grad_gemm.QUANT_WARPS, 1, rounding_tile * 2, rounding_tile * 2))
+                       grad_gemm.ROUND_WARPS, 1, rounding_tile * 2, rounding_tile * 2))
     signature = {"packed_ptr": "*u8", "out_ptr": "*u8", **_ints(["R", "K", "stride_packed"])}
     out.append(Variant("codes_t", "int4 codes → e4m3, transposed", signature,
                        {"BITS": 4, "FIELD_BITS": 4, "FP8": True, "BLOCK_R": 64}, 4, 1, 64 * 64, 64 * 128))

@@ -41,9 +41,10 @@ from .vendor import scaled_matmul
 
 TILE = 128  # rows and columns of g_y per program of the absmax pass; columns of the rounding pass
 QUANT_WARPS = 8  # 128 × 128 tiles of the absmax pass: 64 entries per thread
-# Rows per tile of the rounding pass: 64 × 128 on 8 warps keeps its 32 entries per thread (and their random bits,
-# two roundings and two fp8 encodings) in registers without spilling (the static profile).
-QUANT_ROWS = 64
+# The rounding pass: 32 × 128 tiles on 4 warps keep their 32 entries per thread (and their random bits, two
+# roundings and two fp8 encodings) in registers without spilling, three CTAs to a multiprocessor (the static
+# profile).
+QUANT_ROWS, ROUND_WARPS = 32, 4
 # The GradSpec.scale of each GEMM that is row-wise for its gradient operand (grad_weight's operand is g_yᵀ).
 ROW_SCALE = {"grad_input": "token", "grad_weight": "channel"}
 # The 8-bit dtype of each gradient format and the FORMAT constexpr of the kernels.
@@ -222,7 +223,7 @@ def quantize_gradient(grad_y: torch.Tensor, xq: QuantizedRows, wq: QuantizedRows
             grad_y, grad_y.stride(0), grad_y.stride(1), wq.step * 0.5, xq.step * 0.5, amax_in, amax_w, qin, sin,
             qw, sw, m, n, seed_key(seed), _largest(grad_input), _largest(grad_weight), **flags,
             FORMAT_IN=FORMAT_IDS.get(grad_input.format, 0), FORMAT_W=FORMAT_IDS.get(grad_weight.format, 0),
-            SR_IN=grad_input.stochastic, SR_W=grad_weight.stochastic, ROWS=QUANT_ROWS, num_warps=pick(QUANT_WARPS, 4))
+            SR_IN=grad_input.stochastic, SR_W=grad_weight.stochastic, ROWS=QUANT_ROWS, num_warps=ROUND_WARPS)
     out_in = None if out_in is None else (out_in[0].view(GRAD_DTYPES[grad_input.format]), out_in[1])
     out_w = None if out_w is None else (out_w[0].view(GRAD_DTYPES[grad_weight.format]), out_w[1])
     return out_in, out_w

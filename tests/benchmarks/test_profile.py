@@ -236,3 +236,28 @@ def test_the_estimate_tables_show_every_row_the_targets_and_the_assumptions():
     for row in passes:
         assert f"| {row['part']} | {row['name']} |" in text
     _assert_assumptions_beside(text)
+
+
+@needs_ptxas
+def test_every_dot_loop_reports_its_wgmma_wait_and_every_kernel_its_occupancy(profile):
+    """The Triton loops that remain are memory-bound passes whose dot (the ±1 Hadamard matrix) feeds the rounding
+    right after it, so each waits for its wgmma group (0 in flight): what keeps the tensor cores and memory busy
+    there is occupancy — at least two CTAs per multiprocessor, so one CTA's wait overlaps another's loads — and
+    the quantizer's loads issued stages ahead. No K-loop GEMM is left in Triton (the vendor's GEMMs replaced them)."""
+    hopper = _profiles(profile, target="sm_90a")
+    assert hopper and not any(p["kernel"] in ("gemm", "grad_gemm") for p in hopper)
+    dot_loops = [(p, loop) for p in hopper for loop in p["loops"] if any(op.startswith("HGMMA") for op in loop["mma"])]
+    assert dot_loops and all(loop["wgmma_in_flight"] is not None for _, loop in dot_loops)
+    assert all(p["ctas_per_sm"] >= 2 for p in hopper), [(p["kernel"], p["label"], p["ctas_per_sm"]) for p in hopper]
+    for p in _profiles(profile, kernel="quantize", target="sm_90a"):
+        if p["num_stages"] > 1:  # the two-pass loop: its loads run stages ahead of the dot that waits
+            assert any(loop["async_copies"] for loop in p["loops"]), p["label"]
+
+
+def test_occupancy_follows_the_cuda_rules():
+    from bitlaw.benchmarks.profile.sass import ctas_per_sm
+
+    assert ctas_per_sm(167, 4, 90112, 90) == 2  # the two-pass quantizer: shared memory bounds it
+    assert ctas_per_sm(255, 4, 0, 90) == 2  # 256 registers × 128 threads = half the register file
+    assert ctas_per_sm(32, 4, 0, 90) == 16  # warps bound it: 64 / 4
+    assert ctas_per_sm(64, 8, 0, 80) == 4
