@@ -140,6 +140,20 @@ def _sweep(record: BenchmarkRecord) -> list[str]:
             f"{record.notes['fit_wall_s']:.0f} s"]
 
 
+def _backward_study(record: BenchmarkRecord) -> list[str]:
+    def paired(recipe: str, against: str = "vs_quest_w4a4") -> str:
+        mean, se, _ = _row(record, model="mini", recipe=recipe)[against]
+        return f"{mean:+.4f} ± {se:.4f}".replace("-", "−")
+
+    e4m3 = _row(record, model="mini", recipe="quest_w4a4_g8g8_e4m3")["fidelity"]["rel_error"]
+    e5m2 = _row(record, model="mini", recipe="quest_w4a4_g8g8_e5m2")["fidelity"]["rel_error"]
+    return [f"`quest_w4a4` ({_row(record, model='mini', recipe='quest_w4a4')['mean']:.4f}): e4m3 row-wise "
+            f"{paired('quest_w4a4_g8g8_e4m3')}, e5m2 row-wise {paired('quest_w4a4_g8g8_e5m2')}, int8 block-scaled "
+            f"{paired('quest_w4a4_g8g8')}, the one-ulp control {paired('quest_w4a4_replica')}",
+            f"(relative error {e4m3[1]:.3f} mean, {e4m3[2]:.3f} max along training", f"than e5m2 ({e5m2[1]:.3f} / "
+            f"{e5m2[2]:.3f})"]
+
+
 def _estimate(record: BenchmarkRecord) -> list[str]:
     blocks = [row for row in record.rows if row["scope"] == "block"]
     w4a4 = {row["efficiency"]: row["ratio"] for row in blocks if row["recipe"] == "quest_w4a4"}.__getitem__
@@ -153,7 +167,7 @@ def _estimate(record: BenchmarkRecord) -> list[str]:
 
 FIGURES = {"quickstart": _quickstart, "exports": _exports, "compression": _compression,
            "sweep-cpu_mini_sweep": _sweep, "sweep-cpu_sparse_sweep": _sweep,
-           "estimate-800m": _estimate}
+           "estimate-800m": _estimate, "backward-study": _backward_study}
 
 
 @pytest.mark.parametrize("record_name", sorted(FIGURES))
