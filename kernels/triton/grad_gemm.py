@@ -128,7 +128,8 @@ def _to_grid(v, bits16, FORMAT: tl.constexpr, STOCHASTIC: tl.constexpr):
         # Subnormal: multiples of 2^(1 − BIAS − MANTISSA), counted as the byte itself (a count of 2^MANTISSA is the
         # smallest normal number's byte).
         SCALE: tl.constexpr = 2.0 ** (BIAS - 1 + MANTISSA)
-        subnormal = tl.abs(tl.floor(v * SCALE + shift)).to(tl.int32)
+        # Capped at ±1 so that the lanes of normal numbers (unused here) convert without overflow.
+        subnormal = tl.abs(tl.floor(tl.minimum(tl.maximum(v, -1.0), 1.0) * SCALE + shift)).to(tl.int32)
         small = magnitude < ((128 - BIAS) << 23)  # |v| < 2^(1 − BIAS)
         byte = tl.where(small, subnormal, normal) | (negative.to(tl.int32) << 7)
     return byte
