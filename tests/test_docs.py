@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ""}
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".sh", ""}
 SECTION = r"\d+(?:\.\d+)*"
 # "docs/numerics.md §3", "docs/numerics.md §3–4", "docs/x.md §3-§4", "docs/x.md §2, §5" or a bare "docs/x.md".
 DOC_CITATION = re.compile(

@@ -17,7 +17,7 @@
 #                                                        tools/gpu-check.sh --dry-run
 # Where bitlaw is not installed, the script imports it from the checkout (a link farm in .site/) and installs the
 # wheels of .whl/ if present: on a machine without a package index, build them beforehand with the packages it
-# lacks (../shared/device/wheelhouse.sh: hydra-core, omegaconf, datasets, antlr4; pytest if the image lacks it).
+# lacks (docs/kernels.md §4 lists them and gives the command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry_run=0
