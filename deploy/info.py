@@ -90,8 +90,10 @@ def fast_path_line(recipe: Recipe) -> str:
         return f"on CUDA: the reference path (plain PyTorch), not the fast path: {reason}"
     if not recipe.input.quantized:
         return "on CUDA: the fast path (fused Triton weight quantizer, then cuBLAS)"
-    gemm = "torch._scaled_mm on fp8 e4m3 codes" if max(recipe.weight.fmt.bits, recipe.input.fmt.bits) <= 4 \
-        else "torch._int_mm on int8 codes"
+    from ..kernels.triton.quant import code_dtype  # the fast path decided to run: Triton is importable
+
+    int8 = torch.int8 in (code_dtype(recipe.weight.fmt.bits), code_dtype(recipe.input.fmt.bits))
+    gemm = "torch._int_mm on int8 codes" if int8 else "torch._scaled_mm on fp8 e4m3 codes"
     backward = "8-bit gradients on the same vendor GEMMs" if recipe.quantized_backward else "bf16 cuBLAS backward"
     return f"on CUDA: the fast path (fused Triton quantizers, {gemm}, {backward})"
 

@@ -183,8 +183,8 @@ def group_unsupported_reason(recipe: Recipe) -> str | None:
 
 
 def quantized_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], recipe: Recipe,
-                           biases: Sequence[torch.Tensor | None] | None = None, stats: dict | None = None,
-                           backend: str | None = None, grad_seed: torch.Tensor | None = None
+                           biases: Sequence[torch.Tensor | None] | None = None, backend: str | None = None,
+                           grad_seed: torch.Tensor | None = None
                            ) -> list[torch.Tensor]:
     """``[Q_in(x) · Q_w(w_i)ᵀ (+ b_i) for each weight]`` from ONE quantization of ``x`` and one GEMM: the layer of
     the concatenated weight ``[ΣN_i, K]``, split back (each weight role is quantized per row, so the forward equals
@@ -208,9 +208,9 @@ def quantized_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], rec
     x = _autocast_input(x)
     if select_backend(recipe, x, weights[0], backend).backend == "triton":
         with torch.autocast(x.device.type, enabled=False):
-            y = _triton_linear(x, list(weights), recipe, bias, stats, grad_seed)
+            y = _triton_linear(x, list(weights), recipe, bias, None, grad_seed)
     else:
-        y = reference_linear(x, torch.cat(list(weights)), recipe, bias, stats=stats, grad_seed=grad_seed)
+        y = reference_linear(x, torch.cat(list(weights)), recipe, bias, grad_seed=grad_seed)
     return list(y.split([w.shape[0] for w in weights], dim=-1))
 
 

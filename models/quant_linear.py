@@ -143,12 +143,18 @@ class QuantLinear(nn.Linear):
         stats = {} if self.track_stats else None
         self.last_backend = select_backend(self.recipe, x, self.weight, self.backend)
         # A quantized backward's random bits are keyed by this layer's name (and the trainer's noise context).
-        seed = layer_seed(self.layer_name) if self.recipe.quantized_backward and torch.is_grad_enabled() else None
         y = quantized_linear(x, self.weight, self.recipe, self.bias, self.weight_lsq_scale, self.input_lsq_scale,
-                             stats, self.last_backend.backend, self._weight_sparse(), seed)
+                             stats, self.last_backend.backend, self._weight_sparse(), self.grad_seed())
         if stats is not None:
             self.stats = stats
         return y
+
+    def grad_seed(self) -> torch.Tensor | None:
+        """The seed of this call's quantized backward, keyed by the layer's name (and the trainer's noise context);
+        None without a quantized backward or outside autograd."""
+        if self.recipe.quantized_backward and torch.is_grad_enabled():
+            return layer_seed(self.layer_name)
+        return None
 
     def _weight_sparse(self) -> SparseState | None:
         """The weight's sparsity state for this forward; None when the weight is not sparse."""
@@ -242,10 +248,9 @@ def shared_input_projections(x: torch.Tensor, layers: list[nn.Module]) -> list[t
         return [layer(x) for layer in layers]
     first = layers[0]
     choice = select_backend(first.recipe, x, first.weight, first.backend)
-    seed = layer_seed(first.layer_name) if first.recipe.quantized_backward and torch.is_grad_enabled() else None
     biases = None if first.bias is None else [layer.bias for layer in layers]
     outputs = quantized_linear_group(x, [layer.weight for layer in layers], first.recipe, biases,
-                                     backend=choice.backend, grad_seed=seed)
+                                     backend=choice.backend, grad_seed=first.grad_seed())
     for layer in layers:
         layer.last_backend = choice
     return outputs
